@@ -1,0 +1,149 @@
+"""`keras-patch` command line: profile, export, patchify, demo.
+
+    keras-patch demo
+    keras-patch profile model.tflite --plot memory.png
+    keras-patch export model.keras --rep-data samples.npy --out model.tflite
+    keras-patch patchify in.tflite out.tflite --split block_5_add --grid 4x4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+import numpy as np
+
+from keras_patch.errors import KerasPatchError
+
+
+def _load_rep_data(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise KerasPatchError(f"--rep-data: no file at '{path}'.")
+    data = np.load(path)
+    if isinstance(data, np.lib.npyio.NpzFile):
+        if not data.files:
+            raise KerasPatchError(f"--rep-data: '{path}' holds no arrays.")
+        data = data[data.files[0]]
+    if data.ndim != 4 or len(data) == 0:
+        raise KerasPatchError(f"--rep-data: expected samples of shape (N, H, W, C), got {data.shape}.")
+    return data.astype(np.float32)
+
+
+def _load_keras(path: str):
+    import keras
+
+    import keras_patch  # noqa: F401  (registers PatchStage for deserialization)
+
+    if not os.path.isfile(path):
+        raise KerasPatchError(f"No Keras model at '{path}'.")
+    return keras.models.load_model(path, compile=False)
+
+
+def _cmd_profile(args) -> int:
+    from keras_patch.profiler import profile
+
+    source = _load_keras(args.model) if args.model.endswith(".keras") else args.model
+    prof = profile(source)
+    if args.json:
+        print(json.dumps(prof.to_dict(), indent=1, default=list))
+    else:
+        print(prof.table())
+    if args.plot:
+        prof.plot(args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from keras_patch.export import export_tflite
+
+    model = _load_keras(args.model)
+    data = _load_rep_data(args.rep_data)
+    out = args.out or os.path.splitext(args.model)[0] + ".tflite"
+    result = export_tflite(model, data, path=out)
+    print(f"wrote {out} ({len(result):,} bytes)")
+    return 0
+
+
+def _cmd_patchify(args) -> int:
+    from keras_patch.export import write_atomically
+    from keras_patch.patchify import normalize_grid, patchify
+
+    result = patchify(args.input, args.split, normalize_grid(args.grid), start=args.start)
+    write_atomically(args.output, result)
+    print(f"wrote {args.output} ({len(result):,} bytes)")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from keras_patch.demo import run_demo
+    from keras_patch.patchify import normalize_grid
+
+    def say(message: str) -> None:
+        print(f"[demo] {message}", flush=True)
+
+    result = run_demo(out_dir=args.out_dir, grid=normalize_grid(args.grid), num_images=args.images, progress=say)
+    prof = result.profile
+    s = prof.summary
+    print()
+    print(prof.table())
+    print()
+    predicted = s["layer_by_layer_peak_bytes"]
+    measured = result.stock_tflm_head_bytes
+    print(f"stock TFLM arena head, measured (tflite-micro): {measured:,} B; "
+          f"keras-patch prediction {predicted:,} B ({100 * (predicted - measured) / measured:+.2f} %)")
+    print(f"patched arena head (prediction): {s['patched_peak_bytes']:,} B -> "
+          f"{measured / s['patched_peak_bytes']:.2f}x lower than stock TFLM")
+    print(f"bit-exact vs the unpatched int8 model on {result.num_images} images: "
+          f"{'YES' if result.bit_exact else 'NO'}")
+    print(f"files: {result.patched_path}, {result.unpatched_path}, {result.plot_path}")
+    return 0 if result.bit_exact else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keras-patch", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="memory/MAC table of a .tflite or .keras model")
+    p.add_argument("model")
+    p.add_argument("--plot", help="write the memory plot (PNG) here")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("export", help="int8 .tflite from a .keras model; PatchStages become KP_PATCH_STAGE")
+    p.add_argument("model")
+    p.add_argument("--rep-data", required=True, help=".npy/.npz of calibration samples (N, H, W, C)")
+    p.add_argument("--out", help="output .tflite (default: next to the model)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("patchify", help="rewrite the first stage of an int8 .tflite as KP_PATCH_STAGE")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--split", required=True, help="op index or output tensor name of the stage's last op")
+    p.add_argument("--grid", default="4x4", help="patches, e.g. 4x4")
+    p.add_argument("--start", help="first tensor of the stage (default: the int8 model input)")
+    p.set_defaults(func=_cmd_patchify)
+
+    p = sub.add_parser("demo", help="MobileNetV2 0.35@144 end to end: memory table, bit-exactness, plot")
+    p.add_argument("--out-dir", default="keras_patch_demo")
+    p.add_argument("--grid", default="6x6")
+    p.add_argument("--images", type=int, default=4)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KerasPatchError, ValueError, OSError) as e:
+        print(f"keras-patch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Exception types raised by keras-patch.
+
+All of them derive from `ValueError`, so callers that already catch bad
+arguments keep working; the subclasses let tools tell a corrupt file from an
+unsupported graph.
+"""
+
+
+class KerasPatchError(ValueError):
+    """Base class of every error keras-patch raises on bad input."""
+
+
+class InvalidModelError(KerasPatchError):
+    """The bytes are not a readable `.tflite` flatbuffer (corrupt, truncated)."""
+
+
+class UnsupportedModelError(KerasPatchError):
+    """A readable model that keras-patch cannot patch or profile as asked.
+
+    The message names the operator (index, type, output tensor) or the tensor
+    at fault.
+    """
+
+
+class InvalidOptionsError(KerasPatchError):
+    """KP_PATCH_STAGE options that do not follow `docs/patch_stage_op.md`.
+
+    The message names the offending options key.
+    """

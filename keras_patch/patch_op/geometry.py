@@ -1,0 +1,219 @@
+"""Patch geometry of a KP_PATCH_STAGE: tiles, per-layer regions, patch arena.
+
+Implements the "Patch geometry" and "Scratch buffers" sections of
+`docs/patch_stage_op.md`:
+
+* the stage output is cut into `grid_h x grid_w` tiles, tile `i` covering rows
+  `[floor(i*H/grid_h), floor((i+1)*H/grid_h))` (same for columns);
+* walking the layers backwards, each tensor's region for a patch is the hull
+  of what its consumers read, clipped to the tensor (taps outside it are
+  padding);
+* intermediate tensors live in one scratch "patch arena", placed by a
+  first-fit planner over their per-patch lifetimes.
+
+Example:
+
+>>> tile_bounds(10, 3)
+[(0, 3), (3, 6), (6, 10)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from keras_patch.patch_op.options import (
+    OP_CONV_2D,
+    OP_DEPTHWISE_CONV_2D,
+    StageOptions,
+)
+
+Region = tuple  # (y0, y1, x0, x1), half-open
+PATCH_ARENA_ALIGNMENT = 4
+
+
+def tile_bounds(size: int, parts: int) -> list:
+    """Balanced split of `size` into `parts` half-open ranges."""
+    return [((i * size) // parts, ((i + 1) * size) // parts) for i in range(parts)]
+
+
+def is_empty(region: Optional[Region]) -> bool:
+    return region is None or region[0] >= region[1] or region[2] >= region[3]
+
+
+def region_area(region: Optional[Region]) -> int:
+    if is_empty(region):
+        return 0
+    return (region[1] - region[0]) * (region[3] - region[2])
+
+
+def hull(a: Optional[Region], b: Optional[Region]) -> Optional[Region]:
+    if is_empty(a):
+        return b if not is_empty(b) else None
+    if is_empty(b):
+        return a
+    return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
+
+
+def input_span(o0: int, o1: int, kernel: int, stride: int, dilation: int, pad: int, size: int) -> tuple:
+    """Input rows read by output rows [o0, o1), clipped to [0, size)."""
+    lo = o0 * stride - pad
+    hi = (o1 - 1) * stride - pad + (kernel - 1) * dilation + 1
+    return max(lo, 0), min(hi, size)
+
+
+def layer_input_region(options: StageOptions, layer_index: int, out_region: Region) -> Region:
+    """Region of the layer's input(s) its output region `out_region` reads."""
+    layer = options.layers[layer_index]
+    in_h, in_w, _ = options.tensor_shapes[layer.inputs[0]]
+    y = input_span(out_region[0], out_region[1], layer.kernel[0], layer.stride[0],
+                   layer.dilation[0], layer.pad[0], in_h)
+    x = input_span(out_region[2], out_region[3], layer.kernel[1], layer.stride[1],
+                   layer.dilation[1], layer.pad[1], in_w)
+    return (y[0], y[1], x[0], x[1])
+
+
+def patch_regions(options: StageOptions, tile: Region) -> List[Optional[Region]]:
+    """Region of every stage tensor (index 0..L) needed to compute output `tile`."""
+    regions: List[Optional[Region]] = [None] * (options.num_layers + 1)
+    regions[-1] = tile
+    for l in range(options.num_layers - 1, -1, -1):
+        out_region = regions[l + 1]
+        if is_empty(out_region):
+            continue
+        needed = layer_input_region(options, l, out_region)
+        if is_empty(needed):
+            continue
+        for t in options.layers[l].inputs:
+            if t >= 0:
+                regions[t] = hull(regions[t], needed)
+    return regions
+
+
+def tiles(options: StageOptions) -> List[Region]:
+    """Output tiles in execution order (row-major)."""
+    out_h, out_w, _ = options.output_shape
+    rows = tile_bounds(out_h, options.grid[0])
+    cols = tile_bounds(out_w, options.grid[1])
+    return [(r0, r1, c0, c1) for (r0, r1) in rows for (c0, c1) in cols]
+
+
+def all_patch_regions(options: StageOptions) -> List[List[Optional[Region]]]:
+    return [patch_regions(options, tile) for tile in tiles(options)]
+
+
+@dataclass(frozen=True)
+class PatchArenaPlan:
+    """Placement of the intermediate tensors inside the patch-arena scratch buffer."""
+
+    offsets: List[int]  # per stage tensor; -1 for the stage input/output
+    sizes: List[int]  # bytes reserved per stage tensor (max over patches)
+    total_bytes: int
+
+
+def tensor_lifetimes(options: StageOptions) -> list:
+    """(first_layer, last_layer) per stage tensor within one patch."""
+    last = [t - 1 for t in range(options.num_layers + 1)]
+    for l, layer in enumerate(options.layers):
+        for t in layer.inputs:
+            if t >= 0:
+                last[t] = max(last[t], l)
+    return [(max(t - 1, 0), last[t]) for t in range(options.num_layers + 1)]
+
+
+def _align(value: int, alignment: int = PATCH_ARENA_ALIGNMENT) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+def plan_patch_arena(options: StageOptions) -> PatchArenaPlan:
+    """First-fit plan of the per-patch intermediates (docs: "Scratch buffers").
+
+    Size of tensor t = channels * max over patches of its region area, rounded
+    up to 4 bytes.  Tensors are placed in order of decreasing size (ties: lower
+    tensor index first), each at the lowest 4-aligned offset where it overlaps
+    no already placed tensor whose lifetime overlaps its own.
+    """
+    num_tensors = options.num_layers + 1
+    sizes = [0] * num_tensors
+    for regions in all_patch_regions(options):
+        for t in range(1, num_tensors - 1):
+            sizes[t] = max(sizes[t], region_area(regions[t]) * options.tensor_shapes[t][2])
+    sizes = [_align(s) for s in sizes]
+    lifetimes = tensor_lifetimes(options)
+    order = sorted(range(1, num_tensors - 1), key=lambda t: (-sizes[t], t))
+    offsets = [-1] * num_tensors
+    placed: list = []
+    for t in order:
+        if sizes[t] == 0:
+            continue
+        first, last = lifetimes[t]
+        conflicts = sorted(
+            (offsets[u], offsets[u] + sizes[u])
+            for u in placed
+            if not (lifetimes[u][1] < first or last < lifetimes[u][0])
+        )
+        offset = 0
+        for start, end in conflicts:
+            if offset + sizes[t] <= start:
+                break
+            offset = max(offset, end)
+        offsets[t] = offset
+        placed.append(t)
+    total = max([offsets[t] + sizes[t] for t in placed], default=0)
+    return PatchArenaPlan(offsets=offsets, sizes=sizes, total_bytes=total)
+
+
+def layer_macs_per_pixel(options: StageOptions, layer_index: int) -> int:
+    """Multiply-accumulates per output pixel (0 for adds, pooling, pad, relu)."""
+    layer = options.layers[layer_index]
+    in_c = options.tensor_shapes[layer.inputs[0]][2]
+    out_c = options.tensor_shapes[layer_index + 1][2]
+    kh, kw = layer.kernel
+    if layer.op == OP_CONV_2D:
+        return kh * kw * in_c * out_c
+    if layer.op == OP_DEPTHWISE_CONV_2D:
+        return kh * kw * out_c
+    return 0
+
+
+def stage_macs(options: StageOptions) -> tuple:
+    """(layer-by-layer MACs, patch-by-patch MACs including recomputation)."""
+    full = 0
+    for l in range(options.num_layers):
+        h, w, _ = options.tensor_shapes[l + 1]
+        full += h * w * layer_macs_per_pixel(options, l)
+    patched = 0
+    for regions in all_patch_regions(options):
+        for l in range(options.num_layers):
+            patched += region_area(regions[l + 1]) * layer_macs_per_pixel(options, l)
+    return full, patched
+
+
+def receptive_field(options: StageOptions) -> tuple:
+    """(height, width) of the input window one stage-output pixel depends on (unclipped)."""
+    extents = [None] * (options.num_layers + 1)
+    extents[-1] = (1, 1)
+    for l in range(options.num_layers - 1, -1, -1):
+        if extents[l + 1] is None:
+            continue
+        layer = options.layers[l]
+        h, w = extents[l + 1]
+        need = (
+            (h - 1) * layer.stride[0] + (layer.kernel[0] - 1) * layer.dilation[0] + 1,
+            (w - 1) * layer.stride[1] + (layer.kernel[1] - 1) * layer.dilation[1] + 1,
+        )
+        for t in layer.inputs:
+            if t >= 0:
+                prev = extents[t]
+                extents[t] = need if prev is None else (max(prev[0], need[0]), max(prev[1], need[1]))
+    return extents[0]
+
+
+def max_patch_input(options: StageOptions) -> tuple:
+    """Largest (height, width) of the stage-input region any patch reads."""
+    best = (0, 0)
+    for regions in all_patch_regions(options):
+        r = regions[0]
+        if not is_empty(r):
+            best = (max(best[0], r[1] - r[0]), max(best[1], r[3] - r[2]))
+    return best

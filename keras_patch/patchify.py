@@ -1,0 +1,390 @@
+"""Rewriting an int8 `.tflite`: a run of ops becomes one KP_PATCH_STAGE custom op.
+
+`patchify` is the public entry point for models keras-patch did not produce
+(e.g. MobileNetV2 from the standard converter, float input and a QUANTIZE op
+first); `export_tflite` uses `rewrite_stage` on the stages a Keras model marks
+with `PatchStage`.
+
+Example:
+
+>>> import keras_patch
+>>> patched = keras_patch.patchify(open("mbv2.tflite", "rb").read(),  # doctest: +SKIP
+...                                split="model/block_5_add/Add", grid=(4, 4))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from keras_patch.errors import UnsupportedModelError
+from keras_patch.patch_op import options as o
+from keras_patch.patch_op.executor import ConstantTensor, prepare_stage
+from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+
+SUPPORTED_STAGE_OPS = {
+    "CONV_2D": o.OP_CONV_2D,
+    "DEPTHWISE_CONV_2D": o.OP_DEPTHWISE_CONV_2D,
+    "ADD": o.OP_ADD,
+    "MAX_POOL_2D": o.OP_MAX_POOL_2D,
+    "AVERAGE_POOL_2D": o.OP_AVERAGE_POOL_2D,
+    "PAD": o.OP_PAD,
+    "RELU": o.OP_RELU,
+    "RELU6": o.OP_RELU6,
+}
+
+
+@dataclass
+class StagePlan:
+    """A stage found in a model: its ops, boundary tensors and KP_PATCH_STAGE form."""
+
+    op_indices: List[int]
+    entry_tensor: int
+    exit_tensor: int
+    options: o.StageOptions
+    op_inputs: List[int]  # model tensor indices: entry, then filters/biases
+
+
+def normalize_grid(grid) -> tuple:
+    if isinstance(grid, str):
+        parts = grid.lower().replace("×", "x").split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"grid '{grid}' must look like '4x4'.")
+        grid = (int(parts[0]), int(parts[1]))
+    elif isinstance(grid, (int, np.integer)):
+        grid = (int(grid), int(grid))
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != 2 or min(grid) < 1:
+        raise ValueError(f"grid {grid} must be two positive ints (rows, columns).")
+    return grid
+
+
+def default_entry_tensor(model: TFLiteModel) -> int:
+    """The int8 activation the stage starts from: the model input, or its QUANTIZE."""
+    if len(model.inputs) != 1:
+        raise UnsupportedModelError(
+            f"The model has {len(model.inputs)} inputs; give the stage's first tensor explicitly."
+        )
+    entry = model.inputs[0]
+    info = model.tensor(entry)
+    if info.dtype == np.int8:
+        return entry
+    consumers = model.consumers().get(entry, [])
+    if len(consumers) == 1 and model.op_type(consumers[0]) == "QUANTIZE":
+        out = model.op_outputs(consumers[0])[0]
+        if model.tensor(out).dtype == np.int8:
+            return out
+    raise UnsupportedModelError(
+        f"The model input '{info.name}' is {np.dtype(info.dtype).name} and is not quantized to int8 "
+        f"by a QUANTIZE op: keras-patch needs a fully int8-quantized model "
+        f"(convert with optimizations=[tf.lite.Optimize.DEFAULT], a representative dataset and "
+        f"TFLITE_BUILTINS_INT8)."
+    )
+
+
+def resolve_split(model: TFLiteModel, split: Union[int, str]) -> int:
+    """Op index of the stage's last op from an op index or output-tensor name."""
+    if isinstance(split, (int, np.integer)) and not isinstance(split, bool):
+        index = int(split)
+        if not 0 <= index < model.num_ops:
+            raise UnsupportedModelError(f"split {index} is not an op index (the model has {model.num_ops} ops).")
+        return index
+    if isinstance(split, str):
+        if split.lstrip("-").isdigit():
+            return resolve_split(model, int(split))
+        producers = model.producers()
+        for t, tensor in enumerate(model.subgraph.tensors):
+            name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+            if name == split and t in producers:
+                return producers[t]
+        candidates = [
+            model.tensor(t).name for t in producers if split in model.tensor(t).name
+        ][:5]
+        hint = f" Tensors containing it: {candidates}." if candidates else ""
+        raise UnsupportedModelError(f"No op writes a tensor named '{split}'.{hint}")
+    raise TypeError(f"split must be an op index or a tensor name, got {type(split).__name__}.")
+
+
+def stage_ops(model: TFLiteModel, entry: int, exit_tensor: int) -> List[int]:
+    """Ops that depend on `entry` and that `exit_tensor` depends on, in model order."""
+    producers = model.producers()
+    consumers = model.consumers()
+    if exit_tensor not in producers:
+        raise UnsupportedModelError(f"Tensor {exit_tensor} ('{model.tensor(exit_tensor).name}') is not written by any op.")
+    downstream = set()
+    frontier = [entry]
+    while frontier:
+        t = frontier.pop()
+        for op in consumers.get(t, []):
+            if op not in downstream:
+                downstream.add(op)
+                frontier.extend(model.op_outputs(op))
+    upstream = set()
+    frontier = [producers[exit_tensor]]
+    while frontier:
+        op = frontier.pop()
+        if op in upstream:
+            continue
+        upstream.add(op)
+        for t in model.op_inputs(op):
+            if t in producers:
+                frontier.append(producers[t])
+    ops = sorted(downstream & upstream)
+    if not ops or producers[exit_tensor] not in ops:
+        raise UnsupportedModelError(
+            f"Tensor '{model.tensor(exit_tensor).name}' does not depend on the stage input "
+            f"'{model.tensor(entry).name}': no ops between them."
+        )
+    return ops
+
+
+def _same_padding(in_size: int, out_size: int, kernel: int, stride: int, dilation: int) -> int:
+    effective = (kernel - 1) * dilation + 1
+    total = max((out_size - 1) * stride + effective - in_size, 0)
+    return total // 2
+
+
+def _spatial(model: TFLiteModel, t: int, label: str) -> tuple:
+    info = model.tensor(t)
+    if any(d < 0 for d in info.shape_signature[1:]):
+        raise UnsupportedModelError(
+            f"{label}: tensor '{info.name}' has a dynamic shape {info.shape_signature}; "
+            f"patch stages need fixed height, width and channels."
+        )
+    if len(info.shape) != 4 or info.shape[0] != 1:
+        raise UnsupportedModelError(
+            f"{label}: tensor '{info.name}' has shape {info.shape}; patch stages need NHWC with batch 1."
+        )
+    if info.dtype != np.int8:
+        raise UnsupportedModelError(
+            f"{label}: tensor '{info.name}' is {np.dtype(info.dtype).name}, not int8: the model is not "
+            f"fully int8-quantized (float models cannot be patched)."
+        )
+    if info.scale.size != 1 or info.zero_point.size != 1:
+        raise UnsupportedModelError(
+            f"{label}: tensor '{info.name}' needs per-tensor quantization, has {info.scale.size} scales."
+        )
+    return info.shape[1:]
+
+
+def plan_stage(model: TFLiteModel, op_indices: Sequence[int], entry: int, exit_tensor: int, grid) -> StagePlan:
+    """Checks that the ops form a patchable single-entry/single-exit stage; builds its options."""
+    grid = normalize_grid(grid)
+    op_set = set(op_indices)
+    consumers = model.consumers()
+    if exit_tensor in model.outputs:
+        raise UnsupportedModelError(
+            f"The split tensor '{model.tensor(exit_tensor).name}' is a model output: the stage must "
+            f"end before the model does (choose an earlier split)."
+        )
+    for op in op_indices:
+        op_type = model.op_type(op)
+        if op_type not in SUPPORTED_STAGE_OPS:
+            raise UnsupportedModelError(
+                f"{model.op_label(op)} cannot run inside a patch stage. Supported ops: "
+                f"{', '.join(sorted(SUPPORTED_STAGE_OPS))}. Choose a split before it."
+            )
+    tensor_ids = {entry: 0}
+    for position, op in enumerate(op_indices):
+        outputs = model.op_outputs(op)
+        if len(outputs) != 1:
+            raise UnsupportedModelError(f"{model.op_label(op)} has {len(outputs)} outputs.")
+        tensor_ids[outputs[0]] = position + 1
+    if model.op_outputs(op_indices[-1])[0] != exit_tensor:
+        raise UnsupportedModelError(
+            f"The stage's last op {model.op_label(op_indices[-1])} does not write the split tensor."
+        )
+    # Single exit: nothing but the exit tensor leaves the stage.
+    for op in op_indices[:-1]:
+        t = model.op_outputs(op)[0]
+        outside = [c for c in consumers.get(t, []) if c not in op_set]
+        if outside or t in model.outputs:
+            user = model.op_label(outside[0]) if outside else "the model outputs"
+            raise UnsupportedModelError(
+                f"The stage is not single-exit: tensor '{model.tensor(t).name}' written by "
+                f"{model.op_label(op)} inside the stage is also read by {user} after the split. "
+                f"Choose a split where only one tensor crosses."
+            )
+    layers = []
+    op_inputs = [entry]
+    for position, op in enumerate(op_indices):
+        layers.append(_layer_options(model, op, position, tensor_ids, op_inputs))
+    ordered = sorted(tensor_ids.items(), key=lambda kv: kv[1])
+    shapes, scales, zero_points = [], [], []
+    for t, _ in ordered:
+        label = f"stage tensor '{model.tensor(t).name}'"
+        shapes.append(tuple(_spatial(model, t, label)))
+        info = model.tensor(t)
+        scales.append(float(info.scale[0]))
+        zero_points.append(int(info.zero_point[0]))
+    out_h, out_w, _ = shapes[-1]
+    if grid[0] > out_h or grid[1] > out_w:
+        raise UnsupportedModelError(
+            f"grid {grid[0]}x{grid[1]} is larger than the stage output {out_h}x{out_w} "
+            f"(tensor '{model.tensor(exit_tensor).name}'): use at most {out_h}x{out_w} patches."
+        )
+    options = o.StageOptions(
+        grid=grid, tensor_shapes=shapes, tensor_scales=scales,
+        tensor_zero_points=zero_points, layers=layers,
+    )
+    constants = [None] + [
+        ConstantTensor(model.constant(t), model.tensor(t).scale) for t in op_inputs[1:]
+    ]
+    prepare_stage(options, constants)  # the kernel's Prepare checks, run once here
+    return StagePlan(list(op_indices), entry, exit_tensor, options, op_inputs)
+
+
+def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict, op_inputs: list) -> o.LayerOptions:
+    op_type = model.op_type(op)
+    code = SUPPORTED_STAGE_OPS[op_type]
+    inputs = model.op_inputs(op)
+    operator = model.operator(op)
+    opts = operator.builtinOptions
+    label = model.op_label(op)
+
+    def activation_input(t: int) -> int:
+        if t not in tensor_ids or tensor_ids[t] > position:
+            raise UnsupportedModelError(
+                f"The stage is not single-entry: {label} reads tensor '{model.tensor(t).name}', "
+                f"which comes from outside the stage."
+            )
+        return tensor_ids[t]
+
+    def constant_input(t: int, what: str) -> int:
+        if t < 0:
+            return -1
+        if not model.is_constant(t):
+            raise UnsupportedModelError(f"{label}: its {what} '{model.tensor(t).name}' is not a constant.")
+        op_inputs.append(t)
+        return len(op_inputs) - 1
+
+    a = activation_input(inputs[0])
+    in_h, in_w, _ = model.tensor(inputs[0]).shape[1:]
+    out_h, out_w, _ = model.tensor(model.op_outputs(op)[0]).shape[1:]
+    if code in (o.OP_CONV_2D, o.OP_DEPTHWISE_CONV_2D):
+        filt = model.tensor(inputs[1])
+        kh, kw = filt.shape[1], filt.shape[2]
+        stride = (int(opts.strideH), int(opts.strideW))
+        dilation = (int(opts.dilationHFactor), int(opts.dilationWFactor))
+        pad = (0, 0)
+        if opts.padding == schema.Padding.SAME:
+            pad = (
+                _same_padding(in_h, out_h, kh, stride[0], dilation[0]),
+                _same_padding(in_w, out_w, kw, stride[1], dilation[1]),
+            )
+        if filt.dtype != np.int8:
+            raise UnsupportedModelError(f"{label}: filter is {np.dtype(filt.dtype).name}, not int8.")
+        weights = (constant_input(inputs[1], "filter"),
+                   constant_input(inputs[2] if len(inputs) > 2 else -1, "bias"))
+        return o.LayerOptions(code, (a, -1), (kh, kw), stride, dilation, pad,
+                              int(opts.fusedActivationFunction), weights)
+    if code in (o.OP_MAX_POOL_2D, o.OP_AVERAGE_POOL_2D):
+        kernel = (int(opts.filterHeight), int(opts.filterWidth))
+        stride = (int(opts.strideH), int(opts.strideW))
+        pad = (0, 0)
+        if opts.padding == schema.Padding.SAME:
+            pad = (_same_padding(in_h, out_h, kernel[0], stride[0], 1),
+                   _same_padding(in_w, out_w, kernel[1], stride[1], 1))
+        return o.LayerOptions(code, (a, -1), kernel, stride, (1, 1), pad, int(opts.fusedActivationFunction))
+    if code == o.OP_ADD:
+        b = activation_input(inputs[1])
+        shapes = {model.tensor(inputs[0]).shape, model.tensor(inputs[1]).shape}
+        if len(shapes) != 1:
+            raise UnsupportedModelError(f"{label}: broadcasting ADD {sorted(shapes)} is not supported in a stage.")
+        return o.LayerOptions(code, (a, b), activation=int(opts.fusedActivationFunction) if opts else 0)
+    if code == o.OP_PAD:
+        paddings = model.constant(inputs[1]) if model.is_constant(inputs[1]) else None
+        if paddings is None or paddings.shape != (4, 2):
+            raise UnsupportedModelError(f"{label}: paddings must be a constant 4x2 tensor.")
+        if paddings[0].any() or paddings[3].any() or (paddings < 0).any():
+            raise UnsupportedModelError(f"{label}: only non-negative height/width padding is supported, got {paddings.tolist()}.")
+        return o.LayerOptions(code, (a, -1), pad=(int(paddings[1, 0]), int(paddings[2, 0])))
+    return o.LayerOptions(code, (a, -1))  # RELU, RELU6
+
+
+def rewrite_stage(model: TFLiteModel, plan: StagePlan) -> None:
+    """Replaces the plan's ops with one KP_PATCH_STAGE op (in place)."""
+    sg = model.subgraph
+    custom = schema.OperatorT()
+    custom.opcodeIndex = model.opcode_index(schema.BuiltinOperator.CUSTOM, o.CUSTOM_CODE)
+    custom.inputs = np.array(plan.op_inputs, np.int32)
+    custom.outputs = np.array([plan.exit_tensor], np.int32)
+    custom.builtinOptionsType = schema.BuiltinOptions.NONE
+    custom.customOptions = np.frombuffer(o.encode_options(plan.options), np.uint8)
+    custom.customOptionsFormat = schema.CustomOptionsFormat.FLEXBUFFERS
+    last = plan.op_indices[-1]
+    removed = set(plan.op_indices)
+    new_ops = []
+    for i, op in enumerate(sg.operators):
+        if i == last:
+            new_ops.append(custom)
+        elif i not in removed:
+            new_ops.append(op)
+    sg.operators = new_ops
+    model.remove_unused()
+
+
+def patchify(
+    tflite_bytes: ModelSource,
+    split: Union[int, str],
+    grid=(4, 4),
+    start: Optional[Union[int, str]] = None,
+) -> bytes:
+    """Rewrites the ops of an int8 model up to `split` as one KP_PATCH_STAGE op.
+
+    Args:
+        tflite_bytes: an int8 `.tflite` (bytes or path), e.g. from the standard
+            converter; a float input followed by QUANTIZE is fine.
+        split: op index, or output-tensor name, of the stage's last op.
+        grid: patches as (rows, columns), an int n for (n, n) or "4x4".
+        start: tensor index or name where the stage begins; by default the
+            model's int8 input (after its QUANTIZE op, if any).
+
+    Returns:
+        The patched model's bytes.
+
+    Raises:
+        InvalidModelError: corrupt or truncated input.
+        UnsupportedModelError: float models, dynamic shapes, an unsupported op,
+            a split that is not single-entry/single-exit or is the model output,
+            a grid larger than the stage output.
+    """
+    model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
+    if len(model.model.subgraphs) != 1:
+        raise UnsupportedModelError(f"The model has {len(model.model.subgraphs)} subgraphs; keras-patch handles one.")
+    split_op = resolve_split(model, split)
+    exit_tensor = model.op_outputs(split_op)[0]
+    if start is None:
+        entry = default_entry_tensor(model)
+    elif isinstance(start, str) and not start.lstrip("-").isdigit():
+        entry = model.find_tensor(start)
+    else:
+        entry = int(start)
+    if model.op_type(split_op) == o.CUSTOM_CODE:
+        raise UnsupportedModelError(f"{model.op_label(split_op)} is already a patch stage.")
+    ops = stage_ops(model, entry, exit_tensor)
+    plan = plan_stage(model, ops, entry, exit_tensor, grid)
+    rewrite_stage(model, plan)
+    return model.to_bytes()
+
+
+def find_stages(model: TFLiteModel) -> List[int]:
+    """Indices of the KP_PATCH_STAGE ops in a model."""
+    return [i for i in range(model.num_ops) if model.op_type(i) == o.CUSTOM_CODE]
+
+
+def stage_options(model: TFLiteModel, op_index: int) -> o.StageOptions:
+    """Decoded options of the KP_PATCH_STAGE op at `op_index`."""
+    data = model.operator(op_index).customOptions
+    return o.decode_options(bytes(np.asarray(data, np.uint8)))
+
+
+def stage_constants(model: TFLiteModel, op_index: int) -> List[Optional[ConstantTensor]]:
+    """The op's inputs as the executor takes them (None for the stage input)."""
+    constants: List[Optional[ConstantTensor]] = [None]
+    for t in model.op_inputs(op_index)[1:]:
+        constants.append(ConstantTensor(model.constant(t), model.tensor(t).scale))
+    return constants

@@ -1,0 +1,180 @@
+"""Running any int8 model, patched or not, on the host.
+
+KP_PATCH_STAGE ops run in the reference executor (patch by patch, numpy);
+every other op runs in the LiteRT interpreter.  The model is cut into
+segments at its KP_PATCH_STAGE ops; each run of builtin ops becomes a small
+`.tflite` of its own, executed by LiteRT with its builtin kernels and no
+default delegate (XNNPACK rounds differently from the TFLite/TFLM reference
+kernels that microcontrollers run).
+
+Example:
+
+>>> import numpy as np, keras_patch
+>>> outputs = keras_patch.run_tflite(patched_bytes, np.zeros((1, 144, 144, 3), np.int8))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Union
+
+import numpy as np
+
+from keras_patch.patch_op.executor import PreparedStage, prepare_stage, run_stage
+from keras_patch.patch_op.options import CUSTOM_CODE
+from keras_patch.patchify import stage_constants, stage_options
+from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.errors import UnsupportedModelError
+
+
+def litert_interpreter(model_bytes: bytes):
+    """A LiteRT interpreter with builtin kernels only (the int8 reference)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(
+        model_content=model_bytes,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        num_threads=1,
+    )
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+@dataclass
+class _BuiltinSegment:
+    interpreter: object
+    inputs: List[int]  # original tensor indices, in sub-model input order
+    outputs: List[int]
+
+
+@dataclass
+class _StageSegment:
+    stage: PreparedStage
+    input_tensor: int
+    output_tensor: int
+
+
+class HostRunner:
+    """A patched or unpatched model split into LiteRT and reference-executor segments."""
+
+    def __init__(self, model_bytes: bytes):
+        self.model_bytes = model_bytes
+        model = TFLiteModel.from_bytes(model_bytes)
+        if len(model.model.subgraphs) != 1:
+            raise UnsupportedModelError("run_tflite handles single-subgraph models.")
+        self.inputs = model.inputs
+        self.outputs = model.outputs
+        self.input_details = [model.tensor(t) for t in model.inputs]
+        stage_ops = [i for i in range(model.num_ops) if model.op_type(i) == CUSTOM_CODE]
+        unknown = sorted({model.op_type(i) for i in range(model.num_ops)
+                          if model.op_type(i) not in _builtin_names() and model.op_type(i) != CUSTOM_CODE})
+        if unknown:
+            raise UnsupportedModelError(f"run_tflite cannot run custom ops {unknown}.")
+        self.segments: list = []
+        if not stage_ops:
+            self.segments.append(_BuiltinSegment(litert_interpreter(model_bytes), model.inputs, model.outputs))
+            return
+        consumers = model.consumers()
+        run: List[int] = []
+        for i in range(model.num_ops):
+            if i in stage_ops:
+                if run:
+                    self.segments.append(self._builtin_segment(model_bytes, model, run, consumers))
+                    run = []
+                prepared = prepare_stage(stage_options(model, i), stage_constants(model, i))
+                self.segments.append(
+                    _StageSegment(prepared, model.op_inputs(i)[0], model.op_outputs(i)[0])
+                )
+            else:
+                run.append(i)
+        if run:
+            self.segments.append(self._builtin_segment(model_bytes, model, run, consumers))
+
+    @staticmethod
+    def _builtin_segment(model_bytes: bytes, model: TFLiteModel, ops: List[int], consumers: dict) -> _BuiltinSegment:
+        op_set = set(ops)
+        produced = {t for op in ops for t in model.op_outputs(op)}
+        seg_inputs: List[int] = []
+        for op in ops:
+            for t in model.op_inputs(op):
+                if t >= 0 and t not in produced and not model.is_constant(t) and t not in seg_inputs:
+                    seg_inputs.append(t)
+        seg_outputs = [
+            t for op in ops for t in model.op_outputs(op)
+            if t in model.outputs or any(c not in op_set for c in consumers.get(t, []))
+        ]
+        sub = TFLiteModel.from_bytes(model_bytes)
+        sub.subgraph.operators = [sub.subgraph.operators[i] for i in ops]
+        sub.subgraph.inputs = np.array(seg_inputs, np.int32)
+        sub.subgraph.outputs = np.array(seg_outputs, np.int32)
+        sub.model.signatureDefs = []
+        sub.remove_unused()
+        # LiteRT lists inputs/outputs in subgraph order, as set above.
+        interpreter = litert_interpreter(sub.to_bytes())
+        return _BuiltinSegment(interpreter, seg_inputs, seg_outputs)
+
+    def run(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """One inference (batch 1 per input, as the model's tensors are declared)."""
+        env: Dict[int, np.ndarray] = dict(zip(self.inputs, inputs))
+        for seg in self.segments:
+            if isinstance(seg, _StageSegment):
+                env[seg.output_tensor] = run_stage(seg.stage, env[seg.input_tensor])
+                continue
+            interp = seg.interpreter
+            for detail, t in zip(interp.get_input_details(), seg.inputs):
+                interp.set_tensor(detail["index"], np.asarray(env[t], detail["dtype"]).reshape(detail["shape"]))
+            interp.invoke()
+            for detail, t in zip(interp.get_output_details(), seg.outputs):
+                env[t] = interp.get_tensor(detail["index"]).copy()
+        return [env[t] for t in self.outputs]
+
+
+@functools.lru_cache(maxsize=8)
+def _builtin_names() -> frozenset:
+    from keras_patch.tflite_model import BUILTIN_OPERATOR_NAMES
+
+    return frozenset(BUILTIN_OPERATOR_NAMES.values())
+
+
+@functools.lru_cache(maxsize=4)
+def _runner(model_bytes: bytes) -> HostRunner:
+    return HostRunner(model_bytes)
+
+
+def run_tflite(
+    tflite_bytes: ModelSource,
+    inputs: Union[np.ndarray, Sequence[np.ndarray]],
+) -> List[np.ndarray]:
+    """Runs a `.tflite` (patched or not) on the host; returns its outputs.
+
+    Args:
+        tflite_bytes: model bytes or path.
+        inputs: one array per model input (a single array for one input).
+            A leading batch of N > 1 samples runs as N inferences.
+
+    Returns:
+        A list with one array per model output, batched like the inputs.
+    """
+    runner = _runner(read_model_bytes(tflite_bytes))
+    if isinstance(inputs, np.ndarray):
+        inputs = [inputs]
+    inputs = [np.asarray(x) for x in inputs]
+    if len(inputs) != len(runner.inputs):
+        raise ValueError(f"The model has {len(runner.inputs)} inputs, got {len(inputs)} arrays.")
+    batch = None
+    for x, info in zip(inputs, runner.input_details):
+        expected = tuple(info.shape)
+        if x.dtype != np.dtype(info.dtype):
+            raise ValueError(
+                f"Input '{info.name}' must be {np.dtype(info.dtype).name}, got {x.dtype}."
+            )
+        if tuple(x.shape[1:]) != expected[1:]:
+            raise ValueError(f"Input '{info.name}' must have shape (N, *{expected[1:]}), got {x.shape}.")
+        batch = x.shape[0] if batch is None else batch
+        if x.shape[0] != batch:
+            raise ValueError("All inputs must have the same batch size.")
+    results: List[list] = []
+    for n in range(batch):
+        results.append(runner.run([x[n : n + 1] for x in inputs]))
+    return [np.concatenate([r[k] for r in results], axis=0) for k in range(len(runner.outputs))]

@@ -1,0 +1,404 @@
+"""Reading, inspecting and writing `.tflite` flatbuffers.
+
+A thin layer over the object API of the TFLite schema that ships with
+`ai-edge-litert` (no TensorFlow import).  `TFLiteModel` answers the graph
+questions the rest of keras-patch asks (which op produces or consumes a
+tensor, shapes, quantization, constant data) and writes the model back with
+16-byte aligned constant buffers, like the TFLite converter does.
+
+Example:
+
+>>> from keras_patch.tflite_model import TFLiteModel
+>>> model = TFLiteModel.from_bytes(open("model.tflite", "rb").read())  # doctest: +SKIP
+>>> [model.op_type(i) for i in range(model.num_ops)][:3]  # doctest: +SKIP
+['CONV_2D', 'DEPTHWISE_CONV_2D', 'CONV_2D']
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import flatbuffers
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from keras_patch.errors import InvalidModelError, UnsupportedModelError
+
+FILE_IDENTIFIER = b"TFL3"
+BUFFER_ALIGNMENT = 16
+
+BUILTIN_OPERATOR_NAMES = {
+    value: name
+    for name, value in vars(schema.BuiltinOperator).items()
+    if not name.startswith("_")
+}
+TENSOR_TYPE_NAMES = {
+    value: name for name, value in vars(schema.TensorType).items() if not name.startswith("_")
+}
+_NUMPY_DTYPES = {
+    schema.TensorType.FLOAT32: np.float32,
+    schema.TensorType.FLOAT16: np.float16,
+    schema.TensorType.INT32: np.int32,
+    schema.TensorType.UINT8: np.uint8,
+    schema.TensorType.INT64: np.int64,
+    schema.TensorType.BOOL: np.bool_,
+    schema.TensorType.INT16: np.int16,
+    schema.TensorType.INT8: np.int8,
+    schema.TensorType.FLOAT64: np.float64,
+    schema.TensorType.UINT64: np.uint64,
+    schema.TensorType.UINT32: np.uint32,
+    schema.TensorType.UINT16: np.uint16,
+}
+
+ModelSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What keras-patch needs to know about one tensor of the graph."""
+
+    index: int
+    name: str
+    shape: tuple
+    dtype: type
+    scale: np.ndarray  # float32, empty when not quantized
+    zero_point: np.ndarray  # int64, empty when not quantized
+    quantized_dimension: int
+    is_constant: bool
+    shape_signature: tuple
+
+    @property
+    def num_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def is_dynamic(self) -> bool:
+        return any(int(d) < 0 for d in self.shape_signature)
+
+
+def read_model_bytes(source: ModelSource) -> bytes:
+    """Returns the bytes of `source`: bytes-like as is, or a path's contents."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise InvalidModelError(f"No .tflite file at '{path}'.")
+        with open(path, "rb") as f:
+            return f.read()
+    raise TypeError(
+        f"Expected .tflite bytes or a path, got {type(source).__name__}."
+    )
+
+
+class _AlignedBufferT(schema.BufferT):
+    """A BufferT whose data vector is written 16-byte aligned."""
+
+    def Pack(self, builder):  # noqa: N802 (flatbuffers naming)
+        data_offset = None
+        if self.data is not None and len(self.data):
+            payload = np.ascontiguousarray(self.data, dtype=np.uint8).tobytes()
+            builder.StartVector(1, len(payload), BUFFER_ALIGNMENT)
+            builder.head = builder.head - len(payload)
+            builder.Bytes[builder.head : builder.head + len(payload)] = payload
+            data_offset = builder.EndVector()
+        schema.BufferStart(builder)
+        if data_offset is not None:
+            schema.BufferAddData(builder, data_offset)
+        schema.BufferAddOffset(builder, self.offset)
+        schema.BufferAddSize(builder, self.size)
+        return schema.BufferEnd(builder)
+
+
+class TFLiteModel:
+    """A mutable, validated view of a single-subgraph `.tflite` model."""
+
+    def __init__(self, model: schema.ModelT):
+        self.model = model
+        self._validate()
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_bytes(cls, source: ModelSource) -> "TFLiteModel":
+        """Parses a `.tflite` flatbuffer (bytes or path).
+
+        Raises:
+            InvalidModelError: the data is not a complete TFLite flatbuffer.
+        """
+        data = read_model_bytes(source)
+        if len(data) < 8:
+            raise InvalidModelError(
+                f"Not a .tflite model: {len(data)} bytes is shorter than a flatbuffer header."
+            )
+        if data[4:8] != FILE_IDENTIFIER:
+            raise InvalidModelError(
+                f"Not a .tflite model: file identifier is {data[4:8]!r}, expected {FILE_IDENTIFIER!r}."
+            )
+        root = int.from_bytes(data[0:4], "little")
+        if root >= len(data):
+            raise InvalidModelError(
+                f"Corrupt or truncated .tflite: root table offset {root} is past the end "
+                f"of the {len(data)}-byte buffer."
+            )
+        try:
+            model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+        except Exception as e:  # flatbuffers raises IndexError/struct.error/... on garbage
+            raise InvalidModelError(
+                f"Corrupt or truncated .tflite ({len(data)} bytes): {type(e).__name__}: {e}"
+            ) from None
+        return cls(model)
+
+    def to_bytes(self) -> bytes:
+        """Serializes the model; constant buffers are 16-byte aligned."""
+        self.model.buffers = [self._aligned(b) for b in self.model.buffers]
+        builder = flatbuffers.Builder(1024 + sum(len(b.data) for b in self.model.buffers if b.data is not None))
+        root = self.model.Pack(builder)
+        builder.Finish(root, file_identifier=FILE_IDENTIFIER)
+        return bytes(builder.Output())
+
+    @staticmethod
+    def _aligned(buffer: schema.BufferT) -> schema.BufferT:
+        if isinstance(buffer, _AlignedBufferT):
+            return buffer
+        aligned = _AlignedBufferT()
+        aligned.data = buffer.data
+        aligned.offset = buffer.offset
+        aligned.size = buffer.size
+        return aligned
+
+    def _validate(self) -> None:
+        m = self.model
+        if not m.subgraphs:
+            raise InvalidModelError("Corrupt .tflite: the model has no subgraph.")
+        buffers = m.buffers or []
+        for sg_index, sg in enumerate(m.subgraphs):
+            tensors = sg.tensors or []
+            for t_index, t in enumerate(tensors):
+                if t.buffer is not None and not 0 <= t.buffer < max(len(buffers), 1):
+                    raise InvalidModelError(
+                        f"Corrupt .tflite: tensor {t_index} of subgraph {sg_index} refers "
+                        f"to buffer {t.buffer}, but the model has {len(buffers)} buffers."
+                    )
+            for op_index, op in enumerate(sg.operators or []):
+                if not 0 <= op.opcodeIndex < len(m.operatorCodes or []):
+                    raise InvalidModelError(
+                        f"Corrupt .tflite: operator {op_index} uses opcode {op.opcodeIndex}, "
+                        f"but the model has {len(m.operatorCodes or [])} operator codes."
+                    )
+                for i in list(_as_list(op.inputs)) + list(_as_list(op.outputs)):
+                    if not -1 <= i < len(tensors):
+                        raise InvalidModelError(
+                            f"Corrupt .tflite: operator {op_index} refers to tensor {i}, "
+                            f"but subgraph {sg_index} has {len(tensors)} tensors."
+                        )
+            for i in list(_as_list(sg.inputs)) + list(_as_list(sg.outputs)):
+                if not 0 <= i < len(tensors):
+                    raise InvalidModelError(
+                        f"Corrupt .tflite: subgraph {sg_index} input/output {i} is not a tensor index."
+                    )
+
+    # -------------------------------------------------------------- queries
+    @property
+    def subgraph(self) -> schema.SubGraphT:
+        return self.model.subgraphs[0]
+
+    @property
+    def num_ops(self) -> int:
+        return len(self.subgraph.operators or [])
+
+    @property
+    def inputs(self) -> list:
+        return [int(i) for i in _as_list(self.subgraph.inputs)]
+
+    @property
+    def outputs(self) -> list:
+        return [int(i) for i in _as_list(self.subgraph.outputs)]
+
+    def operator(self, op_index: int) -> schema.OperatorT:
+        return self.subgraph.operators[op_index]
+
+    def op_type(self, op_index: int) -> str:
+        """Builtin operator name (e.g. 'CONV_2D') or the custom code."""
+        code = self.model.operatorCodes[self.operator(op_index).opcodeIndex]
+        builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+        if builtin == schema.BuiltinOperator.CUSTOM:
+            custom = code.customCode
+            return custom.decode() if isinstance(custom, bytes) else str(custom)
+        return BUILTIN_OPERATOR_NAMES.get(builtin, f"BUILTIN_{builtin}")
+
+    def op_inputs(self, op_index: int) -> list:
+        return [int(i) for i in _as_list(self.operator(op_index).inputs)]
+
+    def op_outputs(self, op_index: int) -> list:
+        return [int(i) for i in _as_list(self.operator(op_index).outputs)]
+
+    def op_label(self, op_index: int) -> str:
+        """'op 3 (CONV_2D -> name)' for error messages."""
+        outs = self.op_outputs(op_index)
+        name = self.tensor(outs[0]).name if outs else "?"
+        return f"op {op_index} ({self.op_type(op_index)} -> '{name}')"
+
+    def tensor(self, index: int) -> TensorInfo:
+        t = self.subgraph.tensors[index]
+        q = t.quantization
+        scale = np.asarray(q.scale if q is not None and q.scale is not None else [], np.float32)
+        zp = np.asarray(q.zeroPoint if q is not None and q.zeroPoint is not None else [], np.int64)
+        shape = tuple(int(d) for d in _as_list(t.shape))
+        signature = tuple(int(d) for d in _as_list(t.shapeSignature)) or shape
+        return TensorInfo(
+            index=index,
+            name=_decode(t.name),
+            shape=shape,
+            dtype=_NUMPY_DTYPES.get(t.type, np.uint8),
+            scale=scale,
+            zero_point=zp,
+            quantized_dimension=int(q.quantizedDimension) if q is not None else 0,
+            is_constant=self.is_constant(index),
+            shape_signature=signature,
+        )
+
+    def tensor_type_name(self, index: int) -> str:
+        return TENSOR_TYPE_NAMES.get(self.subgraph.tensors[index].type, "?")
+
+    def is_constant(self, index: int) -> bool:
+        t = self.subgraph.tensors[index]
+        buffers = self.model.buffers or []
+        if t.buffer is None or t.buffer <= 0 or t.buffer >= len(buffers):
+            return False
+        data = buffers[t.buffer].data
+        return data is not None and len(data) > 0
+
+    def constant(self, index: int) -> np.ndarray:
+        """The constant data of tensor `index` as a shaped numpy array."""
+        info = self.tensor(index)
+        if not info.is_constant:
+            raise UnsupportedModelError(f"Tensor {index} ('{info.name}') has no constant data.")
+        raw = np.asarray(self.model.buffers[self.subgraph.tensors[index].buffer].data, np.uint8)
+        expected = info.num_bytes
+        if raw.size != expected:
+            raise InvalidModelError(
+                f"Corrupt .tflite: constant tensor {index} ('{info.name}') of shape {info.shape} "
+                f"needs {expected} bytes, its buffer holds {raw.size}."
+            )
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def producers(self) -> dict:
+        """tensor index -> index of the op that writes it."""
+        result = {}
+        for op_index in range(self.num_ops):
+            for t in self.op_outputs(op_index):
+                result[t] = op_index
+        return result
+
+    def consumers(self) -> dict:
+        """tensor index -> sorted list of op indices that read it."""
+        result: dict = {}
+        for op_index in range(self.num_ops):
+            for t in self.op_inputs(op_index):
+                if t >= 0:
+                    result.setdefault(t, []).append(op_index)
+        return result
+
+    def find_tensor(self, name: str) -> int:
+        matches = [i for i, t in enumerate(self.subgraph.tensors) if _decode(t.name) == name]
+        if not matches:
+            raise UnsupportedModelError(f"No tensor named '{name}' in the model.")
+        return matches[0]
+
+    # ------------------------------------------------------------ mutation
+    def opcode_index(self, builtin: int, custom_code: Optional[str] = None, version: int = 1) -> int:
+        """Index of the operator code, added to the model if missing."""
+        codes = self.model.operatorCodes
+        for i, code in enumerate(codes):
+            b = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+            if b != builtin:
+                continue
+            if custom_code is None or _decode(code.customCode) == custom_code:
+                return i
+        code = schema.OperatorCodeT()
+        code.builtinCode = builtin
+        code.deprecatedBuiltinCode = min(builtin, 127)
+        code.version = version
+        if custom_code is not None:
+            code.customCode = custom_code
+        codes.append(code)
+        return len(codes) - 1
+
+    def remove_unused(self) -> dict:
+        """Drops tensors no op or graph edge uses, then unused buffers and opcodes.
+
+        Returns the map old tensor index -> new tensor index.
+        """
+        sg = self.subgraph
+        used = set(self.inputs) | set(self.outputs)
+        for op_index in range(self.num_ops):
+            used.update(t for t in self.op_inputs(op_index) + self.op_outputs(op_index) if t >= 0)
+        remap = {}
+        kept = []
+        for old, t in enumerate(sg.tensors):
+            if old in used:
+                remap[old] = len(kept)
+                kept.append(t)
+        sg.tensors = kept
+        for op in sg.operators:
+            op.inputs = np.array([remap[int(i)] if i >= 0 else -1 for i in _as_list(op.inputs)], np.int32)
+            op.outputs = np.array([remap[int(i)] for i in _as_list(op.outputs)], np.int32)
+            if op.intermediates is not None and len(op.intermediates):
+                op.intermediates = np.array(
+                    [remap[int(i)] for i in _as_list(op.intermediates) if int(i) in remap], np.int32
+                )
+        sg.inputs = np.array([remap[i] for i in self.inputs], np.int32)
+        sg.outputs = np.array([remap[i] for i in self.outputs], np.int32)
+        for signature in self.model.signatureDefs or []:
+            for tensor_map in list(signature.inputs or []) + list(signature.outputs or []):
+                tensor_map.tensorIndex = remap[int(tensor_map.tensorIndex)]
+        self._remove_unused_buffers()
+        self._remove_unused_opcodes()
+        return remap
+
+    def _remove_unused_buffers(self) -> None:
+        m = self.model
+        used = {0}
+        for sg in m.subgraphs:
+            used.update(int(t.buffer) for t in sg.tensors)
+        for meta in m.metadata or []:
+            used.add(int(meta.buffer))
+        remap = {}
+        kept = []
+        for old, b in enumerate(m.buffers):
+            if old in used:
+                remap[old] = len(kept)
+                kept.append(b)
+        m.buffers = kept
+        for sg in m.subgraphs:
+            for t in sg.tensors:
+                t.buffer = remap[int(t.buffer)]
+        for meta in m.metadata or []:
+            meta.buffer = remap[int(meta.buffer)]
+
+    def _remove_unused_opcodes(self) -> None:
+        m = self.model
+        used = sorted({int(op.opcodeIndex) for sg in m.subgraphs for op in sg.operators})
+        remap = {old: new for new, old in enumerate(used)}
+        m.operatorCodes = [m.operatorCodes[i] for i in used]
+        for sg in m.subgraphs:
+            for op in sg.operators:
+                op.opcodeIndex = remap[int(op.opcodeIndex)]
+
+
+def _as_list(values) -> Sequence[int]:
+    if values is None:
+        return []
+    return [int(v) for v in values]
+
+
+def _decode(name) -> str:
+    if name is None:
+        return ""
+    return name.decode() if isinstance(name, (bytes, bytearray)) else str(name)
+
+
+def tensor_indices(values: Iterable[int]) -> np.ndarray:
+    return np.array(list(values), np.int32)

@@ -1,0 +1,271 @@
+"""Measuring a model's TFLM tensor arena with the `tflite_micro` wheel.
+
+`measure_tflm_arena` loads the model into the TFLM Python interpreter (which
+uses a `RecordingMicroAllocator`), runs one inference on zero inputs and
+parses `PrintAllocations()`:
+
+    [RecordingMicroAllocator] Arena allocation total 4512 bytes
+    [RecordingMicroAllocator] Arena allocation head 2720 bytes
+    [RecordingMicroAllocator] Arena allocation tail 1792 bytes
+    [RecordingMicroAllocator] 'TfLiteEvalTensor data' used 264 bytes with ...
+
+"head" is `SingleArenaBufferAllocator::GetNonPersistentUsedBytes()` (the
+planned, non-persistent section), "tail" `GetPersistentUsedBytes()`.
+
+TFLM reports many model errors by aborting the process, so the interpreter
+runs in a child process (`sys.executable`); an abort, a failed allocation or
+a failed invoke becomes a `TFLMError` carrying the child's output.
+
+Example:
+
+>>> from keras_patch.tflm_arena import measure_tflm_arena
+>>> report = measure_tflm_arena(open("model.tflite", "rb").read())  # doctest: +SKIP
+>>> report.head_bytes, report.tail_bytes  # doctest: +SKIP
+(83200, 14512)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ai_edge_litert import schema_py_generated as schema
+
+from keras_patch.errors import UnsupportedModelError
+from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+
+#: Arena tried first when `arena_size` is None; doubled on "arena too small".
+DEFAULT_ARENA_SIZE = 16 * 1024 * 1024
+MAX_ARENA_SIZE = 1024 * 1024 * 1024
+
+#: Custom op codes the wheel's PythonOpsResolver registers.
+WHEEL_CUSTOM_OPS = frozenset(
+    {
+        "CIRCULAR_BUFFER",
+        "TFLM_DECODE",
+        "TFLite_Detection_PostProcess",
+        "SignalDelay",
+        "SignalEnergy",
+        "SignalFftAutoScale",
+        "SignalFilterBank",
+        "SignalFilterBankLog",
+        "SignalFilterBankSquareRoot",
+        "SignalFilterBankSpectralSubtraction",
+        "SignalFramer",
+        "SignalIrfft",
+        "SignalOverlapAdd",
+        "SignalPCAN",
+        "SignalRfft",
+        "SignalStacker",
+        "SignalWindow",
+    }
+)
+
+_TOTAL_RE = re.compile(r"\[RecordingMicroAllocator\] Arena allocation total (\d+) bytes")
+_HEAD_RE = re.compile(r"\[RecordingMicroAllocator\] Arena allocation head (\d+) bytes")
+_TAIL_RE = re.compile(r"\[RecordingMicroAllocator\] Arena allocation tail (\d+) bytes")
+_RECORD_RE = re.compile(
+    r"\[RecordingMicroAllocator\] '([^']+)' used (\d+) bytes with alignment overhead "
+    r"\(requested (\d+) bytes for (\d+) "
+)
+_ARENA_TOO_SMALL = (
+    "Failed to resize buffer",
+    "Failed to allocate tail memory",
+    "Failed to allocate temp memory",
+    "Failed to allocate memory for memory planning",
+)
+
+
+class TFLMError(RuntimeError):
+    """The TFLM interpreter failed (or aborted) on the model.
+
+    Attributes:
+        output: everything the child process wrote (stdout and stderr).
+        returncode: the child's exit status (negative: killed by a signal,
+            e.g. -6 for an abort).
+    """
+
+    def __init__(self, message: str, output: str = "", returncode: Optional[int] = None):
+        super().__init__(message + (f"\n--- TFLM output ---\n{output.strip()}" if output.strip() else ""))
+        self.output = output
+        self.returncode = returncode
+
+
+@dataclass
+class TFLMArenaReport:
+    """What `RecordingMicroAllocator::PrintAllocations()` reported.
+
+    Attributes:
+        head_bytes: "Arena allocation head": the planned, non-persistent part.
+        tail_bytes: "Arena allocation tail": the persistent part.
+        used_bytes: "Arena allocation total".
+        arena_size: the arena the interpreter was given.
+        report: the raw text `PrintAllocations()` printed.
+        allocations: per-category tail usage, name -> (used bytes,
+            requested bytes, count), e.g. 'Persistent buffer data'.
+    """
+
+    head_bytes: int
+    tail_bytes: int
+    used_bytes: int
+    arena_size: int
+    report: str
+    allocations: dict = field(default_factory=dict)
+
+
+_CHILD = r"""
+import json, os, sys, tempfile
+import numpy as np
+from tflite_micro.python.tflite_micro import runtime
+
+model_path, arena_size, num_inputs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(model_path, "rb") as f:
+    data = f.read()
+interpreter = runtime.Interpreter.from_bytes(data, arena_size=arena_size)
+for i in range(num_inputs):
+    details = interpreter.get_input_details(i)
+    interpreter.set_input(np.zeros(tuple(details["shape"]), details["dtype"]), i)
+interpreter.invoke()
+
+sys.stdout.flush(); sys.stderr.flush()
+with tempfile.TemporaryFile() as capture:
+    saved = os.dup(1), os.dup(2)
+    os.dup2(capture.fileno(), 1); os.dup2(capture.fileno(), 2)
+    try:
+        interpreter.print_allocations()
+    finally:
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+        os.close(saved[0]); os.close(saved[1])
+    capture.seek(0)
+    text = capture.read().decode("utf-8", "replace")
+sys.stdout.write("\n@@KP_TFLM_REPORT@@" + json.dumps({"report": text}) + "\n")
+sys.stdout.flush()
+"""
+
+
+def measure_tflm_arena(
+    tflite_bytes: ModelSource, arena_size: Optional[int] = None, timeout: float = 300.0
+) -> TFLMArenaReport:
+    """Runs `tflite_bytes` once in TFLM and returns its arena usage.
+
+    Args:
+        tflite_bytes: the `.tflite` model (bytes or a path).
+        arena_size: tensor arena given to the interpreter.  `None` starts at
+            16 MiB and doubles (up to 1 GiB) while TFLM says it is too small.
+        timeout: seconds before the child process is killed.
+
+    Returns:
+        A `TFLMArenaReport`.
+
+    Raises:
+        UnsupportedModelError: the model has custom ops the wheel's op
+            resolver does not know (e.g. KP_PATCH_STAGE).
+        InvalidModelError: the bytes are not a `.tflite` model.
+        TFLMError: TFLM failed to allocate, prepare or invoke the model, or
+            aborted the process.
+
+    Example:
+
+    >>> measure_tflm_arena(model_bytes).head_bytes  # doctest: +SKIP
+    2720
+    """
+    data = read_model_bytes(tflite_bytes)
+    model = TFLiteModel.from_bytes(data)
+    custom = sorted(
+        {
+            f"{model.op_type(i)} (op {i})"
+            for i in range(model.num_ops)
+            if _is_custom(model, i) and model.op_type(i) not in WHEEL_CUSTOM_OPS
+        }
+    )
+    if custom:
+        raise UnsupportedModelError(
+            "The tflite_micro wheel cannot load this model: its op resolver has no "
+            "kernel for the custom op(s) "
+            + ", ".join(custom)
+            + ". Measure the unpatched model instead."
+        )
+    num_inputs = len(model.inputs)
+
+    size = int(arena_size) if arena_size is not None else DEFAULT_ARENA_SIZE
+    with tempfile.TemporaryDirectory(prefix="kp_tflm_") as tmp:
+        path = os.path.join(tmp, "model.tflite")
+        with open(path, "wb") as f:
+            f.write(data)
+        while True:
+            try:
+                text = _run_child(path, size, num_inputs, timeout)
+                break
+            except TFLMError as e:
+                too_small = any(s in e.output for s in _ARENA_TOO_SMALL)
+                if arena_size is not None or not too_small or size >= MAX_ARENA_SIZE:
+                    raise
+                size *= 2
+    return parse_allocation_report(text, arena_size=size)
+
+
+def parse_allocation_report(text: str, arena_size: int = 0) -> TFLMArenaReport:
+    """Parses the text of `RecordingMicroAllocator::PrintAllocations()`.
+
+    Raises:
+        TFLMError: the head/tail/total lines are missing.
+    """
+    matches = [r.search(text) for r in (_HEAD_RE, _TAIL_RE, _TOTAL_RE)]
+    if not all(matches):
+        raise TFLMError("No RecordingMicroAllocator summary in the TFLM output.", text)
+    head, tail, total = (int(m.group(1)) for m in matches)
+    allocations = {
+        m.group(1): (int(m.group(2)), int(m.group(3)), int(m.group(4)))
+        for m in _RECORD_RE.finditer(text)
+    }
+    return TFLMArenaReport(
+        head_bytes=head,
+        tail_bytes=tail,
+        used_bytes=total,
+        arena_size=arena_size,
+        report=text,
+        allocations=allocations,
+    )
+
+
+def _run_child(path: str, arena_size: int, num_inputs: int, timeout: float) -> str:
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, path, str(arena_size), str(num_inputs)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode("utf-8", "replace")
+        raise TFLMError(f"TFLM did not finish within {timeout:g} s.", out) from None
+    out = proc.stdout.decode("utf-8", "replace")
+    marker = "@@KP_TFLM_REPORT@@"
+    if proc.returncode != 0 or marker not in out:
+        how = (
+            f"was killed by signal {-proc.returncode}"
+            if proc.returncode < 0
+            else f"exited with status {proc.returncode}"
+        )
+        raise TFLMError(
+            f"The TFLM interpreter {how} (arena {arena_size} bytes).",
+            out,
+            proc.returncode,
+        )
+    payload = out[out.rindex(marker) + len(marker):].strip().splitlines()[0]
+    return json.loads(payload)["report"]
+
+
+def _is_custom(model: TFLiteModel, op_index: int) -> bool:
+    code = model.model.operatorCodes[model.operator(op_index).opcodeIndex]
+    builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+    return builtin == schema.BuiltinOperator.CUSTOM

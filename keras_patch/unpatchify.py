@@ -1,0 +1,146 @@
+"""The inverse of `patchify`: KP_PATCH_STAGE ops back into ordinary builtin ops.
+
+The options of a KP_PATCH_STAGE op describe its layers completely (shapes,
+quantization, parameters; the weights are the op's inputs), so the
+layer-by-layer model can be rebuilt from a patched one.  keras-patch uses it
+to measure what stock TFLM would plan for the same network and to check that
+the options lose nothing (`run_tflite(unpatchify(m)) == run_tflite(m)`).
+
+Example:
+
+>>> from keras_patch.unpatchify import unpatchify
+>>> plain = unpatchify(open("patched.tflite", "rb").read())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from keras_patch.errors import UnsupportedModelError
+from keras_patch.patch_op import options as o
+from keras_patch.patchify import _same_padding, find_stages, stage_options
+from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+
+# Builtin op versions TFLite uses for int8 per-channel kernels.
+_OP_VERSIONS = {
+    o.OP_CONV_2D: 3,
+    o.OP_DEPTHWISE_CONV_2D: 3,
+    o.OP_ADD: 2,
+    o.OP_MAX_POOL_2D: 2,
+    o.OP_AVERAGE_POOL_2D: 2,
+    o.OP_PAD: 2,
+    o.OP_RELU: 2,
+    o.OP_RELU6: 2,
+}
+
+
+def _padding_type(in_size: int, out_size: int, kernel: int, stride: int, dilation: int, pad: int, where: str) -> int:
+    effective = (kernel - 1) * dilation + 1
+    if out_size == -(-in_size // stride) and pad == _same_padding(in_size, out_size, kernel, stride, dilation):
+        return schema.Padding.SAME
+    if pad == 0 and out_size == (in_size - effective) // stride + 1:
+        return schema.Padding.VALID
+    raise UnsupportedModelError(f"{where}: padding {pad} is neither SAME nor VALID; no builtin op expresses it.")
+
+
+def _int8_tensor(model: TFLiteModel, name: str, shape: tuple, scale: float, zero_point: int) -> int:
+    tensor = schema.TensorT()
+    tensor.shape = np.array([1, *shape], np.int32)
+    tensor.type = schema.TensorType.INT8
+    tensor.buffer = 0
+    tensor.name = name
+    tensor.quantization = schema.QuantizationParametersT()
+    tensor.quantization.scale = [float(scale)]
+    tensor.quantization.zeroPoint = [int(zero_point)]
+    model.subgraph.tensors.append(tensor)
+    return len(model.subgraph.tensors) - 1
+
+
+def _paddings_tensor(model: TFLiteModel, name: str, paddings: np.ndarray) -> int:
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(paddings.astype("<i4").tobytes(), np.uint8)
+    model.model.buffers.append(buffer)
+    tensor = schema.TensorT()
+    tensor.shape = np.array([4, 2], np.int32)
+    tensor.type = schema.TensorType.INT32
+    tensor.buffer = len(model.model.buffers) - 1
+    tensor.name = name
+    model.subgraph.tensors.append(tensor)
+    return len(model.subgraph.tensors) - 1
+
+
+def _builtin_ops(model: TFLiteModel, op_index: int) -> list:
+    opts = stage_options(model, op_index)
+    op_inputs = model.op_inputs(op_index)
+    prefix = f"{model.tensor(model.op_outputs(op_index)[0]).name}/kp_layer"
+    tensor_ids = [op_inputs[0]]
+    for l in range(opts.num_layers - 1):
+        shape = opts.tensor_shapes[l + 1]
+        tensor_ids.append(_int8_tensor(model, f"{prefix}_{l}", shape, opts.tensor_scales[l + 1],
+                                       opts.tensor_zero_points[l + 1]))
+    tensor_ids.append(model.op_outputs(op_index)[0])
+    operators = []
+    for l, layer in enumerate(opts.layers):
+        where = f"{model.op_label(op_index)} layer {l} ({layer.op_name})"
+        op = schema.OperatorT()
+        op.opcodeIndex = model.opcode_index(layer.op, version=_OP_VERSIONS[layer.op])
+        in_h, in_w, _ = opts.tensor_shapes[layer.inputs[0]]
+        out_h, out_w, out_c = opts.tensor_shapes[l + 1]
+        inputs = [tensor_ids[layer.inputs[0]]]
+        if layer.op in (o.OP_CONV_2D, o.OP_DEPTHWISE_CONV_2D, o.OP_MAX_POOL_2D, o.OP_AVERAGE_POOL_2D):
+            padding = _padding_type(in_h, out_h, layer.kernel[0], layer.stride[0], layer.dilation[0], layer.pad[0], where)
+            if padding != _padding_type(in_w, out_w, layer.kernel[1], layer.stride[1], layer.dilation[1], layer.pad[1], where):
+                raise UnsupportedModelError(f"{where}: height and width use different padding types.")
+        if layer.op == o.OP_CONV_2D:
+            options = schema.Conv2DOptionsT()
+            op.builtinOptionsType = schema.BuiltinOptions.Conv2DOptions
+        elif layer.op == o.OP_DEPTHWISE_CONV_2D:
+            options = schema.DepthwiseConv2DOptionsT()
+            options.depthMultiplier = out_c // opts.tensor_shapes[layer.inputs[0]][2]
+            op.builtinOptionsType = schema.BuiltinOptions.DepthwiseConv2DOptions
+        elif layer.op in (o.OP_MAX_POOL_2D, o.OP_AVERAGE_POOL_2D):
+            options = schema.Pool2DOptionsT()
+            options.filterHeight, options.filterWidth = layer.kernel
+            op.builtinOptionsType = schema.BuiltinOptions.Pool2DOptions
+        elif layer.op == o.OP_ADD:
+            options = schema.AddOptionsT()
+            options.fusedActivationFunction = layer.activation
+            op.builtinOptionsType = schema.BuiltinOptions.AddOptions
+            inputs.append(tensor_ids[layer.inputs[1]])
+        elif layer.op == o.OP_PAD:
+            options = schema.PadOptionsT()
+            op.builtinOptionsType = schema.BuiltinOptions.PadOptions
+            paddings = np.array([[0, 0], [layer.pad[0], out_h - in_h - layer.pad[0]],
+                                 [layer.pad[1], out_w - in_w - layer.pad[1]], [0, 0]])
+            inputs.append(_paddings_tensor(model, f"{prefix}_{l}/paddings", paddings))
+        else:  # RELU, RELU6 have no options
+            options = None
+            op.builtinOptionsType = schema.BuiltinOptions.NONE
+        if layer.op in (o.OP_CONV_2D, o.OP_DEPTHWISE_CONV_2D, o.OP_MAX_POOL_2D, o.OP_AVERAGE_POOL_2D):
+            options.padding = padding
+            options.strideH, options.strideW = layer.stride
+            options.fusedActivationFunction = layer.activation
+        if layer.op in (o.OP_CONV_2D, o.OP_DEPTHWISE_CONV_2D):
+            options.dilationHFactor, options.dilationWFactor = layer.dilation
+            inputs.append(op_inputs[layer.weights[0]])
+            inputs.append(op_inputs[layer.weights[1]] if layer.weights[1] >= 0 else -1)
+        op.builtinOptions = options
+        op.inputs = np.array(inputs, np.int32)
+        op.outputs = np.array([tensor_ids[l + 1]], np.int32)
+        operators.append(op)
+    return operators
+
+
+def unpatchify(tflite_bytes: ModelSource) -> bytes:
+    """Returns the model with every KP_PATCH_STAGE op expanded into builtin ops."""
+    model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
+    stages = set(find_stages(model))
+    if not stages:
+        return model.to_bytes()
+    expanded = []
+    for i, op in enumerate(model.subgraph.operators):
+        expanded.extend(_builtin_ops(model, i) if i in stages else [op])
+    model.subgraph.operators = expanded
+    model.remove_unused()
+    return model.to_bytes()

@@ -1,0 +1,45 @@
+"""keras-patch: memory-efficient patch-based inference for tiny CNNs on microcontrollers."""
+
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+version = {}
+with open(os.path.join(HERE, "keras_patch", "_version.py")) as f:
+    exec(f.read(), version)
+
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="keras-patch",
+    version=version["__version__"],
+    description="Patch-based inference (MCUNetV2) for Keras models on TFLite Micro",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["keras_patch", "keras_patch.*"]),
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.10",
+        "keras-tuner>=1.4",
+        "tf-keras>=2.21,<2.22",
+        "tensorflow-model-optimization>=0.8",
+        "numpy>=1.26",
+        "absl-py",
+        "ai-edge-litert>=2.0",
+        "tflite-micro",
+        "flatbuffers>=24.3",
+        "matplotlib>=3.8",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    entry_points={"console_scripts": ["keras-patch=keras_patch.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Software Development :: Embedded Systems",
+    ],
+)

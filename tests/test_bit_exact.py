@@ -1,0 +1,283 @@
+"""Property tests: a patched model's outputs equal the unpatched model's, bit for bit.
+
+Random stages (tests/strategies.py) are converted to full-int8 .tflite by the
+standard converter; the ops from the model input up to a split become one
+KP_PATCH_STAGE op (`patchify`, or `export_tflite` for `PatchStage` models).
+`run_tflite` on the patched model (reference patch executor + LiteRT) must
+give exactly the unpatched model's LiteRT outputs: the model outputs and,
+made visible by adding it to the model outputs after patching, the stage
+output tensor itself (the head's global average pool could hide a wrong pixel).
+
+Hypothesis profiles (env var KP_HYPOTHESIS_PROFILE):
+  ci  (default) derandomized, 310 examples over this file;
+  dev           ~10% of that (about 30 examples), randomized, with the
+                example database, for development.
+"""
+
+import os
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+try:
+    from tests import strategies as kps
+    from tests.model_zoo import representative_samples, to_int8_tflite
+except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less "prepend" import)
+    import strategies as kps
+    from model_zoo import representative_samples, to_int8_tflite
+
+from keras_patch.errors import UnsupportedModelError  # noqa: E402
+from keras_patch.patch_op.options import CUSTOM_CODE  # noqa: E402
+from keras_patch.patchify import patchify, stage_options  # noqa: E402
+from keras_patch.runtime import run_tflite  # noqa: E402
+from keras_patch.tflite_model import TFLiteModel  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs")
+
+# ---------------------------------------------------------------- profiles
+
+_COMMON = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("ci", max_examples=100, derandomize=True, database=None, **_COMMON)
+settings.register_profile("dev", max_examples=10, **_COMMON)
+PROFILE = os.environ.get("KP_HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+_SCALE = {"ci": 1.0, "dev": 0.1}.get(PROFILE, 1.0)
+
+
+def examples(n_ci: int) -> int:
+    """Per-test example count: `n_ci` in the ci profile, scaled down in dev."""
+    return max(2, round(n_ci * _SCALE))
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def convert(model) -> bytes:
+    """to_int8_tflite with the converter's Python-level chatter swallowed."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return to_int8_tflite(model)
+
+
+def op_output_name(m: TFLiteModel, op: int) -> str:
+    return m.tensor(m.op_outputs(op)[0]).name
+
+
+def stage_exit_op(m: TFLiteModel) -> int:
+    """Index of the op writing the stage output: the producer of the head conv's input."""
+    heads = [i for i in range(m.num_ops) if kps.HEAD_NAME in op_output_name(m, i)]
+    assert heads, [op_output_name(m, i) for i in range(m.num_ops)]
+    producers = m.producers()
+    exit_tensor = m.op_inputs(heads[0])[0]
+    assert exit_tensor in producers, "the converter removed the whole stage"
+    return producers[exit_tensor]
+
+
+def ancestors(m: TFLiteModel, op: int) -> set:
+    """`op` and every op it (transitively) reads from."""
+    producers = m.producers()
+    seen, frontier = set(), [op]
+    while frontier:
+        i = frontier.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        frontier.extend(producers[t] for t in m.op_inputs(i) if t in producers)
+    return seen
+
+
+def is_single_exit(m: TFLiteModel, op: int) -> bool:
+    """True if no tensor written inside ancestors(op), except op's output, is read after it."""
+    stage = ancestors(m, op)
+    consumers = m.consumers()
+    for i in stage - {op}:
+        for t in m.op_outputs(i):
+            if t in m.outputs or any(c not in stage for c in consumers.get(t, [])):
+                return False
+    return True
+
+
+def check_structure(original: bytes, patched: bytes, split: int) -> None:
+    """Exactly one KP_PATCH_STAGE, replacing exactly the ops up to `split`."""
+    m, p = TFLiteModel.from_bytes(original), TFLiteModel.from_bytes(patched)
+    stage = ancestors(m, split)
+    custom = [i for i in range(p.num_ops) if p.op_type(i) == CUSTOM_CODE]
+    assert len(custom) == 1, [p.op_type(i) for i in range(p.num_ops)]
+    kept = [(m.op_type(i), op_output_name(m, i)) for i in range(m.num_ops) if i not in stage]
+    left = [(p.op_type(i), op_output_name(p, i)) for i in range(p.num_ops) if i != custom[0]]
+    assert left == kept, "builtin ops of the stage survive in the patched model (or others vanished)"
+    assert p.num_ops == m.num_ops - len(stage) + 1
+    assert op_output_name(p, custom[0]) == op_output_name(m, split)
+    assert p.op_inputs(custom[0])[0] == p.inputs[0]
+
+
+def with_outputs(model_bytes: bytes, names) -> bytes:
+    """The model with the tensors `names` appended to its outputs (for inspection)."""
+    m = TFLiteModel.from_bytes(model_bytes)
+    extra = [m.find_tensor(n) for n in names]
+    m.subgraph.outputs = np.array(m.outputs + extra, np.int32)
+    m.model.signatureDefs = []
+    return m.to_bytes()
+
+
+def assert_bit_exact(original: bytes, patched: bytes, x: np.ndarray, exit_name: str) -> None:
+    want = run_tflite(original, x)
+    got = run_tflite(patched, x)
+    assert len(want) == len(got)
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype == np.int8
+        np.testing.assert_array_equal(g, w, err_msg="model output differs")
+    # The stage output itself, pixel by pixel.
+    want_stage = run_tflite(with_outputs(original, [exit_name]), x)[-1]
+    got_stage = run_tflite(with_outputs(patched, [exit_name]), x)[-1]
+    diff = np.argwhere(got_stage != want_stage)
+    assert diff.size == 0, (
+        f"stage output '{exit_name}' {want_stage.shape}: {len(diff)} int8 values differ, "
+        f"first at (n, y, x, c)={diff[0].tolist()}: "
+        f"patched {got_stage[tuple(diff[0])]} vs LiteRT {want_stage[tuple(diff[0])]}"
+    )
+
+
+def describe(m: TFLiteModel) -> str:
+    return "\n".join(
+        f"  {i:2d} {m.op_type(i):18s} {m.tensor(m.op_outputs(i)[0]).shape} {op_output_name(m, i)}"
+        for i in range(m.num_ops)
+    )
+
+
+# ------------------------------------------------------------------ tests
+
+
+@settings(max_examples=examples(130))
+@given(spec=kps.stage_specs(), data=st.data())
+def test_patched_stage_is_bit_exact(spec, data):
+    """Split at the stage's last op (the op feeding the head), random grid."""
+    model = kps.build_model(spec)
+    original = convert(model)
+    m = TFLiteModel.from_bytes(original)
+    note(describe(m))
+    split = stage_exit_op(m)
+    exit_shape = m.tensor(m.op_outputs(split)[0]).shape
+    assert tuple(exit_shape[1:]) == kps.stage_output_shape(spec)
+    grid = data.draw(kps.grids(exit_shape[1:3]), label="grid")
+    x = data.draw(kps.int8_inputs(spec.input_shape), label="x")
+
+    patched = patchify(original, split, grid)
+
+    check_structure(original, patched, split)
+    assert_bit_exact(original, patched, x, op_output_name(m, split))
+
+
+@settings(max_examples=examples(70))
+@given(spec=kps.stage_specs(max_size=32), data=st.data())
+def test_patched_prefix_is_bit_exact(spec, data):
+    """Split at a random single-exit op inside the stage; non-single-exit splits are rejected."""
+    model = kps.build_model(spec)
+    original = convert(model)
+    m = TFLiteModel.from_bytes(original)
+    note(describe(m))
+    stage = sorted(ancestors(m, stage_exit_op(m)))
+    single_exit = [i for i in stage if is_single_exit(m, i)]
+    # Every split that is not single-exit must be refused with a clear error.
+    for i in stage:
+        if i not in single_exit:
+            with pytest.raises(UnsupportedModelError, match="single-exit"):
+                patchify(original, i, (1, 1))
+    split = data.draw(st.sampled_from(single_exit), label="split")
+    exit_shape = m.tensor(m.op_outputs(split)[0]).shape
+    grid = data.draw(kps.grids(exit_shape[1:3]), label="grid")
+    x = data.draw(kps.int8_inputs(spec.input_shape), label="x")
+
+    patched = patchify(original, op_output_name(m, split), grid)  # split given by tensor name
+
+    check_structure(original, patched, split)
+    assert_bit_exact(original, patched, x, op_output_name(m, split))
+
+
+def tflm_outputs(model_bytes: bytes, x: np.ndarray, num_outputs: int) -> list:
+    """Runs the model on TFLM (the MCU reference interpreter), batch by batch."""
+    from tflite_micro.python.tflite_micro import runtime
+
+    interpreter = runtime.Interpreter.from_bytes(model_bytes, arena_size=4 * 1024 * 1024)
+    results = [[] for _ in range(num_outputs)]
+    for n in range(len(x)):
+        interpreter.set_input(x[n : n + 1], 0)
+        interpreter.invoke()
+        for k in range(num_outputs):
+            results[k].append(np.array(interpreter.get_output(k)).copy())
+    return [np.concatenate(r, axis=0) for r in results]
+
+
+@settings(max_examples=examples(40))
+@given(spec=kps.stage_specs(max_size=32), data=st.data())
+def test_tflm_matches_litert_on_unpatched_model(spec, data):
+    """The MCU reference (TFLM) agrees with LiteRT, so LiteRT is the right oracle."""
+    model = kps.build_model(spec)
+    original = convert(model)
+    m = TFLiteModel.from_bytes(original)
+    note(describe(m))
+    exit_name = op_output_name(m, stage_exit_op(m))
+    inspected = with_outputs(original, [exit_name])
+    x = data.draw(kps.int8_inputs(spec.input_shape), label="x")
+
+    want = run_tflite(inspected, x)
+    got = tflm_outputs(inspected, x, len(want))
+    for k, (w, g) in enumerate(zip(want, got)):
+        np.testing.assert_array_equal(g.reshape(w.shape), w, err_msg=f"TFLM vs LiteRT, output {k}")
+
+
+def _export_available() -> bool:
+    try:
+        from keras_patch.export import export_tflite  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _export_available(), reason="keras_patch.export is not there yet")
+@settings(max_examples=examples(70))
+@given(spec=kps.stage_specs(max_size=32), data=st.data())
+def test_export_patch_stage_is_bit_exact(spec, data):
+    """PatchStage(block, grid) + head -> export_tflite == the unpatched int8 conversion."""
+    from keras_patch.export import export_tflite
+
+    out_h, out_w, _ = kps.stage_output_shape(spec)
+    grid = data.draw(kps.grids((out_h, out_w)), label="grid")
+    model = kps.build_model(spec, patch_grid=grid)
+    samples = np.concatenate(representative_samples(model), axis=0)  # to_int8_tflite's calibration data
+
+    exported = export_tflite(model, samples)
+    original = convert(model)  # same model, same calibration data, no patching
+    m, p = TFLiteModel.from_bytes(original), TFLiteModel.from_bytes(exported)
+    note(describe(m))
+    note(describe(p))
+    split = stage_exit_op(m)
+    check_structure(original, exported, split)
+    custom = [i for i in range(p.num_ops) if p.op_type(i) == CUSTOM_CODE][0]
+    options_grid = tuple(stage_options(p, custom).grid)
+    assert options_grid == grid
+    x = data.draw(kps.int8_inputs(spec.input_shape), label="x")
+    assert_bit_exact(original, exported, x, op_output_name(m, split))
+
+
+def test_strategies_draw_valid_architectures():
+    """Cheap sanity check of the strategies themselves (no conversion)."""
+
+    @settings(max_examples=examples(200), database=None)
+    @given(spec=kps.stage_specs())
+    def check(spec):
+        shape = kps.stage_output_shape(spec)
+        assert min(shape) >= 1
+        assert 1 <= len(spec.blocks) <= 6
+
+    check()

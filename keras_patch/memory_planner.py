@@ -61,7 +61,12 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from keras_patch.errors import UnsupportedModelError
-from keras_patch.tflite_model import BUILTIN_OPERATOR_NAMES, TFLiteModel
+from keras_patch.tflite_model import (
+    TFLiteModel,
+    decode_name,
+    int_list,
+    operator_type_name,
+)
 
 #: `MicroArenaBufferAlignment()` (micro_arena_constants.h).
 BUFFER_ALIGNMENT = 16
@@ -328,9 +333,9 @@ def model_buffers(
                 offline_index += 1
                 if t.isVariable and off != _ONLINE_PLANNED:
                     needs = True
-            infos.append([nbytes, -1, -1, needs, off, _decode(t.name)])
+            infos.append([nbytes, -1, -1, needs, off, decode_name(t.name)])
         for op_index, op in enumerate(sg.operators or []):
-            for n in _ints(op.intermediates):
+            for n in int_list(op.intermediates):
                 size = _tensor_bytes(tensors[n], sg_index, n)
                 if size != 0:
                     raise UnsupportedModelError(
@@ -351,27 +356,27 @@ def model_buffers(
     def mark(sg_index):
         sg = subgraphs[sg_index]
         base = sg_offsets[sg_index]
-        for t in _ints(sg.inputs):
+        for t in int_list(sg.inputs):
             first_created(infos[base + t], scope[0])
             last_used(infos[base + t], scope[0])
         for op_index, op in enumerate(sg.operators or []):
             scope[0] += 1
-            for t in _ints(op.outputs):
+            for t in int_list(op.outputs):
                 first_created(infos[base + t], scope[0])
             start = scope[0]
             for called in _called_subgraphs(model, op):
                 scope[0] += 1
                 mark(called)
-            for t in _ints(op.inputs):
+            for t in int_list(op.inputs):
                 if t >= 0:
                     last_used(infos[base + t], scope[0])
-            for t in _ints(op.outputs):
+            for t in int_list(op.outputs):
                 last_used(infos[base + t], scope[0])
             for k, (r_sg, r_op, _, _) in enumerate(requests):
                 if r_sg == sg_index and r_op == op_index:
                     first_created(scratch[k], start)
                     last_used(scratch[k], scope[0])
-        for t in _ints(sg.outputs):
+        for t in int_list(sg.outputs):
             first_created(infos[base + t], scope[0])
             last_used(infos[base + t], scope[0])
 
@@ -476,7 +481,7 @@ def builtin_scratch_bytes(model: TFLiteModel, skip=()) -> dict:
     """
     skip = {_key(k) for k in skip}
     fb = model.model
-    if any(_decode(m.name) == COMPRESSION_METADATA for m in fb.metadata or []):
+    if any(decode_name(m.name) == COMPRESSION_METADATA for m in fb.metadata or []):
         raise NotImplementedError(
             "The model has TFLM compression metadata; the decompression scratch "
             "buffers of compressed tensors are not modelled."
@@ -487,9 +492,9 @@ def builtin_scratch_bytes(model: TFLiteModel, skip=()) -> dict:
         for op_index, op in enumerate(sg.operators or []):
             if (sg_index, op_index) in skip:
                 continue
-            op_type = _op_type(fb, op)
-            ins = _ints(op.inputs)
-            outs = _ints(op.outputs)
+            op_type = operator_type_name(fb, op)
+            ins = int_list(op.inputs)
+            outs = int_list(op.outputs)
             sizes = _op_scratch(op_type, op, tensors, ins, outs)
             if sizes is None:
                 raise NotImplementedError(
@@ -507,7 +512,7 @@ def _op_scratch(op_type, op, tensors, ins, outs) -> Optional[list]:
         return tensors[i] if i is not None and 0 <= i < len(tensors) else None
 
     def shape(t):
-        return [int(d) for d in _ints(t.shape)]
+        return [int(d) for d in int_list(t.shape)]
 
     def elements(t):
         return int(np.prod(shape(t), dtype=np.int64))
@@ -600,18 +605,6 @@ def _key(key: ScratchKey) -> Tuple[int, int]:
     return 0, int(key)
 
 
-def _ints(values) -> list:
-    if values is None:
-        return []
-    return [int(v) for v in values]
-
-
-def _decode(name) -> str:
-    if name is None:
-        return ""
-    return name.decode() if isinstance(name, (bytes, bytearray)) else str(name)
-
-
 def _has_data(buffers, index) -> bool:
     """`GetFlatbufferTensorBuffer() != nullptr`: the buffer has data bytes."""
     if index is None or not 0 <= int(index) < len(buffers):
@@ -626,26 +619,18 @@ def _tensor_bytes(tensor, sg_index: int, t_index: int) -> int:
     if size is None:
         name = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
         raise UnsupportedModelError(
-            f"Tensor {t_index} ('{_decode(tensor.name)}') of subgraph {sg_index} has type "
+            f"Tensor {t_index} ('{decode_name(tensor.name)}') of subgraph {sg_index} has type "
             f"{name.get(tensor.type, tensor.type)}, which TFLM cannot allocate."
         )
     elements = 1
-    for d in _ints(tensor.shape):
+    for d in int_list(tensor.shape):
         elements *= d
     return elements * size
 
 
-def _op_type(fb: schema.ModelT, op: schema.OperatorT) -> str:
-    code = fb.operatorCodes[op.opcodeIndex]
-    builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
-    if builtin == schema.BuiltinOperator.CUSTOM:
-        return _decode(code.customCode)
-    return BUILTIN_OPERATOR_NAMES.get(builtin, f"BUILTIN_{builtin}")
-
-
 def _called_subgraphs(model: TFLiteModel, op: schema.OperatorT) -> list:
     """Subgraphs a control-flow op plans inline (MarkSubgraphLifetimesIfNecessary)."""
-    op_type = _op_type(model.model, op)
+    op_type = operator_type_name(model.model, op)
     if op_type not in _CONTROL_FLOW_OPS:
         return []
     opts = op.builtinOptions
@@ -661,7 +646,7 @@ def _offline_offsets(model: TFLiteModel) -> Optional[list]:
     fb = model.model
     result = None
     for meta in fb.metadata or []:
-        if _decode(meta.name) != OFFLINE_MEMORY_ALLOCATION:
+        if decode_name(meta.name) != OFFLINE_MEMORY_ALLOCATION:
             continue
         raw = bytes(np.asarray(fb.buffers[meta.buffer].data, np.uint8))
         count = struct.unpack_from("<I", raw, 8)[0]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import flatbuffers
 import numpy as np
@@ -187,13 +187,13 @@ class TFLiteModel:
                         f"Corrupt .tflite: operator {op_index} uses opcode {op.opcodeIndex}, "
                         f"but the model has {len(m.operatorCodes or [])} operator codes."
                     )
-                for i in list(_as_list(op.inputs)) + list(_as_list(op.outputs)):
+                for i in list(int_list(op.inputs)) + list(int_list(op.outputs)):
                     if not -1 <= i < len(tensors):
                         raise InvalidModelError(
                             f"Corrupt .tflite: operator {op_index} refers to tensor {i}, "
                             f"but subgraph {sg_index} has {len(tensors)} tensors."
                         )
-            for i in list(_as_list(sg.inputs)) + list(_as_list(sg.outputs)):
+            for i in list(int_list(sg.inputs)) + list(int_list(sg.outputs)):
                 if not 0 <= i < len(tensors):
                     raise InvalidModelError(
                         f"Corrupt .tflite: subgraph {sg_index} input/output {i} is not a tensor index."
@@ -210,29 +210,24 @@ class TFLiteModel:
 
     @property
     def inputs(self) -> list:
-        return [int(i) for i in _as_list(self.subgraph.inputs)]
+        return [int(i) for i in int_list(self.subgraph.inputs)]
 
     @property
     def outputs(self) -> list:
-        return [int(i) for i in _as_list(self.subgraph.outputs)]
+        return [int(i) for i in int_list(self.subgraph.outputs)]
 
     def operator(self, op_index: int) -> schema.OperatorT:
         return self.subgraph.operators[op_index]
 
     def op_type(self, op_index: int) -> str:
         """Builtin operator name (e.g. 'CONV_2D') or the custom code."""
-        code = self.model.operatorCodes[self.operator(op_index).opcodeIndex]
-        builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
-        if builtin == schema.BuiltinOperator.CUSTOM:
-            custom = code.customCode
-            return custom.decode() if isinstance(custom, bytes) else str(custom)
-        return BUILTIN_OPERATOR_NAMES.get(builtin, f"BUILTIN_{builtin}")
+        return operator_type_name(self.model, self.operator(op_index))
 
     def op_inputs(self, op_index: int) -> list:
-        return [int(i) for i in _as_list(self.operator(op_index).inputs)]
+        return [int(i) for i in int_list(self.operator(op_index).inputs)]
 
     def op_outputs(self, op_index: int) -> list:
-        return [int(i) for i in _as_list(self.operator(op_index).outputs)]
+        return [int(i) for i in int_list(self.operator(op_index).outputs)]
 
     def op_label(self, op_index: int) -> str:
         """'op 3 (CONV_2D -> name)' for error messages."""
@@ -245,11 +240,11 @@ class TFLiteModel:
         q = t.quantization
         scale = np.asarray(q.scale if q is not None and q.scale is not None else [], np.float32)
         zp = np.asarray(q.zeroPoint if q is not None and q.zeroPoint is not None else [], np.int64)
-        shape = tuple(int(d) for d in _as_list(t.shape))
-        signature = tuple(int(d) for d in _as_list(t.shapeSignature)) or shape
+        shape = tuple(int(d) for d in int_list(t.shape))
+        signature = tuple(int(d) for d in int_list(t.shapeSignature)) or shape
         return TensorInfo(
             index=index,
-            name=_decode(t.name),
+            name=decode_name(t.name),
             shape=shape,
             dtype=_NUMPY_DTYPES.get(t.type, np.uint8),
             scale=scale,
@@ -302,7 +297,7 @@ class TFLiteModel:
         return result
 
     def find_tensor(self, name: str) -> int:
-        matches = [i for i, t in enumerate(self.subgraph.tensors) if _decode(t.name) == name]
+        matches = [i for i, t in enumerate(self.subgraph.tensors) if decode_name(t.name) == name]
         if not matches:
             raise UnsupportedModelError(f"No tensor named '{name}' in the model.")
         return matches[0]
@@ -315,7 +310,7 @@ class TFLiteModel:
             b = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
             if b != builtin:
                 continue
-            if custom_code is None or _decode(code.customCode) == custom_code:
+            if custom_code is None or decode_name(code.customCode) == custom_code:
                 return i
         code = schema.OperatorCodeT()
         code.builtinCode = builtin
@@ -335,19 +330,13 @@ class TFLiteModel:
         used = set(self.inputs) | set(self.outputs)
         for op_index in range(self.num_ops):
             used.update(t for t in self.op_inputs(op_index) + self.op_outputs(op_index) if t >= 0)
-        remap = {}
-        kept = []
-        for old, t in enumerate(sg.tensors):
-            if old in used:
-                remap[old] = len(kept)
-                kept.append(t)
-        sg.tensors = kept
+        sg.tensors, remap = _compact(sg.tensors, used)
         for op in sg.operators:
-            op.inputs = np.array([remap[int(i)] if i >= 0 else -1 for i in _as_list(op.inputs)], np.int32)
-            op.outputs = np.array([remap[int(i)] for i in _as_list(op.outputs)], np.int32)
+            op.inputs = np.array([remap[int(i)] if i >= 0 else -1 for i in int_list(op.inputs)], np.int32)
+            op.outputs = np.array([remap[int(i)] for i in int_list(op.outputs)], np.int32)
             if op.intermediates is not None and len(op.intermediates):
                 op.intermediates = np.array(
-                    [remap[int(i)] for i in _as_list(op.intermediates) if int(i) in remap], np.int32
+                    [remap[int(i)] for i in int_list(op.intermediates) if int(i) in remap], np.int32
                 )
         sg.inputs = np.array([remap[i] for i in self.inputs], np.int32)
         sg.outputs = np.array([remap[i] for i in self.outputs], np.int32)
@@ -365,13 +354,7 @@ class TFLiteModel:
             used.update(int(t.buffer) for t in sg.tensors)
         for meta in m.metadata or []:
             used.add(int(meta.buffer))
-        remap = {}
-        kept = []
-        for old, b in enumerate(m.buffers):
-            if old in used:
-                remap[old] = len(kept)
-                kept.append(b)
-        m.buffers = kept
+        m.buffers, remap = _compact(m.buffers, used)
         for sg in m.subgraphs:
             for t in sg.tensors:
                 t.buffer = remap[int(t.buffer)]
@@ -388,17 +371,34 @@ class TFLiteModel:
                 op.opcodeIndex = remap[int(op.opcodeIndex)]
 
 
-def _as_list(values) -> Sequence[int]:
+def int_list(values) -> list:
+    """A flatbuffer int vector (or None) as a list of Python ints."""
     if values is None:
         return []
     return [int(v) for v in values]
 
 
-def _decode(name) -> str:
+def decode_name(name) -> str:
+    """A flatbuffer string (bytes or None) as str."""
     if name is None:
         return ""
     return name.decode() if isinstance(name, (bytes, bytearray)) else str(name)
 
 
-def tensor_indices(values: Iterable[int]) -> np.ndarray:
-    return np.array(list(values), np.int32)
+def operator_type_name(model: schema.ModelT, op: schema.OperatorT) -> str:
+    """Builtin operator name (e.g. 'CONV_2D') or the custom code of `op`."""
+    code = model.operatorCodes[op.opcodeIndex]
+    builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+    if builtin == schema.BuiltinOperator.CUSTOM:
+        return decode_name(code.customCode)
+    return BUILTIN_OPERATOR_NAMES.get(builtin, f"BUILTIN_{builtin}")
+
+
+def _compact(items: list, used: set) -> tuple:
+    """(the items whose index is in `used`, map old index -> new index)."""
+    remap, kept = {}, []
+    for old, item in enumerate(items):
+        if old in used:
+            remap[old] = len(kept)
+            kept.append(item)
+    return kept, remap

@@ -224,3 +224,47 @@ def to_int8_tflite(keras_model, int8_io: bool = True, num_samples: int = 4, seed
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     return bytes(converter.convert())
+
+
+def dynamic_input_model(channels: int = 3, num_classes: int = 3, seed: int = 0):
+    """Conv2D -> DepthwiseConv2D -> global pool -> Dense on a (None, None, C) input.
+
+    Converted with `to_int8_tflite_dynamic`, its activations have dynamic
+    height and width (shape signature -1).
+    """
+    keras = _keras(seed)
+    layers = keras.layers
+    inputs = keras.Input((None, None, channels))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(num_classes)(x)
+    return keras.Model(inputs, outputs, name="dynamic_input")
+
+
+def to_int8_tflite_dynamic(keras_model, sample_shape=(16, 16, 3), num_samples: int = 3, seed: int = 0) -> bytes:
+    """Full-int8 conversion of a model with unknown spatial dims (int8 I/O);
+    calibration samples have `sample_shape`."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    samples = [rng.random((1, *sample_shape), dtype=np.float32) for _ in range(num_samples)]
+
+    def representative_dataset():
+        for sample in samples:
+            yield [sample]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative_dataset
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return bytes(converter.convert())
+
+
+def to_float_tflite(keras_model) -> bytes:
+    """Plain float32 conversion (no quantization at all)."""
+    import tensorflow as tf
+
+    return bytes(tf.lite.TFLiteConverter.from_keras_model(keras_model).convert())

@@ -110,6 +110,8 @@ def _seq(*block_layers):
             "activation 'sigmoid'",
         ),
         (layers.Conv2D(4, 3, groups=2, name="bad"), "Conv2D", "groups=2"),
+        (layers.Conv2D(4, 3, dilation_rate=2, name="bad"), "Conv2D", "dilation_rate=(2, 2)"),
+        (layers.DepthwiseConv2D(3, dilation_rate=2, name="bad"), "DepthwiseConv2D", "dilation_rate"),
         (layers.ReLU(negative_slope=0.1, name="bad"), "ReLU", "negative_slope=0.1"),
         (layers.ReLU(threshold=0.5, name="bad"), "ReLU", "threshold=0.5"),
         (layers.ReLU(max_value=4.0, name="bad"), "ReLU", "max_value=4.0"),

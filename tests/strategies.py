@@ -335,26 +335,41 @@ def grids(out_shape, max_grid=8):
     )
 
 
-@st.composite
-def int8_inputs(draw, input_shape, n_random=2):
-    """A batch of int8 images: extremes (-128 / 127 / a -128,127 checkerboard) + random ones."""
-    h, w, c = input_shape
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    batch = []
-    extreme = draw(st.sampled_from(["min", "max", "checker", "sparse"]))
-    if extreme == "min":
-        batch.append(np.full((h, w, c), -128, np.int8))
-    elif extreme == "max":
-        batch.append(np.full((h, w, c), 127, np.int8))
-    elif extreme == "checker":
-        yy, xx, cc = np.indices((h, w, c))
-        batch.append(np.where((yy + xx + cc) % 2 == 0, -128, 127).astype(np.int8))
-    else:
-        batch.append(rng.choice(np.array([-128, 127], np.int8), size=(h, w, c)))
-    for _ in range(n_random):
-        batch.append(rng.integers(-128, 128, size=(h, w, c), dtype=np.int8))
-    return np.stack(batch)
+@dataclass(frozen=True)
+class Int8Batch:
+    """A batch of int8 images, drawn as (shape, extreme pattern, seed) so it prints short."""
+
+    shape: Tuple[int, int, int]
+    extreme: str  # "min", "max", "checker" or "sparse" (random -128/127)
+    seed: int
+    n_random: int = 2
+
+    def array(self) -> np.ndarray:
+        """(1 + n_random, H, W, C) int8: the extreme image, then uniform random ones."""
+        h, w, c = self.shape
+        rng = np.random.default_rng(self.seed)
+        if self.extreme == "min":
+            first = np.full((h, w, c), -128, np.int8)
+        elif self.extreme == "max":
+            first = np.full((h, w, c), 127, np.int8)
+        elif self.extreme == "checker":
+            yy, xx, cc = np.indices((h, w, c))
+            first = np.where((yy + xx + cc) % 2 == 0, -128, 127).astype(np.int8)
+        else:
+            first = rng.choice(np.array([-128, 127], np.int8), size=(h, w, c))
+        batch = [first] + [rng.integers(-128, 128, size=(h, w, c), dtype=np.int8) for _ in range(self.n_random)]
+        return np.stack(batch)
+
+
+def int8_inputs(input_shape, n_random=2):
+    """Int8Batch: one extreme image (-128 / 127 / a -128,127 checkerboard / random -128,127) + random ones."""
+    return st.builds(
+        Int8Batch,
+        shape=st.just(tuple(int(d) for d in input_shape)),
+        extreme=st.sampled_from(["min", "max", "checker", "sparse"]),
+        seed=st.integers(0, 2**32 - 1),
+        n_random=st.just(n_random),
+    )
 
 
 # --------------------------------------------------------------- builders

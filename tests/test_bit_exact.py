@@ -170,7 +170,7 @@ def test_patched_stage_is_bit_exact(spec, data):
     exit_shape = m.tensor(m.op_outputs(split)[0]).shape
     assert tuple(exit_shape[1:]) == kps.stage_output_shape(spec)
     grid = data.draw(kps.grids(exit_shape[1:3]), label="grid")
-    x = data.draw(kps.int8_inputs(spec.input_shape), label="x")
+    x = data.draw(kps.int8_inputs(spec.input_shape), label="x").array()
 
     patched = patchify(original, split, grid)
 
@@ -196,7 +196,7 @@ def test_patched_prefix_is_bit_exact(spec, data):
     split = data.draw(st.sampled_from(single_exit), label="split")
     exit_shape = m.tensor(m.op_outputs(split)[0]).shape
     grid = data.draw(kps.grids(exit_shape[1:3]), label="grid")
-    x = data.draw(kps.int8_inputs(spec.input_shape), label="x")
+    x = data.draw(kps.int8_inputs(spec.input_shape), label="x").array()
 
     patched = patchify(original, op_output_name(m, split), grid)  # split given by tensor name
 
@@ -228,7 +228,7 @@ def test_tflm_matches_litert_on_unpatched_model(spec, data):
     note(describe(m))
     exit_name = op_output_name(m, stage_exit_op(m))
     inspected = with_outputs(original, [exit_name])
-    x = data.draw(kps.int8_inputs(spec.input_shape), label="x")
+    x = data.draw(kps.int8_inputs(spec.input_shape), label="x").array()
 
     want = run_tflite(inspected, x)
     got = tflm_outputs(inspected, x, len(want))
@@ -266,7 +266,7 @@ def test_export_patch_stage_is_bit_exact(spec, data):
     custom = [i for i in range(p.num_ops) if p.op_type(i) == CUSTOM_CODE][0]
     options_grid = tuple(stage_options(p, custom).grid)
     assert options_grid == grid
-    x = data.draw(kps.int8_inputs(spec.input_shape), label="x")
+    x = data.draw(kps.int8_inputs(spec.input_shape), label="x").array()
     assert_bit_exact(original, exported, x, op_output_name(m, split))
 
 

@@ -41,8 +41,10 @@ class DemoResult:
     plot_path: str
 
 
-def build_demo_model(input_size: int = DEMO_INPUT_SIZE, alpha: float = DEMO_ALPHA, seed: int = 0):
-    """MobileNetV2 (random weights) with a small classification head."""
+def build_demo_model(
+    input_size: int = DEMO_INPUT_SIZE, alpha: float = DEMO_ALPHA, seed: int = 0, num_classes: int = DEMO_CLASSES
+):
+    """MobileNetV2 (random weights, average pooling) with a Dense head without softmax."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -50,7 +52,7 @@ def build_demo_model(input_size: int = DEMO_INPUT_SIZE, alpha: float = DEMO_ALPH
         input_shape=(input_size, input_size, 3), alpha=alpha, weights=None,
         include_top=False, pooling="avg",
     )
-    outputs = keras.layers.Dense(DEMO_CLASSES, name="classifier")(base.output)
+    outputs = keras.layers.Dense(num_classes, name="classifier")(base.output)
     return keras.Model(base.input, outputs, name=f"mobilenetv2_{alpha}_{input_size}")
 
 

@@ -3,9 +3,11 @@
 KP_PATCH_STAGE ops run in the reference executor (patch by patch, numpy);
 every other op runs in the LiteRT interpreter.  The model is cut into
 segments at its KP_PATCH_STAGE ops; each run of builtin ops becomes a small
-`.tflite` of its own, executed by LiteRT with its builtin kernels and no
-default delegate (XNNPACK rounds differently from the TFLite/TFLM reference
-kernels that microcontrollers run).
+`.tflite` of its own, executed by LiteRT with its *reference* kernels
+(`OpResolverType.BUILTIN_REF`): those are the kernels TFLM runs on
+microcontrollers. LiteRT's default optimized kernels are not: XNNPACK, and
+the ruy GEMM behind its int8 CONV_2D and FULLY_CONNECTED, round the
+requantization once instead of twice and differ by one in some outputs.
 
 Example:
 
@@ -29,12 +31,12 @@ from keras_patch.errors import UnsupportedModelError
 
 
 def litert_interpreter(model_bytes: bytes):
-    """A LiteRT interpreter with builtin kernels only (the int8 reference)."""
+    """A LiteRT interpreter with the reference builtin kernels (TFLM's int8 arithmetic)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     interpreter = Interpreter(
         model_content=model_bytes,
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
         num_threads=1,
     )
     interpreter.allocate_tensors()

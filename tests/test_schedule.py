@@ -1,0 +1,87 @@
+"""keras_patch.schedule: candidate splits and the best (split, grid)."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest
+
+import keras_patch
+import model_zoo
+from keras_patch.errors import KerasPatchError
+from keras_patch.schedule import (
+    best_schedule,
+    candidate_splits,
+    evaluate_schedules,
+    short_tensor_name,
+)
+from keras_patch.tflite_model import TFLiteModel
+
+
+@pytest.fixture(scope="module")
+def residual():
+    return model_zoo.to_int8_tflite(model_zoo.residual_model())
+
+
+def _ancestors(m: TFLiteModel, op: int) -> set:
+    producers, seen, frontier = m.producers(), set(), [op]
+    while frontier:
+        i = frontier.pop()
+        if i not in seen:
+            seen.add(i)
+            frontier.extend(producers[t] for t in m.op_inputs(i) if t in producers)
+    return seen
+
+
+def _single_exit(m: TFLiteModel, op: int) -> bool:
+    stage, consumers = _ancestors(m, op), m.consumers()
+    return all(
+        t not in m.outputs and all(c in stage for c in consumers.get(t, []))
+        for i in stage - {op} for t in m.op_outputs(i)
+    )
+
+
+def test_candidates_are_exactly_the_single_exit_points(residual):
+    m = TFLiteModel.from_bytes(residual)
+    splits = candidate_splits(residual)
+    first_unsupported = next(i for i in range(m.num_ops) if m.op_type(i) not in
+                             {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "PAD", "MAX_POOL_2D", "AVERAGE_POOL_2D", "RELU", "RELU6"})
+    expected = [i for i in range(first_unsupported) if _single_exit(m, i)]
+    assert splits == expected
+    # Inside a residual block (its input still needed by the ADD) is no split.
+    adds = [i for i in range(m.num_ops) if m.op_type(i) == "ADD"]
+    assert adds and all(a in splits for a in adds)
+    assert (adds[0] - 1) not in splits
+    for split in splits:
+        keras_patch.patchify(residual, split, (1, 1))  # each one really patches
+
+
+def test_min_output_size_filters_small_outputs(residual):
+    m = TFLiteModel.from_bytes(residual)
+    for split in candidate_splits(residual, min_output_size=12):
+        assert min(m.tensor(m.op_outputs(split)[0]).shape[1:3]) >= 12
+    assert len(candidate_splits(residual, min_output_size=12)) < len(candidate_splits(residual))
+
+
+def test_best_schedule_is_the_lowest_profiled_head(residual):
+    grids = [(2, 2), (4, 4)]
+    results = evaluate_schedules(residual, grids)
+    assert {r.grid for r in results} == set(grids)
+    best = best_schedule(residual, grids)
+    assert best.patched_peak_bytes == min(r.patched_peak_bytes for r in results)
+    again = keras_patch.profile(keras_patch.patchify(residual, best.split, best.grid)).summary
+    assert again["patched_peak_bytes"] == best.patched_peak_bytes
+    assert again["mac_overhead"] == best.mac_overhead
+    assert best.patched_peak_bytes < best.layer_by_layer_peak_bytes
+    assert best.rest_peak_bytes <= best.patched_peak_bytes
+
+
+def test_grids_larger_than_every_stage_output_are_an_error(residual):
+    with pytest.raises(KerasPatchError, match="No split"):
+        best_schedule(residual, [(64, 64)])
+
+
+def test_short_tensor_name():
+    assert short_tensor_name("mobilenet_v2_0.35_144_1/block_2_add_1/Add") == "block_2_add"
+    assert short_tensor_name("m/block_1_depthwise_relu_1/Relu6;m/block_1_depthwise_BN_1/mul") == "block_1_depthwise_relu"
+    assert short_tensor_name("input") == "input"

@@ -43,6 +43,34 @@ def litert_interpreter(model_bytes: bytes):
     return interpreter
 
 
+def check_reference_kernel_limits(model: TFLiteModel) -> None:
+    """Rejects int8 ops whose TFLite/TFLM reference kernels abort in Prepare.
+
+    The reference int8 ADD and SUB requantize their output with
+    `QuantizeMultiplierSmallerThanOneExp(2 * max(s_a, s_b) / (2^20 * s_out))`,
+    which CHECK-fails (aborting the process, in LiteRT's reference resolver
+    and in TFLM alike) unless that multiplier is below 1. Converters emit
+    such ops when an activation range collapses to (almost) nothing.
+
+    Raises:
+        UnsupportedModelError: naming the op and the scales at fault.
+    """
+    for i in range(model.num_ops):
+        if model.op_type(i) not in ("ADD", "SUB"):
+            continue
+        tensors = [model.tensor(t) for t in model.op_inputs(i)[:2] + model.op_outputs(i)[:1]]
+        if any(t.dtype != np.int8 or t.scale.size == 0 for t in tensors):
+            continue
+        s_a, s_b, s_out = (float(t.scale[0]) for t in tensors)
+        multiplier = 2.0 * max(s_a, s_b) / ((1 << 20) * s_out)
+        if not 0.0 < multiplier < 1.0:
+            raise UnsupportedModelError(
+                f"{model.op_label(i)}: output scale {s_out:.4g} is too small for input scales "
+                f"{s_a:.4g} and {s_b:.4g} (output multiplier {multiplier:.4g} must be < 1); "
+                f"TFLite's and TFLM's int8 {model.op_type(i)} kernels abort on this model."
+            )
+
+
 @dataclass
 class _BuiltinSegment:
     interpreter: object
@@ -73,6 +101,7 @@ class HostRunner:
                           if model.op_type(i) not in _builtin_names() and model.op_type(i) != CUSTOM_CODE})
         if unknown:
             raise UnsupportedModelError(f"run_tflite cannot run custom ops {unknown}.")
+        check_reference_kernel_limits(model)
         self.segments: list = []
         if not stage_ops:
             self.segments.append(_BuiltinSegment(litert_interpreter(model_bytes), model.inputs, model.outputs))

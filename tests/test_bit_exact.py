@@ -23,7 +23,7 @@ import io  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, given, note, settings  # noqa: E402
+from hypothesis import HealthCheck, given, note, reject, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 try:
@@ -34,9 +34,9 @@ except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less "prepend
     from model_zoo import representative_samples, to_int8_tflite
 
 from keras_patch.errors import UnsupportedModelError  # noqa: E402
-from keras_patch.patch_op.options import CUSTOM_CODE  # noqa: E402
+from keras_patch.patch_op.options import CUSTOM_CODE, LAYER_OP_NAMES  # noqa: E402
 from keras_patch.patchify import patchify, stage_options  # noqa: E402
-from keras_patch.runtime import run_tflite  # noqa: E402
+from keras_patch.runtime import check_reference_kernel_limits, run_tflite  # noqa: E402
 from keras_patch.tflite_model import TFLiteModel  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs")
@@ -64,9 +64,20 @@ def examples(n_ci: int) -> int:
 
 
 def convert(model) -> bytes:
-    """to_int8_tflite with the converter's Python-level chatter swallowed."""
+    """to_int8_tflite with the converter's Python-level chatter swallowed.
+
+    Rejects (hypothesis `reject`) the rare random model with an ADD whose
+    output range collapsed so far that TFLite's and TFLM's own kernels abort
+    on it: no interpreter can run it, patched or not.
+    """
     with contextlib.redirect_stdout(io.StringIO()):
-        return to_int8_tflite(model)
+        data = to_int8_tflite(model)
+    try:
+        check_reference_kernel_limits(TFLiteModel.from_bytes(data))
+    except UnsupportedModelError as e:
+        note(f"rejected: {e}")
+        reject()
+    return data
 
 
 def op_output_name(m: TFLiteModel, op: int) -> str:
@@ -221,30 +232,34 @@ def tflm_outputs(model_bytes: bytes, x: np.ndarray, num_outputs: int) -> list:
 @settings(max_examples=examples(40))
 @given(spec=kps.stage_specs(max_size=32), data=st.data())
 def test_tflm_matches_litert_on_unpatched_model(spec, data):
-    """The MCU reference (TFLM) agrees with LiteRT, so LiteRT is the right oracle."""
+    """On every op a patch stage can hold, TFLM (the MCU interpreter) and
+    LiteRT's reference kernels agree bit for bit, so LiteRT is the right oracle.
+
+    Every such op's output is compared, not only the model output: the head's
+    FULLY_CONNECTED is not a stage op, and there LiteRT's reference kernel and
+    TFLM's do differ by one now and then (seen on a 1x5 conv + MEAN + FC model).
+    """
     model = kps.build_model(spec)
     original = convert(model)
     m = TFLiteModel.from_bytes(original)
     note(describe(m))
-    exit_name = op_output_name(m, stage_exit_op(m))
-    inspected = with_outputs(original, [exit_name])
+    stage_ops = [i for i in range(m.num_ops) if m.op_type(i) in LAYER_OP_NAMES.values()]
+    assert stage_exit_op(m) in stage_ops
+    names = [op_output_name(m, i) for i in stage_ops]
+    inspected = with_outputs(original, names)
     x = data.draw(kps.int8_inputs(spec.input_shape), label="x").array()
 
     want = run_tflite(inspected, x)
     got = tflm_outputs(inspected, x, len(want))
-    for k, (w, g) in enumerate(zip(want, got)):
-        np.testing.assert_array_equal(g.reshape(w.shape), w, err_msg=f"TFLM vs LiteRT, output {k}")
+    first = len(want) - len(names)
+    for k in range(first, len(want)):
+        op = stage_ops[k - first]
+        np.testing.assert_array_equal(
+            got[k].reshape(want[k].shape), want[k],
+            err_msg=f"TFLM vs LiteRT reference kernels, op {op} ({m.op_type(op)})",
+        )
 
 
-def _export_available() -> bool:
-    try:
-        from keras_patch.export import export_tflite  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _export_available(), reason="keras_patch.export is not there yet")
 @settings(max_examples=examples(70))
 @given(spec=kps.stage_specs(max_size=32), data=st.data())
 def test_export_patch_stage_is_bit_exact(spec, data):

@@ -1,0 +1,190 @@
+"""Running a KP_PATCH_STAGE op of a real model on an emulated Cortex-M4.
+
+`stage_vectors_header` turns one stage of a patched `.tflite` into a C
+header (`stage_vectors.h`): the op's options bytes, its constant inputs
+(filters, biases, per-channel scales), an int8 input and the output the
+reference executor computes for it. `run_stage_firmware` builds the test
+firmware in `tflm_ops/firmware/` around the portable C++ core with Debian's
+`arm-none-eabi-gcc` (Cortex-M4F, hard float) and runs it in
+`qemu-system-arm -M mps2-an386` with `-icount shift=0`, where the board's
+25 MHz timer ticks once every 40 instructions: instruction counts are
+repeatable to the tick.
+
+Example:
+
+>>> from keras_patch.firmware import run_stage_firmware, stage_vectors_header
+>>> header = stage_vectors_header(patched_bytes, x)  # doctest: +SKIP
+>>> result = run_stage_firmware(header, "/tmp/fw")  # doctest: +SKIP
+>>> result.ok, result.instructions  # doctest: +SKIP
+(True, 41234520)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from keras_patch.errors import KerasPatchError
+from keras_patch.patch_op import options as o
+from keras_patch.patch_op.executor import prepare_stage, run_stage
+from keras_patch.patchify import find_stages, stage_constants, stage_options
+from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+
+#: QEMU's mps2-an386 timers run at 25 MHz; with -icount shift=0 one
+#: instruction takes 1 ns, so one tick is 40 instructions.
+INSTRUCTIONS_PER_TICK = 40
+TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-g++", "qemu-system-arm", "make")
+
+#: As `make -C tflm_ops/firmware run` runs it: the firmware's main() return
+#: value becomes QEMU's exit status.
+QEMU_ARGS = ("-M", "mps2-an386", "-nographic", "-monitor", "none", "-icount", "shift=0",
+             "-semihosting-config", "enable=on,target=native")
+_RESULT_RE = re.compile(r"KP_RESULT status=(\w+)(.*)")
+
+
+@dataclass
+class FirmwareResult:
+    """What the firmware printed (`KP_RESULT ...`) and its exit status."""
+
+    returncode: int
+    output: str
+    status: str  # "ok", "mismatch" or "error"
+    fields: dict
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.status == "ok"
+
+    @property
+    def instructions(self) -> int:
+        """Instructions of one Eval (timer ticks x 40)."""
+        return int(self.fields["ticks"]) * INSTRUCTIONS_PER_TICK
+
+
+def missing_tools() -> list:
+    """The cross-compiler/emulator programs not on PATH (empty: all there)."""
+    return [tool for tool in TOOLS if shutil.which(tool) is None]
+
+
+def firmware_source_dir() -> str:
+    """`tflm_ops/firmware` of the source tree this package comes from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "tflm_ops", "firmware")
+    if not os.path.isfile(os.path.join(path, "Makefile")):
+        raise KerasPatchError(
+            f"No tflm_ops/firmware/Makefile next to the keras_patch package ({root}): "
+            "the firmware is built from a source checkout of keras-patch."
+        )
+    return path
+
+
+def _c_array(name: str, ctype: str, values, per_line: int = 24) -> str:
+    flat = [str(int(v)) if ctype != "float" else repr(float(v)) + "f" for v in np.asarray(values).reshape(-1)]
+    lines = [", ".join(flat[i:i + per_line]) for i in range(0, len(flat), per_line)] or [""]
+    body = ",\n    ".join(lines)
+    return f"alignas(16) static const {ctype} {name}[] = {{\n    {body}}};\n"
+
+
+def stage_vectors_header(
+    tflite_bytes: ModelSource,
+    input_image: np.ndarray,
+    stage_index: int = 0,
+    grid: Optional[Sequence[int]] = None,
+) -> str:
+    """The C header `tflm_ops/firmware/stage_test.cc` runs.
+
+    Args:
+        tflite_bytes: a patched model.
+        input_image: the stage's int8 input, shape (1, H, W, C) or (H, W, C).
+        stage_index: which KP_PATCH_STAGE op (in execution order).
+        grid: run with this grid instead of the model's (`(1, 1)` runs the
+            stage's layers one after the other on whole tensors: the
+            layer-by-layer baseline).
+
+    Returns:
+        The header's text; its expected output is the reference executor's.
+    """
+    model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
+    stages = find_stages(model)
+    if not 0 <= stage_index < len(stages):
+        raise KerasPatchError(f"stage_index {stage_index}: the model has {len(stages)} KP_PATCH_STAGE op(s).")
+    op = stages[stage_index]
+    opts = stage_options(model, op)
+    if grid is not None:
+        opts = dataclasses.replace(opts, grid=tuple(int(g) for g in grid))
+    constants = stage_constants(model, op)
+    x = np.asarray(input_image, np.int8).reshape((1, *opts.input_shape))
+    expected = run_stage(prepare_stage(opts, constants), x)
+
+    parts = [
+        "// Generated by keras_patch.firmware.stage_vectors_header; do not edit.\n",
+        "#ifndef KP_STAGE_VECTORS_H_\n#define KP_STAGE_VECTORS_H_\n",
+        "#include <stdint.h>\n#include \"patch_stage_c_api.h\"\n\n",
+        f"// {model.op_label(op)}, grid {opts.grid[0]}x{opts.grid[1]}, {opts.num_layers} layers\n",
+        _c_array("kOptions", "uint8_t", np.frombuffer(o.encode_options(opts), np.uint8)),
+    ]
+    entries = ["    {0, 0, {0, 0, 0, 0}, 0, nullptr, nullptr}"]
+    for i, c in enumerate(constants[1:], start=1):
+        data = np.asarray(c.data)
+        type_code = {np.dtype(np.int8): 1, np.dtype(np.int32): 2}.get(data.dtype, 0)
+        ctype = {1: "int8_t", 2: "int32_t"}.get(type_code, "uint8_t")
+        parts.append(_c_array(f"kConst{i}", ctype, data if type_code else data.view(np.uint8)))
+        scales = np.asarray(c.scales, np.float32).reshape(-1)
+        scale_ref = "nullptr"
+        if scales.size:
+            parts.append(_c_array(f"kScales{i}", "float", scales))
+            scale_ref = f"kScales{i}"
+        dims = list(data.shape) + [0] * (4 - data.ndim)
+        entries.append(
+            f"    {{{type_code}, {data.ndim}, {{{', '.join(map(str, dims[:4]))}}}, {scales.size}, {scale_ref}, kConst{i}}}"
+        )
+    parts.append(f"static const int32_t kNumOpInputs = {len(constants)};\n")
+    parts.append("static const kp_const_tensor kOpInputs[] = {\n" + ",\n".join(entries) + "};\n")
+    parts.append(_c_array("kInput", "int8_t", x))
+    parts.append(_c_array("kExpected", "int8_t", expected))
+    parts.append("#endif  // KP_STAGE_VECTORS_H_\n")
+    return "".join(parts)
+
+
+def run_stage_firmware(header: str, build_dir: str, timeout: float = 900.0,
+                       make_args: Sequence[str] = ()) -> FirmwareResult:
+    """Builds the firmware with `header` as stage_vectors.h and runs it in QEMU.
+
+    Raises:
+        KerasPatchError: a tool is missing or the build failed.
+    """
+    missing = missing_tools()
+    if missing:
+        raise KerasPatchError(
+            f"missing {', '.join(missing)}: install Debian's gcc-arm-none-eabi, "
+            "libnewlib-arm-none-eabi and qemu-system-arm."
+        )
+    source = firmware_source_dir()
+    build_dir = os.path.abspath(build_dir)
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "stage_vectors.h"), "w") as f:
+        f.write(header)
+    make = ["make", "-s", "-C", source, f"BUILD={build_dir}", f"VECTORS_DIR={build_dir}", *make_args]
+    built = subprocess.run(make + ["all"], capture_output=True, text=True, timeout=timeout)
+    if built.returncode != 0:
+        raise KerasPatchError(f"firmware build failed:\n{built.stdout[-4000:]}{built.stderr[-4000:]}")
+    elf = os.path.join(build_dir, "stage_test.elf")
+    ran = subprocess.run(
+        ["qemu-system-arm", *QEMU_ARGS, "-kernel", elf], capture_output=True, text=True, timeout=timeout
+    )
+    output = ran.stdout + ran.stderr
+    match = _RESULT_RE.search(output)
+    fields = dict(kv.split("=", 1) for kv in match.group(2).split() if "=" in kv) if match else {}
+    return FirmwareResult(
+        returncode=ran.returncode,
+        output=output,
+        status=match.group(1) if match else "error",
+        fields=fields,
+    )

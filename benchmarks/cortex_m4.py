@@ -29,6 +29,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tables import render_table  # noqa: E402
+
 #: name -> (builder args for keras_patch.demo.build_demo_model or "vww", split layer, grid)
 STAGES = {
     "MobileNetV2 0.35@144 to block_2_add, 4x4": ("mbv2", 0.35, 144, "block_2_add", (4, 4)),
@@ -41,7 +44,6 @@ def _tflite(kind: str, alpha: float, size: int) -> bytes:
     from keras_patch.export import convert_int8
 
     if kind == "vww":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from memory import _vww
 
         model = _vww(size)
@@ -106,12 +108,7 @@ def render(rows: list, markdown: bool) -> str:
     lines = [[r["stage"], r["variant"], f"{r['macs']:,}", f"{r['mac_overhead']:.3f}", f"{r['layer_instr']:,}",
               f"{r['patch_instr']:,}", f"{r['patch_instr'] / r['layer_instr']:.3f}", f"{r['layer_arena']:,}",
               f"{r['patch_arena']:,}"] for r in rows]
-    if markdown:
-        return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                         + ["| " + " | ".join(line) + " |" for line in lines])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header)] + [fmt.format(*line) for line in lines])
+    return render_table(header, lines, markdown)
 
 
 def main(argv=None) -> int:

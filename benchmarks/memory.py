@@ -30,6 +30,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tables import render_table  # noqa: E402
+
 
 def _mobilenet_v2(alpha: float, size: int, classes: int):
     from keras_patch.demo import build_demo_model
@@ -117,13 +120,7 @@ def render(rows: list, markdown: bool) -> str:
                 f"{r.patched_peak_bytes_without_input:,}", f"{r.mac_overhead:.3f}", _bound(r),
                 f"{r.rest_peak_bytes:,}",
             ])
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(line) + " |" for line in lines]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)] if lines else []
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header)] + [fmt.format(*line) for line in lines])
+    return render_table(header, lines, markdown)
 
 
 def main(argv=None) -> int:

@@ -208,22 +208,9 @@ def to_int8_tflite(keras_model, int8_io: bool = True, num_samples: int = 4, seed
     Returns:
         The `.tflite` flatbuffer.
     """
-    import tensorflow as tf
+    from keras_patch.export import convert_int8
 
-    samples = representative_samples(keras_model, num_samples, seed)
-
-    def representative_dataset():
-        for sample in samples:
-            yield [sample]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_dataset
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if int8_io:
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
-    return bytes(converter.convert())
+    return bytes(convert_int8(keras_model, representative_samples(keras_model, num_samples, seed), int8_io=int8_io))
 
 
 def dynamic_input_model(channels: int = 3, num_classes: int = 3, seed: int = 0):
@@ -245,22 +232,11 @@ def dynamic_input_model(channels: int = 3, num_classes: int = 3, seed: int = 0):
 def to_int8_tflite_dynamic(keras_model, sample_shape=(16, 16, 3), num_samples: int = 3, seed: int = 0) -> bytes:
     """Full-int8 conversion of a model with unknown spatial dims (int8 I/O);
     calibration samples have `sample_shape`."""
-    import tensorflow as tf
+    from keras_patch.export import convert_int8
 
     rng = np.random.default_rng(seed)
     samples = [rng.random((1, *sample_shape), dtype=np.float32) for _ in range(num_samples)]
-
-    def representative_dataset():
-        for sample in samples:
-            yield [sample]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_dataset
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-    return bytes(converter.convert())
+    return bytes(convert_int8(keras_model, samples))
 
 
 def to_float_tflite(keras_model) -> bytes:

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from keras_patch.errors import UnsupportedModelError
+from keras_patch.errors import InvalidOptionsError, UnsupportedModelError
 from keras_patch.patch_op import options as o
 from keras_patch.patch_op.executor import ConstantTensor, prepare_stage
 from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
@@ -377,9 +377,39 @@ def find_stages(model: TFLiteModel) -> List[int]:
 
 
 def stage_options(model: TFLiteModel, op_index: int) -> o.StageOptions:
-    """Decoded options of the KP_PATCH_STAGE op at `op_index`."""
+    """Decoded options of the KP_PATCH_STAGE op at `op_index`, checked against its tensors.
+
+    Raises:
+        InvalidOptionsError: undecodable options, or stage tensor 0 / L whose
+            shape, scale or zero point (`tensor_shape`, `tensor_scale`,
+            `tensor_zero_point`) differ from the op's input / output tensor.
+    """
     data = model.operator(op_index).customOptions
-    return o.decode_options(bytes(np.asarray(data, np.uint8)))
+    options = o.decode_options(bytes(np.asarray(data, np.uint8)))
+    _check_stage_io(model, op_index, options)
+    return options
+
+
+def _check_stage_io(model: TFLiteModel, op_index: int, options: o.StageOptions) -> None:
+    ends = [(0, "input", model.op_inputs(op_index)[0]), (options.num_layers, "output", model.op_outputs(op_index)[0])]
+    for stage_tensor, role, t in ends:
+        info = model.tensor(t)
+        where = f"{model.op_label(op_index)}: stage tensor {stage_tensor} vs the op's {role} '{info.name}'"
+        if info.dtype != np.int8:
+            raise InvalidOptionsError(f"{where}: the {role} is {np.dtype(info.dtype).name}, KP_PATCH_STAGE needs int8.")
+        if tuple(info.shape) != (1, *options.tensor_shapes[stage_tensor]):
+            raise InvalidOptionsError(
+                f"'tensor_shape' {where}: options say {options.tensor_shapes[stage_tensor]}, the tensor is {info.shape}."
+            )
+        if info.scale.size != 1 or np.float32(options.tensor_scales[stage_tensor]) != info.scale[0]:
+            raise InvalidOptionsError(
+                f"'tensor_scale' {where}: options say {options.tensor_scales[stage_tensor]}, the tensor has {info.scale.tolist()}."
+            )
+        if info.zero_point.size != 1 or options.tensor_zero_points[stage_tensor] != info.zero_point[0]:
+            raise InvalidOptionsError(
+                f"'tensor_zero_point' {where}: options say {options.tensor_zero_points[stage_tensor]}, "
+                f"the tensor has {info.zero_point.tolist()}."
+            )
 
 
 def stage_constants(model: TFLiteModel, op_index: int) -> List[Optional[ConstantTensor]]:

@@ -114,6 +114,21 @@ def option_keys() -> dict:
     return keys
 
 
+def persistent_bytes(options: bytes, num_op_inputs: int = -1) -> int:
+    """Parses and validates options bytes (no weights); returns the persistent bytes needed.
+
+    Raises:
+        InvalidOptionsError: naming the options key at fault.
+    """
+    lib = load_library()
+    data = bytes(options)
+    err = ctypes.create_string_buffer(_ERR_SIZE)
+    size = ctypes.c_size_t()
+    if lib.kp_stage_persistent_bytes(data, len(data), num_op_inputs, ctypes.byref(size), err, _ERR_SIZE):
+        raise InvalidOptionsError(_error(err))
+    return int(size.value)
+
+
 def _error(err) -> str:
     return err.value.decode("utf-8", "replace") or "KP_PATCH_STAGE: unknown error"
 

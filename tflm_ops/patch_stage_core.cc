@@ -440,20 +440,11 @@ KpStatus PrepareWeights(const KpOptionsView& v, int64_t l, KpGetConstTensor get_
     KP_FAIL_KEY(kKeyLayerWeights, "layer %d (%s): filter has %d scales for %d channels.", I(l),
                 name, static_cast<int>(filter.num_scales), static_cast<int>(out.c));
   }
-  layer.channel_offset = *next_channel;
-  *next_channel += out.c;
   for (int32_t c = 0; c < out.c; ++c) {
     const float fs = filter.scales[filter.num_scales == 1 ? 0 : c];
     if (!(fs >= 0.0f && fs <= FLT_MAX)) {
-      KP_FAIL_KEY(kKeyLayerWeights,
-                  "layer %d (%s): filter scale of channel %d is not finite and >= 0.", I(l),
-                  name, static_cast<int>(c));
-    }
-    const double real =
-        static_cast<double>(in.scale) * static_cast<double>(fs) / static_cast<double>(out.scale);
-    if (Multiplier(real, l, name, reporter, &stage->channel_multiplier[layer.channel_offset + c],
-                   &stage->channel_shift[layer.channel_offset + c]) != kKpOk) {
-      return kKpError;
+      KP_FAIL_KEY(kKeyLayerWeights, "layer %d (%s): filter scales must be finite and >= 0.",
+                  I(l), name);
     }
   }
   if (layer.bias_input >= 0) {
@@ -465,6 +456,22 @@ KpStatus PrepareWeights(const KpOptionsView& v, int64_t l, KpGetConstTensor get_
       KP_FAIL_KEY(kKeyLayerWeights,
                   "layer %d (%s): bias (op input %d) must be int32 of shape (%d,).", I(l), name,
                   static_cast<int>(layer.bias_input), static_cast<int>(out.c));
+    }
+    // The bias callback may reuse the filter's memory: read scales again.
+    if (get_const(context, layer.filter_input, &filter) != kKpOk || filter.scales == NULL) {
+      KP_FAIL_KEY(kKeyLayerWeights, "layer %d (%s): op input %d must be an int8 filter.", I(l),
+                  name, static_cast<int>(layer.filter_input));
+    }
+  }
+  layer.channel_offset = *next_channel;
+  *next_channel += out.c;
+  for (int32_t c = 0; c < out.c; ++c) {
+    const float fs = filter.scales[filter.num_scales == 1 ? 0 : c];
+    const double real =
+        static_cast<double>(in.scale) * static_cast<double>(fs) / static_cast<double>(out.scale);
+    if (Multiplier(real, l, name, reporter, &stage->channel_multiplier[layer.channel_offset + c],
+                   &stage->channel_shift[layer.channel_offset + c]) != kKpOk) {
+      return kKpError;
     }
   }
   (void)v;

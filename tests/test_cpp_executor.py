@@ -142,6 +142,8 @@ def test_cpp_equals_reference_executor(stage, seed):
     plan = geometry.plan_patch_arena(opts)
     assert cpp.arena_plan() == (plan.offsets, plan.sizes)
     assert cpp.arena_bytes == plan.total_bytes
+    assert cpp_executor.persistent_bytes(o.encode_options(opts)) == geometry.kernel_persistent_bytes(
+        opts, pointer_bytes=8)
 
 
 def _key(message: str) -> str:

@@ -131,6 +131,13 @@ struct KpStage {
   KpRegion* regions;           // num_layers + 1, Eval's per-patch working set
 };
 
+// docs/patch_stage_op.md ("Persistent data") gives the persistent-memory
+// formula with these sizes; keep them in sync.
+static_assert(sizeof(KpTensor) == 36, "KpTensor layout is documented");
+static_assert(sizeof(KpLayer) == 92, "KpLayer layout is documented");
+static_assert(sizeof(KpRegion) == 16, "KpRegion layout is documented");
+static_assert(sizeof(KpStage) == 24 + 5 * sizeof(void*), "KpStage layout is documented");
+
 // Description of one constant op input (filter or bias) for Prepare.
 enum KpTensorType { kKpTypeOther = 0, kKpTypeInt8 = 1, kKpTypeInt32 = 2 };
 struct KpConstTensor {

@@ -27,6 +27,7 @@ import functools
 import glob
 import importlib.machinery
 import os
+import sys
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -50,14 +51,24 @@ class _ConstTensor(ctypes.Structure):
 
 
 def library_path() -> Optional[str]:
-    """Path of the built core (`keras_patch/_kp_core*.so`), or None."""
+    """Path of the built core (`keras_patch/_kp_core*.so`), or None.
+
+    Looks next to this file first (`build_ext --inplace`, editable installs),
+    then in every `keras_patch/` on sys.path: a source checkout imported from
+    the working directory may shadow the `pip install .`ed package that holds
+    the library.
+    """
     here = os.path.dirname(os.path.abspath(__file__))
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = os.path.join(here, "_kp_core" + suffix)
-        if os.path.exists(path):
-            return path
-    found = sorted(glob.glob(os.path.join(here, "_kp_core*.so")))
-    return found[0] if found else None
+    dirs = [here] + [os.path.join(p or os.getcwd(), "keras_patch") for p in sys.path]
+    for d in dirs:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(d, "_kp_core" + suffix)
+            if os.path.exists(path):
+                return path
+        found = sorted(glob.glob(os.path.join(d, "_kp_core*.so")))
+        if found:
+            return found[0]
+    return None
 
 
 @functools.lru_cache(maxsize=1)

@@ -356,3 +356,26 @@ def test_arithmetic_helpers_match_python():
         for x in rng.integers(-2**20, 2**20, 4).tolist() + [2**31 - 1, -2**31]:
             want = int(q.multiply_by_quantized_multiplier(np.array([x]), m.value, s.value)[0])
             assert lib.kp_multiply_by_quantized_multiplier(x, m.value, s.value) == want
+
+
+@pytest.mark.parametrize("first, last", [(2, 1), (1, 2)])
+def test_duplicate_key_last_one_counts(first, last):
+    """Like the Python reader, the core reads the last of repeated keys."""
+    from flatbuffers import flexbuffers
+
+    builder = flexbuffers.Builder()
+    with builder.Map():
+        builder.Int("version", first)
+        for key, value in spec_tests._raw_entries().items():
+            if isinstance(value, int):
+                builder.Int(key, last if key == "version" else value)
+            else:
+                builder.TypedVectorFromElements(key, value)
+    data = bytes(builder.Finish())
+    if last == 1:
+        assert o.decode_options(data).version == 1
+        assert cpp_executor.persistent_bytes(data) > 0
+    else:
+        with pytest.raises(InvalidOptionsError, match="'version'"):
+            o.decode_options(data)
+        assert "'version'" in _cpp_error(data)

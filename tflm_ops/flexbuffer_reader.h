@@ -76,7 +76,7 @@ enum Status {
 // Reads the root of `data`; returns false unless it is a readable map.
 bool GetRootMap(const uint8_t* data, size_t size, Map* map);
 
-// Finds `key` (NUL-terminated) in `map`.
+// Finds `key` (NUL-terminated) in `map` (the last entry if it repeats).
 Status Find(const Map& map, const char* key, Ref* value);
 
 // Reads a signed int (INT or INDIRECT_INT) into *out.

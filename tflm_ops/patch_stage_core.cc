@@ -15,14 +15,13 @@ executor.py prepare_stage) and the precomputed stage.
 namespace keras_patch {
 namespace {
 
-#define KP_PREFIX "KP_PATCH_STAGE options: key '%s': "
-#define KP_FAIL(key, ...)                                                            \
-  do {                                                                               \
-    reporter.report(reporter.context, KP_PREFIX __VA_ARGS__); \
-    return kKpError;                                                                 \
+// Reports "KP_PATCH_STAGE options: key '<key>': <message>" and fails.
+#define KP_FAIL_KEY(k, fmt, ...)                                                        \
+  do {                                                                                  \
+    reporter.report(reporter.context, "KP_PATCH_STAGE options: key '%s': " fmt,         \
+                    kKpOptionKeys[k].name, ##__VA_ARGS__);                              \
+    return kKpError;                                                                    \
   } while (0)
-// KP_FAIL(key_index, "format", args...) -- the key name is the first argument.
-#define KP_FAIL_KEY(k, fmt, ...) KP_FAIL(k, fmt, kKpOptionKeys[k].name, ##__VA_ARGS__)
 
 const char* OpName(int64_t op) {
   switch (op) {
@@ -408,7 +407,7 @@ KpStatus MultiplierBelowOne(double real, int64_t layer, const char* name,
   return kKpOk;
 }
 
-KpStatus PrepareWeights(const KpOptionsView& v, int64_t l, KpGetConstTensor get_const,
+KpStatus PrepareWeights(int64_t l, KpGetConstTensor get_const,
                         void* context, KpStage* stage, int32_t* next_channel,
                         const KpReporter& reporter) {
   KpLayer& layer = stage->layers[l];
@@ -474,7 +473,6 @@ KpStatus PrepareWeights(const KpOptionsView& v, int64_t l, KpGetConstTensor get_
       return kKpError;
     }
   }
-  (void)v;
   return kKpOk;
 }
 
@@ -563,7 +561,7 @@ KpStatus KpPrepareStage(const KpOptionsView& v, int32_t num_op_inputs, KpGetCons
                   static_cast<int>(layer.act_max));
     }
     if (IsWeighted(layer.op)) {
-      if (PrepareWeights(v, l, get_const, get_const_context, stage, &next_channel, reporter) !=
+      if (PrepareWeights(l, get_const, get_const_context, stage, &next_channel, reporter) !=
           kKpOk) {
         return kKpError;
       }

@@ -2,7 +2,7 @@
 
 import os
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 version = {}
@@ -11,6 +11,25 @@ with open(os.path.join(HERE, "keras_patch", "_version.py")) as f:
 
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     long_description = f.read()
+
+# The portable C++ core of the KP_PATCH_STAGE kernel (tflm_ops/), built as a
+# plain shared library that keras_patch/cpp_executor.py loads with ctypes
+# (no Python headers needed; only a C++11 compiler).
+KP_CORE_SOURCES = [
+    "tflm_ops/flexbuffer_reader.cc",
+    "tflm_ops/int8_arith.cc",
+    "tflm_ops/patch_geometry.cc",
+    "tflm_ops/patch_stage_core.cc",
+    "tflm_ops/patch_stage_eval.cc",
+    "tflm_ops/patch_stage_c_api.cc",
+]
+kp_core = Extension(
+    "keras_patch._kp_core",
+    sources=KP_CORE_SOURCES,
+    include_dirs=["tflm_ops"],
+    language="c++",
+    extra_compile_args=["-std=c++11", "-fno-exceptions", "-fno-rtti", "-O2"],
+)
 
 setup(
     name="keras-patch",
@@ -21,6 +40,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["keras_patch", "keras_patch.*"]),
+    ext_modules=[kp_core],
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.10",

@@ -1,7 +1,8 @@
 """Running any int8 model, patched or not, on the host.
 
-KP_PATCH_STAGE ops run in the reference executor (patch by patch, numpy);
-every other op runs in the LiteRT interpreter.  The model is cut into
+KP_PATCH_STAGE ops run in the reference executor (patch by patch, numpy),
+or with `executor="cpp"` in the C++ kernel core (`keras_patch.cpp_executor`,
+the code the TFLM kernel runs); every other op runs in the LiteRT interpreter.  The model is cut into
 segments at its KP_PATCH_STAGE ops; each run of builtin ops becomes a small
 `.tflite` of its own, executed by LiteRT with its *reference* kernels
 (`OpResolverType.BUILTIN_REF`): those are the kernels TFLM runs on
@@ -80,16 +81,36 @@ class _BuiltinSegment:
 
 @dataclass
 class _StageSegment:
-    stage: PreparedStage
+    stage: object  # PreparedStage (reference) or cpp_executor.CppStage
     input_tensor: int
     output_tensor: int
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(self.stage, PreparedStage):
+            return run_stage(self.stage, x)
+        return self.stage.run(x)
+
+
+EXECUTORS = ("reference", "cpp")
+
+
+def _prepare(model: TFLiteModel, op_index: int, executor: str):
+    if executor == "reference":
+        return prepare_stage(stage_options(model, op_index), stage_constants(model, op_index))
+    from keras_patch.cpp_executor import CppStage
+
+    options = bytes(np.asarray(model.operator(op_index).customOptions, np.uint8))
+    return CppStage(options, stage_constants(model, op_index))
 
 
 class HostRunner:
     """A patched or unpatched model split into LiteRT and reference-executor segments."""
 
-    def __init__(self, model_bytes: bytes):
+    def __init__(self, model_bytes: bytes, executor: str = "reference"):
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}.")
         self.model_bytes = model_bytes
+        self.executor = executor
         model = TFLiteModel.from_bytes(model_bytes)
         if len(model.model.subgraphs) != 1:
             raise UnsupportedModelError("run_tflite handles single-subgraph models.")
@@ -113,7 +134,7 @@ class HostRunner:
                 if run:
                     self.segments.append(self._builtin_segment(model_bytes, model, run, consumers))
                     run = []
-                prepared = prepare_stage(stage_options(model, i), stage_constants(model, i))
+                prepared = _prepare(model, i, executor)
                 self.segments.append(
                     _StageSegment(prepared, model.op_inputs(i)[0], model.op_outputs(i)[0])
                 )
@@ -150,7 +171,7 @@ class HostRunner:
         env: Dict[int, np.ndarray] = dict(zip(self.inputs, inputs))
         for seg in self.segments:
             if isinstance(seg, _StageSegment):
-                env[seg.output_tensor] = run_stage(seg.stage, env[seg.input_tensor])
+                env[seg.output_tensor] = seg.run(env[seg.input_tensor])
                 continue
             interp = seg.interpreter
             for detail, t in zip(interp.get_input_details(), seg.inputs):
@@ -169,13 +190,14 @@ def _builtin_names() -> frozenset:
 
 
 @functools.lru_cache(maxsize=4)
-def _runner(model_bytes: bytes) -> HostRunner:
-    return HostRunner(model_bytes)
+def _runner(model_bytes: bytes, executor: str = "reference") -> HostRunner:
+    return HostRunner(model_bytes, executor)
 
 
 def run_tflite(
     tflite_bytes: ModelSource,
     inputs: Union[np.ndarray, Sequence[np.ndarray]],
+    executor: str = "reference",
 ) -> List[np.ndarray]:
     """Runs a `.tflite` (patched or not) on the host; returns its outputs.
 
@@ -183,11 +205,16 @@ def run_tflite(
         tflite_bytes: model bytes or path.
         inputs: one array per model input (a single array for one input).
             A leading batch of N > 1 samples runs as N inferences.
+        executor: how KP_PATCH_STAGE ops run: "reference" (the numpy
+            reference executor) or "cpp" (the C++ kernel core, built by
+            `pip install .`); both give the same bits.
 
     Returns:
         A list with one array per model output, batched like the inputs.
     """
-    runner = _runner(read_model_bytes(tflite_bytes))
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}.")
+    runner = _runner(read_model_bytes(tflite_bytes), executor)
     if isinstance(inputs, np.ndarray):
         inputs = [inputs]
     inputs = [np.asarray(x) for x in inputs]

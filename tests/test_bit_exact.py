@@ -3,7 +3,8 @@
 Random stages (tests/strategies.py) are converted to full-int8 .tflite by the
 standard converter; the ops from the model input up to a split become one
 KP_PATCH_STAGE op (`patchify`, or `export_tflite` for `PatchStage` models).
-`run_tflite` on the patched model (reference patch executor + LiteRT) must
+`run_tflite` on the patched model (LiteRT + the KP_PATCH_STAGE op run by the
+reference executor and, on the same examples, by the C++ kernel core) must
 give exactly the unpatched model's LiteRT outputs: the model outputs and,
 made visible by adding it to the model outputs after patching, the stage
 output tensor itself (the head's global average pool could hide a wrong pixel).
@@ -141,22 +142,31 @@ def with_outputs(model_bytes: bytes, names) -> bytes:
     return m.to_bytes()
 
 
+# Every patched run goes through both KP_PATCH_STAGE executors: the numpy
+# reference and the C++ kernel core (keras_patch._kp_core, built by
+# `pip install .` / `python setup.py build_ext --inplace`); they share the
+# hypothesis examples, and each must equal LiteRT bit for bit.
+EXECUTORS = ("reference", "cpp")
+
+
 def assert_bit_exact(original: bytes, patched: bytes, x: np.ndarray, exit_name: str) -> None:
     want = run_tflite(original, x)
-    got = run_tflite(patched, x)
-    assert len(want) == len(got)
-    for w, g in zip(want, got):
-        assert w.dtype == g.dtype == np.int8
-        np.testing.assert_array_equal(g, w, err_msg="model output differs")
     # The stage output itself, pixel by pixel.
     want_stage = run_tflite(with_outputs(original, [exit_name]), x)[-1]
-    got_stage = run_tflite(with_outputs(patched, [exit_name]), x)[-1]
-    diff = np.argwhere(got_stage != want_stage)
-    assert diff.size == 0, (
-        f"stage output '{exit_name}' {want_stage.shape}: {len(diff)} int8 values differ, "
-        f"first at (n, y, x, c)={diff[0].tolist()}: "
-        f"patched {got_stage[tuple(diff[0])]} vs LiteRT {want_stage[tuple(diff[0])]}"
-    )
+    inspected = with_outputs(patched, [exit_name])
+    for executor in EXECUTORS:
+        got = run_tflite(patched, x, executor=executor)
+        assert len(want) == len(got)
+        for w, g in zip(want, got):
+            assert w.dtype == g.dtype == np.int8
+            np.testing.assert_array_equal(g, w, err_msg=f"model output differs ({executor} executor)")
+        got_stage = run_tflite(inspected, x, executor=executor)[-1]
+        diff = np.argwhere(got_stage != want_stage)
+        assert diff.size == 0, (
+            f"{executor} executor: stage output '{exit_name}' {want_stage.shape}: {len(diff)} int8 "
+            f"values differ, first at (n, y, x, c)={diff[0].tolist()}: "
+            f"patched {got_stage[tuple(diff[0])]} vs LiteRT {want_stage[tuple(diff[0])]}"
+        )
 
 
 def describe(m: TFLiteModel) -> str:

@@ -94,6 +94,8 @@ def prepare_stage(options: o.StageOptions, op_inputs: Sequence[Optional[Constant
             if len(filt.scales) not in (1, out_c):
                 _fail("layer_weights", f"layer {l} ({layer.op_name}): filter has {len(filt.scales)} scales for {out_c} channels.")
             filter_scales = np.broadcast_to(np.asarray(filt.scales, np.float32), (out_c,))
+            if not np.all((filter_scales >= 0) & np.isfinite(filter_scales)):
+                _fail("layer_weights", f"layer {l} ({layer.op_name}): filter scales must be finite and >= 0.")
             if layer.weights[1] >= 0:
                 bias = op_inputs[layer.weights[1]]
                 if bias is None or bias.data.dtype != np.int32 or tuple(bias.data.shape) != (out_c,):
@@ -104,11 +106,20 @@ def prepare_stage(options: o.StageOptions, op_inputs: Sequence[Optional[Constant
             item.filters = filt.data
             item.bias = bias_data
             item.multiplier, item.shift = q.per_channel_multipliers(scales[a], filter_scales, scales[out_t])
+            _check_shift(l, layer, item.shift)
         elif layer.op == o.OP_ADD:
-            item.add_params = q.add_params(scales[a], scales[layer.inputs[1]], scales[out_t])
+            try:
+                item.add_params = q.add_params(scales[a], scales[layer.inputs[1]], scales[out_t])
+            except ValueError:
+                item.add_params = None
+            if item.add_params is None or any(
+                item.add_params[k] > 0 for k in ("input1_shift", "input2_shift", "output_shift")
+            ):
+                _fail("tensor_scale", f"layer {l} ({layer.op_name}): the scales give an ADD multiplier outside (0, 1).")
         elif layer.op in (o.OP_RELU, o.OP_RELU6):
             m, s = q.quantize_multiplier(float(np.float32(scales[a])) / float(np.float32(scales[out_t])))
             item.multiplier, item.shift = m, s
+            _check_shift(l, layer, [s])
             relu_act = q.ACT_RELU if layer.op == o.OP_RELU else q.ACT_RELU6
             item.window = int8_ops.WindowParams(
                 layer.kernel, layer.stride, layer.dilation, layer.pad,
@@ -118,7 +129,16 @@ def prepare_stage(options: o.StageOptions, op_inputs: Sequence[Optional[Constant
             if scales[a] != scales[out_t] or zps[a] != zps[out_t]:
                 _fail("tensor_scale", f"layer {l} ({layer.op_name}) must keep its input's scale and zero point.")
         prepared.append(item)
-    return PreparedStage(options=options, layers=prepared, arena=geometry.plan_patch_arena(options))
+    arena = geometry.plan_patch_arena(options)
+    if arena.total_bytes > o.MAX_TENSOR_ELEMENTS:
+        _fail("tensor_shape", f"the patch arena needs {arena.total_bytes} bytes, more than 2^31 - 1.")
+    return PreparedStage(options=options, layers=prepared, arena=arena)
+
+
+def _check_shift(l: int, layer: o.LayerOptions, shifts) -> None:
+    """TFLite's MultiplyByQuantizedMultiplier shifts left by at most 30 bits."""
+    if max(int(s) for s in shifts) > 30:
+        _fail("tensor_scale", f"layer {l} ({layer.op_name}): requantization multiplier too large (shift > 30).")
 
 
 def _run_layer(stage: PreparedStage, l: int, values: dict, regions: list) -> np.ndarray:

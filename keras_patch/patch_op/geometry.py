@@ -163,6 +163,24 @@ def plan_patch_arena(options: StageOptions) -> PatchArenaPlan:
     return PatchArenaPlan(offsets=offsets, sizes=sizes, total_bytes=total)
 
 
+def _align8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def kernel_persistent_bytes(options: StageOptions, pointer_bytes: int = 4) -> int:
+    """Persistent memory the C++ kernel core allocates in Prepare (docs: "Persistent data").
+
+    `pointer_bytes` is 4 on 32-bit MCUs, 8 on 64-bit hosts.  The TFLM adapter
+    adds its OpData and one pointer per op input (TFLM rounds each allocation
+    up to 16 bytes).
+    """
+    L = options.num_layers
+    channels = sum(options.tensor_shapes[l + 1][2] for l, layer in enumerate(options.layers)
+                   if layer.op in (OP_CONV_2D, OP_DEPTHWISE_CONV_2D))
+    return (_align8(24 + 5 * pointer_bytes) + _align8(36 * (L + 1)) + _align8(92 * L)
+            + 2 * _align8(4 * channels) + _align8(16 * (L + 1)))
+
+
 def layer_macs_per_pixel(options: StageOptions, layer_index: int) -> int:
     """Multiply-accumulates per output pixel (0 for adds, pooling, pad, relu)."""
     layer = options.layers[layer_index]

@@ -74,6 +74,7 @@ OPTION_KEYS = {
 LAYER_PARAMS_WIDTH = 8  # kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left
 MAX_LAYERS = 256
 MAX_GRID = 64
+MAX_TENSOR_ELEMENTS = 2**31 - 1  # per stage tensor, and the patch arena in bytes
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,8 @@ def validate_options(options: StageOptions, num_op_inputs: int = None) -> None:
     for t, shape in enumerate(options.tensor_shapes):
         if any(d < 1 or d > 1 << 16 for d in shape):
             fail("tensor_shape", f"tensor {t} has shape {shape}; every dimension must be in 1..65536.")
+        if shape[0] * shape[1] * shape[2] > MAX_TENSOR_ELEMENTS:
+            fail("tensor_shape", f"tensor {t} has shape {shape}; at most 2^31 - 1 elements are supported.")
     out_h, out_w, _ = options.output_shape
     if not (1 <= gh <= MAX_GRID and 1 <= gw <= MAX_GRID):
         fail("grid", f"{options.grid} must be two ints in 1..{MAX_GRID}.")

@@ -125,7 +125,12 @@ def activation_range(activation: int, output_scale: float, output_zero_point: in
     scale = np.float32(output_scale)
 
     def quantize(value: float) -> int:
-        return int(output_zero_point) + round_float32_half_away(np.float32(value) / scale)
+        # float32 division; +-inf (tiny scales) is clamped, as the C++ kernel
+        # does: the result lies outside [-128, 127] either way.
+        with np.errstate(over="ignore", divide="ignore"):
+            ratio = float(np.float32(value) / scale)
+        ratio = min(max(ratio, -1e6), 1e6)
+        return int(output_zero_point) + round_float32_half_away(ratio)
 
     if activation == ACT_NONE:
         return INT8_MIN, INT8_MAX

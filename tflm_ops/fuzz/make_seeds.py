@@ -1,0 +1,41 @@
+"""Writes fuzz seeds (tflm_ops/fuzz/seeds/): options of random valid stages.
+
+    PYTHONPATH=. python3 tflm_ops/fuzz/make_seeds.py
+
+Each seed is the options bytes from the Python encoder followed by the
+8-byte tail fuzz_options.cc reads (all zero: matching weights).
+"""
+
+import os
+import sys
+
+from hypothesis import HealthCheck, given, settings
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from keras_patch.patch_op import options as o  # noqa: E402
+from tests.test_cpp_executor import stages  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
+
+
+def main(count: int = 40) -> None:
+    os.makedirs(OUT, exist_ok=True)
+    written = []
+
+    @settings(max_examples=count, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(stage=stages(max_layers=6, max_size=10, max_channels=4))
+    def collect(stage):
+        data = o.encode_options(stage[0]) + bytes(8)
+        if data not in written:
+            written.append(data)
+
+    collect()
+    for i, data in enumerate(written):
+        with open(os.path.join(OUT, f"stage_{i:02d}"), "wb") as f:
+            f.write(data)
+    print(f"wrote {len(written)} seeds to {OUT}")
+
+
+if __name__ == "__main__":
+    main()

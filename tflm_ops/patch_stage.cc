@@ -1,0 +1,188 @@
+/* Copyright 2026 The keras-patch Authors. Licensed under the Apache License 2.0.
+
+TFLM adapter of KP_PATCH_STAGE: glue between TFLM's kernel API and the
+portable core (patch_stage_core.h), which does all parsing, validation,
+planning and arithmetic.
+
+  Init     keeps a pointer to the custom options (they live in the model).
+  Prepare  parses and validates them, checks the op's tensors, builds the
+           stage in persistent memory, requests the patch arena (scratch
+           buffer #0 of docs/patch_stage_op.md).
+  Eval     fetches the tensor pointers and runs the core; allocates nothing.
+==============================================================================*/
+#include <stdarg.h>
+
+#include "keras_patch_ops.h"
+#include "patch_stage_core.h"
+#include "tensorflow/lite/c/common.h"
+#include "tensorflow/lite/kernels/kernel_util.h"
+#include "tensorflow/lite/micro/kernels/kernel_util.h"
+#include "tensorflow/lite/micro/micro_context.h"
+#include "tensorflow/lite/micro/micro_log.h"
+
+namespace keras_patch {
+namespace {
+
+constexpr int kInputTensor = 0;
+constexpr int kOutputTensor = 0;
+
+struct OpData {
+  const uint8_t* options;
+  size_t options_size;
+  KpStage* stage;            // in persistent memory, built in Prepare
+  const void** input_data;   // one pointer per op input, refreshed in Eval
+  int num_inputs;
+  int arena_index;           // scratch buffer of the patch arena, -1 if none
+};
+
+// The core's error sink: TFLM's log.
+void Report(void* context, const char* format, ...) {
+  (void)context;
+  va_list args;
+  va_start(args, format);
+  VMicroPrintf(format, args);
+  va_end(args);
+}
+
+KpTensorType TypeOf(TfLiteType type) {
+  return type == kTfLiteInt8 ? kKpTypeInt8 : (type == kTfLiteInt32 ? kKpTypeInt32 : kKpTypeOther);
+}
+
+// Hands the core one constant op input at a time (a temp tensor, released
+// before the next one is taken and at the end of Prepare).
+struct ConstInputs {
+  tflite::MicroContext* micro_context;
+  TfLiteNode* node;
+  TfLiteTensor* held;
+};
+
+void Release(ConstInputs* inputs) {
+  if (inputs->held != nullptr) {
+    inputs->micro_context->DeallocateTempTfLiteTensor(inputs->held);
+    inputs->held = nullptr;
+  }
+}
+
+KpStatus GetConst(void* context, int32_t index, KpConstTensor* out) {
+  ConstInputs* inputs = static_cast<ConstInputs*>(context);
+  Release(inputs);
+  TfLiteTensor* tensor = inputs->micro_context->AllocateTempInputTensor(inputs->node, index);
+  if (tensor == nullptr) return kKpError;
+  inputs->held = tensor;
+  out->type = TypeOf(tensor->type);
+  out->num_dims = tensor->dims->size;
+  for (int i = 0; i < 4; ++i) out->dims[i] = i < tensor->dims->size ? tensor->dims->data[i] : 0;
+  out->num_scales = 0;
+  out->scales = nullptr;
+  if (tensor->quantization.type == kTfLiteAffineQuantization &&
+      tensor->quantization.params != nullptr) {
+    const TfLiteAffineQuantization* q =
+        static_cast<const TfLiteAffineQuantization*>(tensor->quantization.params);
+    if (q->scale != nullptr) {
+      out->num_scales = q->scale->size;
+      out->scales = q->scale->data;
+    }
+  }
+  return kKpOk;
+}
+
+// Checks op input 0 / output 0 against stage tensor 0 / L.
+KpStatus CheckIo(const KpStage& stage, bool is_output, const TfLiteTensor* tensor,
+                 const KpReporter& reporter) {
+  int32_t dims[4] = {0, 0, 0, 0};
+  for (int i = 0; i < 4 && i < tensor->dims->size; ++i) dims[i] = tensor->dims->data[i];
+  return KpCheckStageIo(stage, is_output, TypeOf(tensor->type), tensor->dims->size, dims,
+                        tensor->params.scale, tensor->params.zero_point, reporter);
+}
+
+void* Init(TfLiteContext* context, const char* buffer, size_t length) {
+  TFLITE_DCHECK(context->AllocatePersistentBuffer != nullptr);
+  OpData* data =
+      static_cast<OpData*>(context->AllocatePersistentBuffer(context, sizeof(OpData)));
+  if (data == nullptr) return nullptr;
+  data->options = reinterpret_cast<const uint8_t*>(buffer);
+  data->options_size = buffer != nullptr ? length : 0;
+  data->stage = nullptr;
+  data->input_data = nullptr;
+  data->num_inputs = 0;
+  data->arena_index = -1;
+  return data;
+}
+
+TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
+  TF_LITE_ENSURE(context, node->user_data != nullptr);
+  OpData* data = static_cast<OpData*>(node->user_data);
+  const KpReporter reporter = {Report, nullptr};
+  TF_LITE_ENSURE_EQ(context, tflite::NumOutputs(node), 1);
+  const int num_inputs = tflite::NumInputs(node);
+  TF_LITE_ENSURE(context, num_inputs >= 1);
+
+  KpOptionsView view;
+  TF_LITE_ENSURE(context,
+                 KpParseOptions(data->options, data->options_size, reporter, &view) == kKpOk);
+  TF_LITE_ENSURE(context, KpValidateOptions(view, num_inputs, reporter) == kKpOk);
+  const size_t bytes = KpPersistentBytes(view);
+  void* buffer = context->AllocatePersistentBuffer(context, bytes);
+  TF_LITE_ENSURE(context, buffer != nullptr);
+
+  tflite::MicroContext* micro_context = tflite::GetMicroContext(context);
+  ConstInputs inputs = {micro_context, node, nullptr};
+  const KpStatus prepared = KpPrepareStage(view, num_inputs, GetConst, &inputs, buffer, bytes,
+                                           reporter, &data->stage);
+  Release(&inputs);
+  TF_LITE_ENSURE(context, prepared == kKpOk);
+
+  TfLiteTensor* input = micro_context->AllocateTempInputTensor(node, kInputTensor);
+  TF_LITE_ENSURE(context, input != nullptr);
+  const KpStatus input_ok = CheckIo(*data->stage, false, input, reporter);
+  micro_context->DeallocateTempTfLiteTensor(input);
+  TF_LITE_ENSURE(context, input_ok == kKpOk);
+  TfLiteTensor* output = micro_context->AllocateTempOutputTensor(node, kOutputTensor);
+  TF_LITE_ENSURE(context, output != nullptr);
+  const KpStatus output_ok = CheckIo(*data->stage, true, output, reporter);
+  micro_context->DeallocateTempTfLiteTensor(output);
+  TF_LITE_ENSURE(context, output_ok == kKpOk);
+
+  data->num_inputs = num_inputs;
+  data->input_data = static_cast<const void**>(
+      context->AllocatePersistentBuffer(context, sizeof(const void*) * num_inputs));
+  TF_LITE_ENSURE(context, data->input_data != nullptr);
+  data->arena_index = -1;
+  if (data->stage->arena_bytes > 0) {
+    TF_LITE_ENSURE_STATUS(context->RequestScratchBufferInArena(
+        context, data->stage->arena_bytes, &data->arena_index));
+  }
+  return kTfLiteOk;
+}
+
+TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
+  TFLITE_DCHECK(node->user_data != nullptr);
+  OpData* data = static_cast<OpData*>(node->user_data);
+  const TfLiteEvalTensor* input = tflite::micro::GetEvalInput(context, node, kInputTensor);
+  TfLiteEvalTensor* output = tflite::micro::GetEvalOutput(context, node, kOutputTensor);
+  TF_LITE_ENSURE(context, input != nullptr && output != nullptr);
+  data->input_data[0] = nullptr;  // the stage input is passed separately
+  for (int i = 1; i < data->num_inputs; ++i) {
+    const TfLiteEvalTensor* tensor = tflite::micro::GetEvalInput(context, node, i);
+    data->input_data[i] = tensor != nullptr ? tensor->data.data : nullptr;
+  }
+  uint8_t* arena = nullptr;
+  if (data->arena_index >= 0) {
+    arena = static_cast<uint8_t*>(context->GetScratchBuffer(context, data->arena_index));
+    TF_LITE_ENSURE(context, arena != nullptr);
+  }
+  const KpReporter reporter = {Report, nullptr};
+  TF_LITE_ENSURE(context, KpEvalStage(data->stage, tflite::micro::GetTensorData<int8_t>(input),
+                                      tflite::micro::GetTensorData<int8_t>(output),
+                                      data->input_data, arena, reporter) == kKpOk);
+  return kTfLiteOk;
+}
+
+}  // namespace
+
+TFLMRegistration* Register_KP_PATCH_STAGE() {
+  static TFLMRegistration registration = tflite::micro::RegisterOp(Init, Prepare, Eval);
+  return &registration;
+}
+
+}  // namespace keras_patch

@@ -1,0 +1,618 @@
+/* Copyright 2026 The keras-patch Authors. Licensed under the Apache License 2.0.
+
+Unit tests of the portable KP_PATCH_STAGE core.  Plain C++ runner; the last
+line is "N passed, M failed" and the exit status is nonzero on failure.
+  make -C tflm_ops test        make -C tflm_ops sanitize
+==============================================================================*/
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <string>
+#include <vector>
+
+#include "../int8_arith.h"
+#include "../patch_geometry.h"
+#include "../patch_stage_core.h"
+#include "flexbuffer_builder.h"
+#include "golden_stage.h"
+
+using namespace keras_patch;  // NOLINT
+using kp_test::MapBuilder;
+
+namespace {
+
+int g_passed = 0, g_failed = 0, g_checks_failed = 0;
+
+#define CHECK(cond)                                                        \
+  do {                                                                     \
+    if (!(cond)) {                                                         \
+      printf("  %s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);    \
+      ++g_checks_failed;                                                   \
+    }                                                                      \
+  } while (0)
+#define CHECK_EQ(a, b)                                                                   \
+  do {                                                                                   \
+    const long long va = static_cast<long long>(a), vb = static_cast<long long>(b);     \
+    if (va != vb) {                                                                      \
+      printf("  %s:%d: CHECK_EQ failed: %s = %lld, %s = %lld\n", __FILE__, __LINE__, #a, \
+             va, #b, vb);                                                                \
+      ++g_checks_failed;                                                                 \
+    }                                                                                    \
+  } while (0)
+
+typedef void (*TestFn)();
+void Run(const char* name, TestFn fn) {
+  const int before = g_checks_failed;
+  fn();
+  if (g_checks_failed == before) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    printf("FAILED %s\n", name);
+  }
+}
+
+// ------------------------------------------------------------ error capture
+
+struct Messages {
+  std::string all;
+  int count;
+};
+void Capture(void* context, const char* format, ...) {
+  Messages* m = static_cast<Messages*>(context);
+  char buf[512];
+  va_list args;
+  va_start(args, format);
+  vsnprintf(buf, sizeof(buf), format, args);
+  va_end(args);
+  m->all += buf;
+  m->all += "\n";
+  ++m->count;
+}
+
+// ------------------------------------------------------------ test options
+
+// The stage of tests/test_op_spec.py _good_options().
+struct Options {
+  std::vector<int64_t> grid, shape, zp, op, inputs, params, act, weights;
+  std::vector<float> scale;
+  int64_t version, num_layers;
+  Options() {
+    version = 1;
+    num_layers = 5;
+    grid = {2, 2};
+    shape = {9, 9, 3, 4, 4, 8, 4, 4, 8, 4, 4, 8, 5, 5, 8, 2, 2, 8};
+    scale = {0.02f, 0.05f, 0.04f, 0.06f, 0.06f, 0.06f};
+    zp = {-1, -128, -5, 3, 3, 3};
+    op = {3, 4, 0, 34, 17};
+    inputs = {0, -1, 1, -1, 1, 2, 3, -1, 4, -1};
+    params = {3, 3, 2, 2, 1, 1, 0, 0,  // conv
+              3, 3, 1, 1, 1, 1, 1, 1,  // depthwise
+              1, 1, 1, 1, 1, 1, 0, 0,  // add
+              1, 1, 1, 1, 1, 1, 1, 0,  // pad top 1
+              2, 2, 2, 2, 1, 1, 0, 0};  // max pool
+    act = {3, 1, 0, 0, 0};
+    weights = {1, 2, 3, 4, -1, -1, -1, -1, -1, -1};
+  }
+  MapBuilder Builder() const {
+    MapBuilder b;
+    b.Int("version", version);
+    b.Ints("grid", grid);
+    b.Int("num_layers", num_layers);
+    b.Ints("tensor_shape", shape);
+    b.Floats("tensor_scale", scale);
+    b.Ints("tensor_zero_point", zp);
+    b.Ints("layer_op", op);
+    b.Ints("layer_inputs", inputs);
+    b.Ints("layer_params", params);
+    b.Ints("layer_activation", act);
+    b.Ints("layer_weights", weights);
+    return b;
+  }
+};
+
+// Parse + validate; returns the messages ("" when accepted).
+std::string Validate(const std::vector<uint8_t>& bytes, int32_t num_op_inputs = 5) {
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  KpOptionsView view;
+  const uint8_t* data = bytes.empty() ? NULL : &bytes[0];
+  if (KpParseOptions(data, bytes.size(), r, &view) == kKpOk &&
+      KpValidateOptions(view, num_op_inputs, r) == kKpOk) {
+    CHECK_EQ(m.count, 0);
+    return "";
+  }
+  CHECK_EQ(m.count, 1);  // exactly one message per failure
+  return m.all;
+}
+
+bool Names(const std::string& message, const char* key) {
+  const std::string quoted = std::string("'") + key + "'";
+  const bool ok = message.find(quoted) != std::string::npos;
+  if (!ok) printf("  message does not name %s: %s\n", quoted.c_str(), message.c_str());
+  return ok;
+}
+
+// ------------------------------------------------------------ flexbuffers
+
+void TestFlexbufferReadsBuilderOutput() {
+  MapBuilder b;
+  b.Int("a", -5);
+  b.IndirectInt("b", 123456);
+  b.Ints("c", {1, -2, 3});
+  b.Floats("d", {0.5f, -1.25f});
+  b.Int8s("e", {-1, 7});
+  b.String("s");
+  const std::vector<uint8_t> buf = b.Finish();
+  flexbuffer::Map map;
+  CHECK(flexbuffer::GetRootMap(&buf[0], buf.size(), &map));
+  CHECK_EQ(map.length, 6);
+  flexbuffer::Ref ref;
+  int64_t v = 0;
+  CHECK(flexbuffer::Find(map, "a", &ref) == flexbuffer::kOk);
+  CHECK(flexbuffer::ReadInt(ref, &v) == flexbuffer::kOk);
+  CHECK_EQ(v, -5);
+  CHECK(flexbuffer::Find(map, "b", &ref) == flexbuffer::kOk);
+  CHECK(flexbuffer::ReadInt(ref, &v) == flexbuffer::kOk);
+  CHECK_EQ(v, 123456);
+  flexbuffer::TypedVector vec;
+  CHECK(flexbuffer::Find(map, "c", &ref) == flexbuffer::kOk);
+  CHECK(flexbuffer::ReadTypedVector(ref, false, &vec) == flexbuffer::kOk);
+  CHECK_EQ(vec.length, 3);
+  CHECK_EQ(flexbuffer::IntAt(vec, 1), -2);
+  CHECK(flexbuffer::ReadTypedVector(ref, true, &vec) == flexbuffer::kWrongType);
+  CHECK(flexbuffer::ReadInt(ref, &v) == flexbuffer::kWrongType);
+  CHECK(flexbuffer::Find(map, "d", &ref) == flexbuffer::kOk);
+  CHECK(flexbuffer::ReadTypedVector(ref, true, &vec) == flexbuffer::kOk);
+  CHECK(flexbuffer::FloatAt(vec, 1) == -1.25);
+  CHECK(flexbuffer::Find(map, "e", &ref) == flexbuffer::kOk);
+  CHECK(flexbuffer::ReadTypedVector(ref, false, &vec) == flexbuffer::kOk);
+  CHECK_EQ(vec.width, 1);
+  CHECK_EQ(flexbuffer::IntAt(vec, 0), -1);
+  CHECK_EQ(flexbuffer::IntAt(vec, 1), 7);
+  CHECK(flexbuffer::Find(map, "s", &ref) == flexbuffer::kOk);
+  CHECK(flexbuffer::ReadInt(ref, &v) == flexbuffer::kWrongType);
+  CHECK(flexbuffer::Find(map, "zz", &ref) == flexbuffer::kNotFound);
+  CHECK(flexbuffer::Find(map, "", &ref) == flexbuffer::kNotFound);
+  CHECK(flexbuffer::Find(map, "ab", &ref) == flexbuffer::kNotFound);  // prefix of nothing
+}
+
+void TestFlexbufferReadsPythonEncoderOutput() {
+  flexbuffer::Map map;
+  CHECK(flexbuffer::GetRootMap(kGoldenOptions, sizeof(kGoldenOptions), &map));
+  CHECK_EQ(map.length, kKpNumOptionKeys);
+  flexbuffer::Ref ref;
+  int64_t v = 0;
+  CHECK(flexbuffer::Find(map, "num_layers", &ref) == flexbuffer::kOk);
+  CHECK(flexbuffer::ReadInt(ref, &v) == flexbuffer::kOk);
+  CHECK_EQ(v, 8);
+  flexbuffer::TypedVector vec;
+  CHECK(flexbuffer::Find(map, "tensor_scale", &ref) == flexbuffer::kOk);
+  CHECK(flexbuffer::ReadTypedVector(ref, true, &vec) == flexbuffer::kOk);
+  CHECK_EQ(vec.length, 9);
+  CHECK(static_cast<float>(flexbuffer::FloatAt(vec, 0)) == 0.05f);
+}
+
+void TestFlexbufferRejectsEveryTruncationAndGarbage() {
+  // No prefix of a valid buffer is a readable options map (ASan/UBSan builds
+  // check that nothing is read out of bounds on the way).
+  for (size_t n = 0; n < sizeof(kGoldenOptions); ++n) {
+    std::vector<uint8_t> cut(kGoldenOptions, kGoldenOptions + n);
+    CHECK(!Validate(cut).empty());
+  }
+  const uint8_t garbage[][6] = {{0, 0, 0, 0, 0, 0},
+                                {0xff, 0xff, 0xff, 0xff, 0x24, 0x01},
+                                {0x7f, 0, 0, 0, 0x24, 0x04},
+                                {1, 2, 3, 4, 0x24, 0x08}};
+  for (size_t i = 0; i < 4; ++i) {
+    std::vector<uint8_t> g(garbage[i], garbage[i] + 6);
+    CHECK(!Validate(g).empty());
+  }
+  CHECK(!Validate(std::vector<uint8_t>()).empty());
+}
+
+// ------------------------------------------------------------ options errors
+
+void TestGoodOptionsValidate() {
+  CHECK(Validate(Options().Builder().Finish()).empty());
+  // Unknown keys are ignored; scalars may be indirect; int vectors any width.
+  MapBuilder b = Options().Builder();
+  b.Int("zz_future", 1);
+  b.String("aa_future");
+  b.IndirectInt("version", 1);
+  b.Int8s("grid", {2, 2});
+  CHECK(Validate(b.Finish()).empty());
+}
+
+void TestMissingWrongTypeAndLengthNameTheKey() {
+  for (int k = 0; k < kKpNumOptionKeys; ++k) {
+    const char* key = kKpOptionKeys[k].name;
+    MapBuilder missing = Options().Builder();
+    missing.Remove(key);
+    CHECK(Names(Validate(missing.Finish()), key));
+    MapBuilder wrong = Options().Builder();
+    wrong.String(key);
+    CHECK(Names(Validate(wrong.Finish()), key));
+    if (strcmp(kKpOptionKeys[k].length, "scalar") != 0) {
+      MapBuilder longer = Options().Builder();
+      if (strcmp(key, "tensor_scale") == 0) {
+        longer.Floats(key, std::vector<float>(7, 0.1f));
+      } else {
+        longer.Ints(key, std::vector<int64_t>(99, 1));
+      }
+      CHECK(Names(Validate(longer.Finish()), key));
+      MapBuilder other_type = Options().Builder();
+      if (strcmp(key, "tensor_scale") == 0) {
+        other_type.Ints(key, std::vector<int64_t>(6, 1));
+      } else {
+        other_type.Floats(key, std::vector<float>(2, 1.0f));
+      }
+      CHECK(Names(Validate(other_type.Finish()), key));
+    } else {
+      MapBuilder vec = Options().Builder();
+      vec.Ints(key, std::vector<int64_t>(1, 1));
+      CHECK(Names(Validate(vec.Finish()), key));
+    }
+  }
+}
+
+struct Case {
+  const char* key;
+  Options options;
+};
+
+void TestInconsistentOptionsNameTheKey() {
+  std::vector<Case> cases;
+  Options o;
+  o = Options(); o.version = 2; cases.push_back({"version", o});
+  o = Options(); o.num_layers = 0; cases.push_back({"num_layers", o});
+  o = Options(); o.num_layers = 257; cases.push_back({"num_layers", o});
+  o = Options(); o.grid = {3, 2}; cases.push_back({"grid", o});
+  o = Options(); o.grid = {0, 1}; cases.push_back({"grid", o});
+  o = Options(); o.grid = {65, 1}; cases.push_back({"grid", o});
+  o = Options(); o.zp[5] = 300; cases.push_back({"tensor_zero_point", o});
+  o = Options(); o.scale[2] = 0.0f; cases.push_back({"tensor_scale", o});
+  o = Options(); o.scale[2] = -1.0f; cases.push_back({"tensor_scale", o});
+  o = Options(); o.scale[2] = 1.0f / 0.0f; cases.push_back({"tensor_scale", o});
+  o = Options(); o.scale[2] = 0.0f / 0.0f; cases.push_back({"tensor_scale", o});
+  o = Options(); o.shape[17] = 0; cases.push_back({"tensor_shape", o});
+  o = Options(); o.shape[0] = 65537; cases.push_back({"tensor_shape", o});
+  o = Options(); o.shape[0] = 65536; o.shape[1] = 65536; cases.push_back({"tensor_shape", o});
+  o = Options(); o.shape[3] = 9; cases.push_back({"layer_params", o});     // conv out 9 rows
+  o = Options(); o.shape[14] = 7; o.shape[17] = 7; cases.push_back({"tensor_shape", o});  // pad
+  o = Options(); o.op[0] = 99; cases.push_back({"layer_op", o});
+  o = Options(); o.op[0] = 2; cases.push_back({"layer_op", o});
+  o = Options(); o.inputs[0] = 1; cases.push_back({"layer_inputs", o});  // reads own output
+  o = Options(); o.inputs[5] = 7; cases.push_back({"layer_inputs", o});
+  o = Options(); o.inputs[1] = 0; cases.push_back({"layer_inputs", o});  // 2nd input, 1-input op
+  o = Options(); o.act[0] = 7; cases.push_back({"layer_activation", o});
+  o = Options(); o.act[0] = -1; cases.push_back({"layer_activation", o});
+  o = Options(); o.params[0] = 0; cases.push_back({"layer_params", o});
+  o = Options(); o.params[2] = 65; cases.push_back({"layer_params", o});
+  o = Options(); o.params[6] = -1; cases.push_back({"layer_params", o});
+  o = Options(); o.params[6] = 3; cases.push_back({"layer_params", o});  // pad >= kernel
+  o = Options(); o.params[32 + 4] = 2; o.params[32 + 5] = 2; cases.push_back({"layer_params", o});
+  o = Options(); o.params[24] = 3; o.params[25] = 3; cases.push_back({"layer_params", o});  // PAD kernel
+  o = Options(); o.params[16 + 6] = 1; cases.push_back({"layer_params", o});  // ADD pad
+  o = Options(); o.weights[0] = -1; cases.push_back({"layer_weights", o});
+  o = Options(); o.weights[0] = 5; cases.push_back({"layer_weights", o});    // >= num inputs
+  o = Options(); o.weights[1] = 0; cases.push_back({"layer_weights", o});
+  o = Options(); o.weights[2] = 1; cases.push_back({"layer_weights", o});    // shared filter
+  o = Options(); o.weights[3] = 3; cases.push_back({"layer_weights", o});    // bias == filter
+  o = Options(); o.weights[4] = 5; cases.push_back({"layer_weights", o});    // ADD weights
+  o = Options(); o.shape[8] = 12; cases.push_back({"tensor_shape", o});      // dw 12 % 8
+  o = Options(); o.shape[17] = 4; cases.push_back({"tensor_shape", o});       // pool channels
+  o = Options(); o.shape[6] = 9; cases.push_back({"layer_params", o});        // dw rows
+  o = Options(); o.op[2] = 19; o.inputs[5] = -1; o.act[2] = 1;
+  cases.push_back({"layer_activation", o});                                   // RELU + act
+  // Tensor 1 never read: two RELUs both reading tensor 0.
+  o = Options(); o.num_layers = 2; o.grid = {1, 1}; o.shape = {4, 4, 1, 4, 4, 1, 4, 4, 1};
+  o.scale = {0.1f, 0.1f, 0.1f}; o.zp = {0, 0, 0}; o.op = {19, 19}; o.inputs = {0, -1, 0, -1};
+  o.params = {1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0}; o.act = {0, 0};
+  o.weights = {-1, -1, -1, -1};
+  cases.push_back({"layer_inputs", o});
+  o.inputs = {0, -1, 1, -1};
+  CHECK(Validate(o.Builder().Finish()).empty());  // the same stage, chained, is fine
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string message = Validate(cases[i].options.Builder().Finish());
+    CHECK(Names(message, cases[i].key));
+    if (message.find(cases[i].key) == std::string::npos) printf("  (case %d)\n", static_cast<int>(i));
+  }
+}
+
+// ------------------------------------------------------------ arithmetic
+
+void TestArithmeticKnownValues() {
+  using namespace arith;  // NOLINT
+  CHECK_EQ(SaturatingRoundingDoublingHighMul(INT32_MIN, INT32_MIN), INT32_MAX);
+  CHECK_EQ(SaturatingRoundingDoublingHighMul(1 << 30, 1 << 30), 1 << 29);
+  CHECK_EQ(SaturatingRoundingDoublingHighMul(-3, 1 << 30), -1);  // nudge, then truncation
+  CHECK_EQ(SaturatingRoundingDoublingHighMul(3, 1 << 30), 2);    // 1.5 -> 2
+  CHECK_EQ(RoundingDivideByPOT(3, 1), 2);
+  CHECK_EQ(RoundingDivideByPOT(-3, 1), -2);
+  CHECK_EQ(RoundingDivideByPOT(5, 2), 1);
+  CHECK_EQ(RoundingDivideByPOT(-5, 2), -1);
+  CHECK_EQ(RoundingDivideByPOT(-6, 2), -2);
+  CHECK_EQ(RoundingDivideByPOT(INT32_MIN, 31), -1);
+  CHECK_EQ(RoundingDivideByPOT(7, 0), 7);
+  int32_t m = 0;
+  int s = 0;
+  QuantizeMultiplier(0.5, &m, &s);
+  CHECK_EQ(m, 1 << 30);
+  CHECK_EQ(s, 0);
+  QuantizeMultiplier(1.0, &m, &s);
+  CHECK_EQ(m, 1 << 30);
+  CHECK_EQ(s, 1);
+  QuantizeMultiplier(0.0, &m, &s);
+  CHECK_EQ(m, 0);
+  CHECK_EQ(s, 0);
+  QuantizeMultiplier(0.0123, &m, &s);  // keras_patch.patch_op.quantization doctest
+  CHECK_EQ(m, 1690499128);
+  CHECK_EQ(s, -6);
+  CHECK_EQ(MultiplyByQuantizedMultiplier(1000, m, s), 12);
+  QuantizeMultiplier(0.99999999999, &m, &s);  // rounds up to 2^31: halved, shift + 1
+  CHECK_EQ(m, 1 << 30);
+  CHECK_EQ(s, 1);
+  QuantizeMultiplier(1e-12, &m, &s);  // shift < -31: zero
+  CHECK_EQ(m, 0);
+  CHECK_EQ(s, 0);
+  QuantizeMultiplier(3.0, &m, &s);
+  CHECK_EQ(MultiplyByQuantizedMultiplier(-7, m, s), -21);
+  CHECK_EQ(MultiplyByQuantizedMultiplier(INT32_MAX, 1 << 30, 1), -1);  // wraps
+  // x * 2^shift wraps like int32 arithmetic before the high multiply.
+  CHECK_EQ(MultiplyByQuantizedMultiplier(1 << 30, 1 << 30, 2), 0);
+  CHECK_EQ(MultiplyByQuantizedMultiplierSmallerThanOneExp(1 << 20, 1 << 30, -2), 1 << 17);
+  CHECK_EQ(WrapToInt32(static_cast<int64_t>(1) << 31), INT32_MIN);
+  CHECK_EQ(WrapToInt32(-1), -1);
+  int32_t lo = 0, hi = 0;
+  KpActivationRange(kKpActRelu6, 0.05f, -10, &lo, &hi);
+  CHECK_EQ(lo, -10);
+  CHECK_EQ(hi, 110);
+  KpActivationRange(kKpActReluN1To1, 0.5f, 0, &lo, &hi);
+  CHECK_EQ(lo, -2);
+  CHECK_EQ(hi, 2);
+  KpActivationRange(kKpActRelu6, 1e-45f, 0, &lo, &hi);  // 6 / scale = inf
+  CHECK_EQ(lo, 0);
+  CHECK_EQ(hi, 127);
+  KpActivationRange(kKpActNone, 0.1f, 5, &lo, &hi);
+  CHECK_EQ(lo, -128);
+  CHECK_EQ(hi, 127);
+}
+
+// ------------------------------------------------------------ golden stage
+
+struct Consts {
+  KpConstTensor t[4];
+  bool break_filter_type, break_bias_shape, bad_scale;
+};
+KpStatus GetConst(void* context, int32_t index, KpConstTensor* out) {
+  Consts* c = static_cast<Consts*>(context);
+  if (index < 1 || index > 3) return kKpError;
+  *out = c->t[index];
+  return kKpOk;
+}
+Consts GoldenConsts() {
+  Consts c;
+  memset(&c, 0, sizeof(c));
+  c.t[1].type = kKpTypeInt8;
+  c.t[1].num_dims = 4;
+  c.t[1].dims[0] = 4, c.t[1].dims[1] = 3, c.t[1].dims[2] = 3, c.t[1].dims[3] = 3;
+  c.t[1].num_scales = 4;
+  c.t[1].scales = kGoldenFilter0Scales;
+  c.t[2].type = kKpTypeInt32;
+  c.t[2].num_dims = 1;
+  c.t[2].dims[0] = 4;
+  c.t[3].type = kKpTypeInt8;
+  c.t[3].num_dims = 4;
+  c.t[3].dims[0] = 1, c.t[3].dims[1] = 3, c.t[3].dims[2] = 2, c.t[3].dims[3] = 8;
+  c.t[3].num_scales = 1;
+  c.t[3].scales = kGoldenFilter1Scales;
+  return c;
+}
+
+// Prepares the golden stage into `buffer`; returns messages ("" on success).
+std::string PrepareGolden(Consts* consts, std::vector<uint64_t>* buffer, KpStage** stage) {
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  KpOptionsView view;
+  if (KpParseOptions(kGoldenOptions, sizeof(kGoldenOptions), r, &view) != kKpOk) return m.all;
+  buffer->assign(KpPersistentBytes(view) / 8 + 1, 0);
+  if (KpPrepareStage(view, 4, GetConst, consts, &(*buffer)[0], buffer->size() * 8, r, stage) !=
+      kKpOk) {
+    CHECK_EQ(m.count, 1);
+    return m.all;
+  }
+  CHECK_EQ(m.count, 0);
+  return "";
+}
+
+void TestGoldenStageMatchesReferenceExecutor() {
+  Consts consts = GoldenConsts();
+  std::vector<uint64_t> buffer;
+  KpStage* stage = NULL;
+  CHECK(PrepareGolden(&consts, &buffer, &stage).empty());
+  if (stage == NULL) return;
+  CHECK_EQ(stage->arena_bytes, kGoldenArenaBytes);
+  for (int32_t t = 0; t <= stage->num_layers; ++t) {
+    CHECK_EQ(stage->tensors[t].arena_offset, kGoldenArenaOffsets[t]);
+    CHECK_EQ(stage->tensors[t].arena_size, kGoldenArenaSizes[t]);
+  }
+  const void* inputs[4] = {NULL, kGoldenFilter0, kGoldenBias0, kGoldenFilter1};
+  std::vector<uint8_t> arena(stage->arena_bytes, 0xAA);  // garbage: Eval must not rely on zeros
+  int8_t output[sizeof(kGoldenOutput)];
+  memset(output, 0x55, sizeof(output));
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  CHECK(KpEvalStage(stage, kGoldenInput, output, inputs, &arena[0], r) == kKpOk);
+  CHECK(memcmp(output, kGoldenOutput, sizeof(output)) == 0);
+  // A second Eval (state carried over in the arena) gives the same bits.
+  CHECK(KpEvalStage(stage, kGoldenInput, output, inputs, &arena[0], r) == kKpOk);
+  CHECK(memcmp(output, kGoldenOutput, sizeof(output)) == 0);
+  // Missing arena / weights are errors, not crashes.
+  CHECK(KpEvalStage(stage, kGoldenInput, output, inputs, NULL, r) == kKpError);
+  const void* no_weights[4] = {NULL, NULL, kGoldenBias0, kGoldenFilter1};
+  CHECK(KpEvalStage(stage, kGoldenInput, output, no_weights, &arena[0], r) == kKpError);
+  CHECK_EQ(m.count, 2);
+}
+
+void TestPrepareChecksWeightsAndScales() {
+  std::vector<uint64_t> buffer;
+  KpStage* stage = NULL;
+  Consts c = GoldenConsts();
+  c.t[1].type = kKpTypeInt32;
+  CHECK(Names(PrepareGolden(&c, &buffer, &stage), "layer_weights"));
+  c = GoldenConsts();
+  c.t[1].dims[3] = 4;
+  CHECK(Names(PrepareGolden(&c, &buffer, &stage), "layer_weights"));
+  c = GoldenConsts();
+  c.t[1].num_scales = 2;
+  CHECK(Names(PrepareGolden(&c, &buffer, &stage), "layer_weights"));
+  c = GoldenConsts();
+  c.t[2].dims[0] = 5;
+  CHECK(Names(PrepareGolden(&c, &buffer, &stage), "layer_weights"));
+  c = GoldenConsts();
+  c.t[2].type = kKpTypeInt8;
+  CHECK(Names(PrepareGolden(&c, &buffer, &stage), "layer_weights"));
+  static const float kNegative[1] = {-0.5f};
+  c = GoldenConsts();
+  c.t[3].scales = kNegative;
+  CHECK(Names(PrepareGolden(&c, &buffer, &stage), "layer_weights"));
+  static const float kHuge[1] = {1e30f};  // multiplier >= 2^31: shift > 30
+  c = GoldenConsts();
+  c.t[3].scales = kHuge;
+  CHECK(Names(PrepareGolden(&c, &buffer, &stage), "tensor_scale"));
+  // A too-small persistent buffer is an error.
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  KpOptionsView view;
+  CHECK(KpParseOptions(kGoldenOptions, sizeof(kGoldenOptions), r, &view) == kKpOk);
+  c = GoldenConsts();
+  std::vector<uint64_t> small(4, 0);
+  CHECK(KpPrepareStage(view, 4, GetConst, &c, &small[0], 32, r, &stage) == kKpError);
+  CHECK_EQ(m.count, 1);
+}
+
+void TestPoolMustKeepScale() {
+  Options o;
+  o.scale[4] = 0.07f;  // PAD output scale differs from its input's
+  std::vector<uint8_t> bytes = o.Builder().Finish();
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  KpOptionsView view;
+  CHECK(KpParseOptions(&bytes[0], bytes.size(), r, &view) == kKpOk);
+  std::vector<uint64_t> buffer(KpPersistentBytes(view) / 8 + 1);
+  KpStage* stage = NULL;
+  static const float kScales[8] = {0.01f, 0.01f, 0.01f, 0.01f, 0.01f, 0.01f, 0.01f, 0.01f};
+  struct Weights {
+    static KpStatus Get(void* ctx, int32_t index, KpConstTensor* out) {
+      memset(out, 0, sizeof(*out));
+      const float* scales = static_cast<const float*>(ctx);
+      if (index == 1 || index == 3) {
+        out->type = kKpTypeInt8;
+        out->num_dims = 4;
+        out->dims[0] = index == 1 ? 8 : 1, out->dims[1] = 3, out->dims[2] = 3;
+        out->dims[3] = index == 1 ? 3 : 8;
+      } else {
+        out->type = kKpTypeInt32;
+        out->num_dims = 1;
+        out->dims[0] = 8;
+      }
+      out->num_scales = 8;
+      out->scales = scales;
+      return kKpOk;
+    }
+  };
+  CHECK(KpPrepareStage(view, 5, Weights::Get, const_cast<float*>(kScales), &buffer[0],
+                       buffer.size() * 8, r, &stage) == kKpError);
+  CHECK(Names(m.all, "tensor_scale"));
+  // With the scale restored the same stage prepares.
+  o.scale[4] = 0.06f;
+  bytes = o.Builder().Finish();
+  m.all.clear();
+  m.count = 0;
+  CHECK(KpParseOptions(&bytes[0], bytes.size(), r, &view) == kKpOk);
+  CHECK(KpPrepareStage(view, 5, Weights::Get, const_cast<float*>(kScales), &buffer[0],
+                       buffer.size() * 8, r, &stage) == kKpOk);
+  CHECK_EQ(m.count, 0);
+}
+
+void TestCheckIo() {
+  Consts consts = GoldenConsts();
+  std::vector<uint64_t> buffer;
+  KpStage* stage = NULL;
+  CHECK(PrepareGolden(&consts, &buffer, &stage).empty());
+  if (stage == NULL) return;
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  const int32_t in_dims[4] = {1, 7, 6, 3}, out_dims[4] = {1, 5, 5, 8}, bad[4] = {1, 7, 6, 4};
+  CHECK(KpCheckStageIo(*stage, false, kKpTypeInt8, 4, in_dims, 0.05f, -3, r) == kKpOk);
+  CHECK(KpCheckStageIo(*stage, true, kKpTypeInt8, 4, out_dims, 0.03f, 10, r) == kKpOk);
+  CHECK_EQ(m.count, 0);
+  CHECK(KpCheckStageIo(*stage, false, kKpTypeInt8, 4, bad, 0.05f, -3, r) == kKpError);
+  CHECK(Names(m.all, "tensor_shape"));
+  CHECK(KpCheckStageIo(*stage, false, kKpTypeInt32, 4, in_dims, 0.05f, -3, r) == kKpError);
+  CHECK(KpCheckStageIo(*stage, false, kKpTypeInt8, 3, in_dims, 0.05f, -3, r) == kKpError);
+  CHECK(KpCheckStageIo(*stage, false, kKpTypeInt8, 4, in_dims, 0.06f, -3, r) == kKpError);
+  CHECK(Names(m.all, "tensor_scale"));
+  CHECK(KpCheckStageIo(*stage, true, kKpTypeInt8, 4, out_dims, 0.03f, 11, r) == kKpError);
+  CHECK(Names(m.all, "tensor_zero_point"));
+}
+
+void TestTileBounds() {
+  int32_t lo = 0, hi = 0;
+  TileBounds(10, 3, 0, &lo, &hi);
+  CHECK_EQ(lo, 0);
+  CHECK_EQ(hi, 3);
+  TileBounds(10, 3, 2, &lo, &hi);
+  CHECK_EQ(lo, 6);
+  CHECK_EQ(hi, 10);
+  TileBounds(65536, 64, 63, &lo, &hi);
+  CHECK_EQ(lo, 64512);
+  CHECK_EQ(hi, 65536);
+}
+
+}  // namespace
+
+// Writes fuzz seeds: options bytes followed by the 8-byte tail the fuzz
+// target reads (see fuzz/fuzz_options.cc).
+int WriteSeeds(const char* dir) {
+  std::vector<std::vector<uint8_t> > seeds;
+  seeds.push_back(std::vector<uint8_t>(kGoldenOptions, kGoldenOptions + sizeof(kGoldenOptions)));
+  seeds.push_back(Options().Builder().Finish());
+  Options relu;
+  relu.op[2] = 19;
+  relu.inputs[5] = -1;
+  relu.inputs[4] = 2;
+  seeds.push_back(relu.Builder().Finish());
+  for (size_t i = 0; i < seeds.size(); ++i) {
+    char path[512];
+    snprintf(path, sizeof(path), "%s/seed_%d", dir, static_cast<int>(i));
+    FILE* f = fopen(path, "wb");
+    if (f == NULL) return 1;
+    fwrite(&seeds[i][0], 1, seeds[i].size(), f);
+    const uint8_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    fwrite(tail, 1, sizeof(tail), f);
+    fclose(f);
+  }
+  printf("wrote %d seeds to %s\n", static_cast<int>(seeds.size()), dir);
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc == 3 && strcmp(argv[1], "--write-seeds") == 0) return WriteSeeds(argv[2]);
+  Run("FlexbufferReadsBuilderOutput", TestFlexbufferReadsBuilderOutput);
+  Run("FlexbufferReadsPythonEncoderOutput", TestFlexbufferReadsPythonEncoderOutput);
+  Run("FlexbufferRejectsEveryTruncationAndGarbage", TestFlexbufferRejectsEveryTruncationAndGarbage);
+  Run("GoodOptionsValidate", TestGoodOptionsValidate);
+  Run("MissingWrongTypeAndLengthNameTheKey", TestMissingWrongTypeAndLengthNameTheKey);
+  Run("InconsistentOptionsNameTheKey", TestInconsistentOptionsNameTheKey);
+  Run("ArithmeticKnownValues", TestArithmeticKnownValues);
+  Run("GoldenStageMatchesReferenceExecutor", TestGoldenStageMatchesReferenceExecutor);
+  Run("PrepareChecksWeightsAndScales", TestPrepareChecksWeightsAndScales);
+  Run("PoolMustKeepScale", TestPoolMustKeepScale);
+  Run("CheckIo", TestCheckIo);
+  Run("TileBounds", TestTileBounds);
+  printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}

@@ -134,16 +134,17 @@ def _stage_only_model(patched: bytes):
 
 
 def _tflm_runner(tmp_path) -> str:
-    """A built tests/tflm_runner.cc: $KP_TFLM_RUNNER, or built from $KP_TFLM_DIR."""
+    """A built tests/tflm_runner.cc: $KP_TFLM_RUNNER, or built from $KP_TFLM_DIR + $KP_TFLM_LIB."""
     runner = os.environ.get("KP_TFLM_RUNNER")
     if runner:
         return runner
-    tflm_dir = os.environ.get("KP_TFLM_DIR")
-    if not tflm_dir:
-        pytest.skip("set KP_TFLM_DIR to a tflite-micro checkout (with third-party headers, or "
-                    "KP_TFLM_INCLUDES) or KP_TFLM_RUNNER to a built `make -C tflm_ops tflm-runner`")
+    tflm_dir, tflm_lib = os.environ.get("KP_TFLM_DIR"), os.environ.get("KP_TFLM_LIB")
+    if not (tflm_dir and tflm_lib):
+        pytest.skip("TFLM is not on any registry: set KP_TFLM_DIR to a tflite-micro checkout (with "
+                    "third-party headers, or KP_TFLM_INCLUDES) and KP_TFLM_LIB to a TFLM library built "
+                    "from it, or KP_TFLM_RUNNER to a built `make -C tflm_ops tflm-runner`")
     _need_make()
-    extra = [f"TFLM_DIR={tflm_dir}", f"CXX={CXX}"]
+    extra = [f"TFLM_DIR={tflm_dir}", f"TFLM_LIB={tflm_lib}", f"CXX={CXX}"]
     if os.environ.get("KP_TFLM_INCLUDES"):
         extra.append(f"TFLM_INCLUDES={os.environ['KP_TFLM_INCLUDES']}")
     result = _make("tflm-runner", tmp_path / "out", *extra)

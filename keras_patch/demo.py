@@ -34,7 +34,8 @@ DEMO_CLASSES = 10  # a small head: TFLM's int8 softmax aborts on 1000 classes
 class DemoResult:
     profile: object
     stock_tflm_head_bytes: int  # measured by the tflite-micro interpreter on the unpatched model
-    bit_exact: bool
+    bit_exact: bool  # KP_PATCH_STAGE by the numpy reference executor
+    bit_exact_cpp: bool  # KP_PATCH_STAGE by the C++ kernel core (what runs in TFLM)
     num_images: int
     patched_path: str
     unpatched_path: str
@@ -93,14 +94,16 @@ def run_demo(out_dir: str = "keras_patch_demo", grid=(6, 6), num_images: int = 4
                                 f"{grid[0]}x{grid[1]} patches")
     say("measuring the unpatched model's arena in TFLM (tflite-micro)")
     stock_head = measure_tflm_arena(unpatched).head_bytes
-    say(f"checking bit-exactness on {num_images} random images")
+    say(f"checking bit-exactness on {num_images} random images (reference executor and C++ core)")
     images = rng.integers(-128, 128, (num_images, DEMO_INPUT_SIZE, DEMO_INPUT_SIZE, 3), dtype=np.int8)
     expected = run_tflite(unpatched, images)[0]
     actual = run_tflite(patched, images)[0]
+    actual_cpp = run_tflite(patched, images, executor="cpp")[0]
     return DemoResult(
         profile=prof,
         stock_tflm_head_bytes=stock_head,
         bit_exact=bool(np.array_equal(expected, actual)),
+        bit_exact_cpp=bool(np.array_equal(expected, actual_cpp)),
         num_images=num_images,
         patched_path=patched_path,
         unpatched_path=unpatched_path,

@@ -74,15 +74,22 @@ def missing_tools() -> list:
 
 
 def firmware_source_dir() -> str:
-    """`tflm_ops/firmware` of the source tree this package comes from."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "tflm_ops", "firmware")
-    if not os.path.isfile(os.path.join(path, "Makefile")):
-        raise KerasPatchError(
-            f"No tflm_ops/firmware/Makefile next to the keras_patch package ({root}): "
-            "the firmware is built from a source checkout of keras-patch."
-        )
-    return path
+    """`tflm_ops/firmware` of the keras-patch source checkout.
+
+    Looked for next to the imported package (an editable install or a
+    checkout on `sys.path`), then in the working directory (a checkout whose
+    package was `pip install`ed).
+    """
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (package_root, os.getcwd()):
+        path = os.path.join(root, "tflm_ops", "firmware")
+        if os.path.isfile(os.path.join(path, "Makefile")):
+            return path
+    raise KerasPatchError(
+        f"No tflm_ops/firmware/Makefile next to the keras_patch package ({package_root}) or in "
+        f"the working directory ({os.getcwd()}): the firmware is built from a source checkout of "
+        "keras-patch; run from its root."
+    )
 
 
 def _c_array(name: str, ctype: str, values, per_line: int = 24) -> str:

@@ -103,8 +103,8 @@ def measure(cmsis_nn: str, log) -> list:
 
 
 def render(rows: list, markdown: bool) -> str:
-    header = ["stage", "kernels", "MACs (layer by layer)", "MAC overhead", "instructions, layer by layer",
-              "instructions, patch by patch", "ratio", "working memory, layer by layer", "patch arena"]
+    header = ["stage", "kernels", "MACs (layer by layer)", "stage MAC overhead", "instructions, layer by layer",
+              "instructions, patch by patch", "ratio", "intermediates, layer by layer (grid 1x1)", "patch arena"]
     lines = [[r["stage"], r["variant"], f"{r['macs']:,}", f"{r['mac_overhead']:.3f}", f"{r['layer_instr']:,}",
               f"{r['patch_instr']:,}", f"{r['patch_instr'] / r['layer_instr']:.3f}", f"{r['layer_arena']:,}",
               f"{r['patch_arena']:,}"] for r in rows]

@@ -56,10 +56,18 @@ def short_tensor_name(name: str) -> str:
 
     >>> short_tensor_name("mobilenet_v2_0.35_144_1/block_2_add_1/Add")
     'block_2_add'
+    >>> short_tensor_name("mobilenetv2_1.0_224_1/block_3_project_BN_1/batchnorm/add_1;...")
+    'block_3_project_BN'
     """
     first = name.split(";")[0]
     parts = first.split("/")
-    layer = parts[-2] if len(parts) >= 2 else parts[-1]
+    if len(parts) < 2:
+        return parts[-1]
+    # The converter's name scopes inside a layer ("batchnorm" in
+    # "m_1/block_3_project_BN_1/batchnorm/add_1") carry no "_<n>" suffix;
+    # Keras 3 layer scopes do.
+    inner = [p for p in parts[1:-1] if re.search(r"_\d+$", p)]
+    layer = inner[-1] if inner else parts[-2]
     return re.sub(r"_\d+$", "", layer)
 
 

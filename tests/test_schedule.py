@@ -85,3 +85,7 @@ def test_short_tensor_name():
     assert short_tensor_name("mobilenet_v2_0.35_144_1/block_2_add_1/Add") == "block_2_add"
     assert short_tensor_name("m/block_1_depthwise_relu_1/Relu6;m/block_1_depthwise_BN_1/mul") == "block_1_depthwise_relu"
     assert short_tensor_name("input") == "input"
+    # a BN-folded projection: the layer scope, not the converter's "batchnorm" scope
+    assert short_tensor_name("mobilenetv2_1.0_224_1/block_3_project_BN_1/batchnorm/add_1;"
+                             "mobilenetv2_1.0_224_1/block_3_project_1/convolution") == "block_3_project_BN"
+    assert short_tensor_name("m/Conv1_relu_1/Relu6") == "Conv1_relu"

@@ -202,3 +202,81 @@ def test_tflm_adapter_end_to_end(tmp_path):
         got = np.fromfile(tmp_path / "y.bin", np.int8).reshape(want.shape)
         np.testing.assert_array_equal(got, want, err_msg=f"case {k}: TFLM adapter vs reference")
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD"} <= ops_seen
+
+
+def _live_mobilenet_v2(size: int, alpha: float, classes: int):
+    """build_demo_model with random BatchNorm statistics and a rescaled head:
+    with Keras' default BN init the random-weight activations vanish and every
+    logit quantizes to the same value, which would make "bit-exact" vacuous."""
+    import keras
+    import numpy as np
+
+    from keras_patch.demo import build_demo_model
+
+    model = build_demo_model(input_size=size, alpha=alpha, num_classes=classes)
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.get_weights()[0].shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.uniform(0.0, 0.5, shape),
+                               rng.uniform(-0.1, 0.1, shape), rng.uniform(0.05, 0.2, shape)])
+    head = model.layers[-1]
+    w, b = head.get_weights()
+    features = keras.Model(model.input, head.input)(rng.uniform(-1, 1, (4, size, size, 3)).astype(np.float32))
+    head.set_weights([w * (4.0 / max(float(np.abs(np.asarray(features) @ w).max()), 1e-12)), b])
+    return model
+
+
+def _run_tflm(runner: str, model: bytes, x, tmp_path) -> tuple:
+    """(outputs, {'arena_head_bytes': .., 'arena_tail_bytes': .., 'arena_used_bytes': ..})."""
+    import numpy as np
+
+    (tmp_path / "m.tflite").write_bytes(model)
+    np.ascontiguousarray(x).tofile(tmp_path / "x.bin")
+    result = subprocess.run([runner, str(tmp_path / "m.tflite"), str(tmp_path / "x.bin"),
+                             str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    arena = {k: int(v) for k, v in re.findall(r"^(arena_\w+_bytes) (\d+)$", result.stdout, re.M)}
+    assert set(arena) == {"arena_head_bytes", "arena_tail_bytes", "arena_used_bytes"}, result.stdout
+    return np.fromfile(tmp_path / "y.bin", np.int8), arena
+
+
+def test_tflm_patched_mobilenet_v2(tmp_path):
+    """A whole patched MobileNetV2 in TFLM's MicroInterpreter (builtin kernels + KP_PATCH_STAGE):
+    outputs == the unpatched model in LiteRT and in TFLM, bit for bit, and the arena head TFLM
+    allocates == keras_patch.profile's prediction, byte for byte (patched and unpatched)."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    from keras_patch.export import convert_int8
+    from keras_patch.patchify import patchify
+    from keras_patch.profiler import profile
+    from keras_patch.runtime import run_tflite
+    from keras_patch.schedule import candidate_splits, short_tensor_name
+    from keras_patch.tflite_model import TFLiteModel
+
+    runner = _tflm_runner(tmp_path)
+    size = 96
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = _live_mobilenet_v2(size, 0.35, 10)
+        calibration = np.random.default_rng(0).uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
+        unpatched = convert_int8(model, calibration)
+    m = TFLiteModel.from_bytes(unpatched)
+    split_at = {short_tensor_name(m.tensor(m.op_outputs(i)[0]).name): i for i in candidate_splits(unpatched)}
+    x = np.random.default_rng(7).integers(-128, 128, (3, size, size, 3), dtype=np.int8)
+    want = np.asarray(run_tflite(unpatched, x)[0], np.int8).reshape(-1)
+    assert len(np.unique(want)) > 5, "degenerate logits: the comparison would prove nothing"
+
+    got, arena = _run_tflm(runner, unpatched, x, tmp_path)
+    np.testing.assert_array_equal(got, want, err_msg="unpatched: TFLM vs LiteRT")
+    assert arena["arena_head_bytes"] == profile(unpatched).summary["layer_by_layer_peak_bytes"]
+    unpatched_head = arena["arena_head_bytes"]
+    for split, grid in (("block_2_add", (4, 4)), ("block_5_add", (3, 3))):
+        patched = patchify(unpatched, split_at[split], grid)
+        got, arena = _run_tflm(runner, patched, x, tmp_path)
+        np.testing.assert_array_equal(got, want, err_msg=f"{split} {grid}: patched TFLM vs unpatched LiteRT")
+        predicted = profile(patched).summary["patched_peak_bytes"]
+        assert arena["arena_head_bytes"] == predicted, (split, grid, arena, predicted)
+        assert arena["arena_head_bytes"] < unpatched_head

@@ -99,7 +99,9 @@ def _cmd_demo(args) -> int:
           f"{measured / s['patched_peak_bytes']:.2f}x lower than stock TFLM")
     print(f"bit-exact vs the unpatched int8 model on {result.num_images} images: "
           f"{'YES' if result.bit_exact else 'NO'} (reference executor), "
-          f"{'YES' if result.bit_exact_cpp else 'NO'} (C++ kernel core)")
+          f"{'YES' if result.bit_exact_cpp else 'NO'} (C++ kernel core); compared: the logits "
+          f"({result.distinct_logits} distinct int8 values) and all {result.stage_values_compared:,} "
+          f"int8 values of the stage output")
     print(f"files: {result.patched_path}, {result.unpatched_path}, {result.plot_path}")
     return 0 if result.bit_exact and result.bit_exact_cpp else 1
 

@@ -37,6 +37,8 @@ class DemoResult:
     bit_exact: bool  # KP_PATCH_STAGE by the numpy reference executor
     bit_exact_cpp: bool  # KP_PATCH_STAGE by the C++ kernel core (what runs in TFLM)
     num_images: int
+    distinct_logits: int  # distinct int8 values among the compared model outputs
+    stage_values_compared: int  # int8 values of the stage output compared
     patched_path: str
     unpatched_path: str
     plot_path: str
@@ -45,7 +47,14 @@ class DemoResult:
 def build_demo_model(
     input_size: int = DEMO_INPUT_SIZE, alpha: float = DEMO_ALPHA, seed: int = 0, num_classes: int = DEMO_CLASSES
 ):
-    """MobileNetV2 (random weights, average pooling) with a Dense head without softmax."""
+    """MobileNetV2 (random weights, average pooling) with a Dense head without softmax.
+
+    Keras' initial BatchNormalization statistics make random-weight
+    activations fade layer after layer until every int8 logit is the same,
+    and a bit-exactness check on such outputs would prove nothing. So the
+    BatchNormalization layers get random (seeded) statistics, and the head
+    is scaled so the logits of inputs in [-1, 1] span about +-4.
+    """
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -54,7 +63,19 @@ def build_demo_model(
         include_top=False, pooling="avg",
     )
     outputs = keras.layers.Dense(num_classes, name="classifier")(base.output)
-    return keras.Model(base.input, outputs, name=f"mobilenetv2_{alpha}_{input_size}")
+    model = keras.Model(base.input, outputs, name=f"mobilenetv2_{alpha}_{input_size}")
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.gamma.shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.uniform(0.0, 0.5, shape),
+                               rng.uniform(-0.1, 0.1, shape), rng.uniform(0.05, 0.2, shape)])
+    head = model.get_layer("classifier")
+    kernel, bias = head.get_weights()
+    probe = rng.uniform(-1, 1, (4, input_size, input_size, 3)).astype(np.float32)
+    features = np.asarray(keras.Model(model.input, head.input)(probe))
+    head.set_weights([kernel * (4.0 / max(float(np.abs(features @ kernel).max()), 1e-12)), bias])
+    return model
 
 
 def run_demo(out_dir: str = "keras_patch_demo", grid=(6, 6), num_images: int = 4, seed: int = 0, progress=None) -> DemoResult:
@@ -96,16 +117,36 @@ def run_demo(out_dir: str = "keras_patch_demo", grid=(6, 6), num_images: int = 4
     stock_head = measure_tflm_arena(unpatched).head_bytes
     say(f"checking bit-exactness on {num_images} random images (reference executor and C++ core)")
     images = rng.integers(-128, 128, (num_images, DEMO_INPUT_SIZE, DEMO_INPUT_SIZE, 3), dtype=np.int8)
-    expected = run_tflite(unpatched, images)[0]
-    actual = run_tflite(patched, images)[0]
-    actual_cpp = run_tflite(patched, images, executor="cpp")[0]
+    # The model outputs and, pixel by pixel, the stage output itself.
+    expected = run_tflite(_with_stage_output(unpatched, stage_tensor=DEMO_SPLIT_LAYER), images)
+    actual = run_tflite(_with_stage_output(patched), images)
+    actual_cpp = run_tflite(_with_stage_output(patched), images, executor="cpp")
     return DemoResult(
         profile=prof,
         stock_tflm_head_bytes=stock_head,
-        bit_exact=bool(np.array_equal(expected, actual)),
-        bit_exact_cpp=bool(np.array_equal(expected, actual_cpp)),
+        bit_exact=all(np.array_equal(e, a) for e, a in zip(expected, actual)),
+        bit_exact_cpp=all(np.array_equal(e, a) for e, a in zip(expected, actual_cpp)),
+        distinct_logits=int(np.unique(expected[0]).size),
+        stage_values_compared=int(expected[-1].size),
         num_images=num_images,
         patched_path=patched_path,
         unpatched_path=unpatched_path,
         plot_path=plot_path,
     )
+
+
+def _with_stage_output(model_bytes: bytes, stage_tensor: str = None) -> bytes:
+    """The model with its stage output appended to its outputs: the KP_PATCH_STAGE
+    op's output, or (unpatched) the output of the layer named `stage_tensor`."""
+    from keras_patch.patchify import find_stages
+    from keras_patch.schedule import short_tensor_name
+    from keras_patch.tflite_model import TFLiteModel
+
+    model = TFLiteModel.from_bytes(model_bytes)
+    if stage_tensor is None:
+        (op,) = find_stages(model)
+    else:
+        op = next(i for i in range(model.num_ops)
+                  if short_tensor_name(model.tensor(model.op_outputs(i)[0]).name) == stage_tensor)
+    model.add_outputs([model.op_outputs(op)[0]])
+    return model.to_bytes()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import flatbuffers
 import numpy as np
@@ -303,6 +303,11 @@ class TFLiteModel:
         return matches[0]
 
     # ------------------------------------------------------------ mutation
+    def add_outputs(self, tensors: Sequence[int]) -> None:
+        """Appends tensors to the model outputs (to inspect intermediates)."""
+        self.subgraph.outputs = np.array(self.outputs + [int(t) for t in tensors], np.int32)
+        self.model.signatureDefs = []
+
     def opcode_index(self, builtin: int, custom_code: Optional[str] = None, version: int = 1) -> int:
         """Index of the operator code, added to the model if missing."""
         codes = self.model.operatorCodes

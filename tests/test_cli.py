@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -141,6 +142,10 @@ def test_demo_end_to_end(tmp_path):
     out = proc.stdout
     assert "stock TFLM arena head, measured (tflite-micro): 311,040 B" in out
     assert "bit-exact vs the unpatched int8 model on 2 images: YES (reference executor), YES (C++ kernel core)" in out
+    # ...on logits that are not all the same value (random weights easily fade to nothing).
+    distinct = int(re.search(r"the logits \((\d+) distinct int8 values\)", out).group(1))
+    assert distinct >= 8, out[-800:]
+    assert "all 10,368 int8 values of the stage output" in out  # 2 images x 18x18x16
     assert "KP_PATCH_STAGE" in out or "stage #" in out
     assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "mobilenetv2_patched.tflite").exists()

@@ -72,7 +72,7 @@ def build_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("cmsis_fw")
     yield str(path)
     print(f"\n[test_cmsis_nn] bit-exact on Cortex-M4 with CMSIS-NN: {COUNTS['random']} random stages "
-          f"({COUNTS["column_tiles"]} with column tiles), {COUNTS['real']} real stage runs")
+          f"({COUNTS['column_tiles']} with column tiles), {COUNTS['real']} real stage runs")
 
 
 def _check(result, opts):

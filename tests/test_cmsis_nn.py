@@ -8,7 +8,8 @@ qemu-system-arm).
 
 * random stages (the `stages()` strategy of test_cpp_executor: every op,
   dilation, depth multipliers, asymmetric border padding, grids that do not
-  divide the output, hulls of several consumers) and real stages
+  divide the output, hulls of several consumers), random converted Keras
+  stages (tests/strategies.py, random grids) and real stages
   (MobileNetV2 0.35@144 to block_2_add, the residual model) run through the
   firmware built with `CMSIS_NN_DIR`; each output is compared byte for byte
   with the Python reference executor;
@@ -18,7 +19,8 @@ qemu-system-arm).
 * the CMSIS-NN build really takes the fast path (far fewer instructions than
   the portable build on the same stage).
 
-`KP_CMSIS_NN_EXAMPLES` sets the number of random stages (default 150).
+`KP_CMSIS_NN_EXAMPLES` / `KP_CMSIS_NN_MODEL_EXAMPLES` set the numbers of
+random option-level stages (default 150) and random Keras stages (default 40).
 """
 
 import os
@@ -44,12 +46,17 @@ from keras_patch.patchify import find_stages, stage_options
 from keras_patch.tflite_model import TFLiteModel
 
 try:
+    from tests import strategies as kps
+    from tests.test_bit_exact import convert, stage_exit_op
     from tests.test_cpp_executor import _inputs, stages
 except ImportError:  # tests/ itself on sys.path
+    import strategies as kps
+    from test_bit_exact import convert, stage_exit_op
     from test_cpp_executor import _inputs, stages
 
 CMSIS_NN_DIR = os.environ.get("KP_CMSIS_NN_DIR", "")
 N_EXAMPLES = int(os.environ.get("KP_CMSIS_NN_EXAMPLES", "150"))
+N_MODEL_EXAMPLES = int(os.environ.get("KP_CMSIS_NN_MODEL_EXAMPLES", "40"))
 
 pytestmark = [
     pytest.mark.skipif(not CMSIS_NN_DIR, reason="set KP_CMSIS_NN_DIR to a CMSIS-NN checkout "
@@ -57,7 +64,7 @@ pytestmark = [
     pytest.mark.skipif(bool(missing_tools()), reason=f"Cortex-M toolchain/emulator not installed: {missing_tools()}"),
 ]
 
-COUNTS = {"random": 0, "real": 0, "column_tiles": 0}
+COUNTS = {"random": 0, "real": 0, "column_tiles": 0, "model": 0, "model_patches": 0}
 
 
 def _make_args():
@@ -72,7 +79,8 @@ def build_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("cmsis_fw")
     yield str(path)
     print(f"\n[test_cmsis_nn] bit-exact on Cortex-M4 with CMSIS-NN: {COUNTS['random']} random stages "
-          f"({COUNTS['column_tiles']} with column tiles), {COUNTS['real']} real stage runs")
+          f"({COUNTS['column_tiles']} with column tiles), {COUNTS['model']} random Keras stages "
+          f"({COUNTS['model_patches']} patches), {COUNTS['real']} real stage runs")
 
 
 def _check(result, opts):
@@ -112,6 +120,23 @@ def test_random_stages_bit_exact(build_dir, stage, seed):
     COUNTS["column_tiles"] += opts.grid[1] > 1
 
 
+@settings(max_examples=N_MODEL_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize=True, database=None)
+@given(spec=kps.stage_specs(max_size=32), data=st.data())
+def test_random_keras_stages_bit_exact(build_dir, spec, data):
+    """Random converted Keras stages (inverted residuals, two-branch adds, pads, pools), random grids."""
+    original = convert(kps.build_model(spec))
+    m = TFLiteModel.from_bytes(original)
+    split = stage_exit_op(m)
+    grid = data.draw(kps.grids(m.tensor(m.op_outputs(split)[0]).shape[1:3]), label="grid")
+    patched = keras_patch.patchify(original, split, grid)
+    x = data.draw(kps.int8_inputs(spec.input_shape, n_random=0), label="x").array()
+    result = run_stage_firmware(stage_vectors_header(patched, x), build_dir, make_args=_make_args())
+    _check(result, _first_stage_options(patched))
+    COUNTS["model"] += 1
+    COUNTS["model_patches"] += grid[0] * grid[1]
+
+
 @pytest.fixture(scope="module")
 def residual():
     return model_zoo.to_int8_tflite(model_zoo.residual_model())
@@ -132,7 +157,7 @@ def _first_stage_options(patched, grid=None):
     return opts
 
 
-@pytest.mark.parametrize("grid", [(3, 3), (1, 1), (4, 5), (6, 1), (1, 7)])
+@pytest.mark.parametrize("grid", [(3, 3), (1, 1), (4, 5), (6, 1), (1, 6)])
 @pytest.mark.parametrize("which_add", [0, 1])
 def test_residual_stages_bit_exact(residual, build_dir, grid, which_add):
     m = TFLiteModel.from_bytes(residual)

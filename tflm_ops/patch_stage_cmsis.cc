@@ -17,9 +17,10 @@ namespace keras_patch {
 
 bool KpCmsisEnabled() { return false; }
 
-void KpCmsisPlanContext(KpStage* stage) {
+KpStatus KpCmsisPlanContext(KpStage* stage, const KpReporter&) {
   stage->context_bytes = 0;
   stage->staging_offset = 0;
+  return kKpOk;
 }
 
 bool KpCmsisEvalLayer(const KpStage&, int32_t, const int8_t*, int8_t*, uint8_t*, uint8_t*,
@@ -269,7 +270,7 @@ int32_t LayerContextBytes(const KpStage& s, const KpLayer& layer, int32_t l) {
 
 bool KpCmsisEnabled() { return true; }
 
-void KpCmsisPlanContext(KpStage* stage) {
+KpStatus KpCmsisPlanContext(KpStage* stage, const KpReporter& reporter) {
   KpStage& s = *stage;
   int32_t cmsis_bytes = 0;
   for (int32_t l = 0; l < s.num_layers; ++l) {
@@ -293,8 +294,16 @@ void KpCmsisPlanContext(KpStage* stage) {
       if (bytes > staging) staging = bytes;
     }
   }
+  const int64_t total = (static_cast<int64_t>(cmsis_bytes) + 3) / 4 * 4 + (staging + 3) / 4 * 4;
+  if (cmsis_bytes < 0 || total > 0x7FFFFFFF) {
+    reporter.report(reporter.context,
+                    "KP_PATCH_STAGE options: key 'tensor_shape': the CMSIS-NN context buffer "
+                    "exceeds 2^31 - 1 bytes.");
+    return kKpError;
+  }
   s.staging_offset = Align4(static_cast<uint32_t>(cmsis_bytes));
-  s.context_bytes = s.staging_offset + Align4(static_cast<uint32_t>(staging));
+  s.context_bytes = static_cast<uint32_t>(total);
+  return kKpOk;
 }
 
 bool KpCmsisEvalLayer(const KpStage& s, int32_t l, const int8_t* input, int8_t* output,

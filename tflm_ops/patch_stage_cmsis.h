@@ -31,8 +31,9 @@ namespace keras_patch {
 bool KpCmsisEnabled();
 
 // Prepare: sets stage->context_bytes and stage->staging_offset (both 0
-// without CMSIS_NN).  Uses stage->regions as working memory.
-void KpCmsisPlanContext(KpStage* stage);
+// without CMSIS_NN).  Uses stage->regions as working memory.  Fails (naming
+// 'tensor_shape') if the context does not fit in 2^31 - 1 bytes.
+KpStatus KpCmsisPlanContext(KpStage* stage, const KpReporter& reporter);
 
 // Eval of layer `l` of the current patch (stage->regions filled).  Returns
 // true when CMSIS-NN computed region(l + 1); false: run the portable kernel.

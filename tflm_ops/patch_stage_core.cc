@@ -594,7 +594,7 @@ KpStatus KpPrepareStage(const KpOptionsView& v, int32_t num_op_inputs, KpGetCons
     }
   }
   if (PlanPatchArena(stage, reporter) != kKpOk) return kKpError;
-  KpCmsisPlanContext(stage);
+  if (KpCmsisPlanContext(stage, reporter) != kKpOk) return kKpError;
   *out_stage = stage;
   return kKpOk;
 }

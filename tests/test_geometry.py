@@ -149,12 +149,13 @@ def test_cmsis_nn_context_of_known_stages():
     assert geometry.kernel_context_bytes(opts, "cmsis_nn") == 112
     assert geometry.kernel_context_bytes(opts) == 0
     # Column tiles: the right tile (output columns 4..8) needs tensor 1 columns 3..8 and so
-    # tensor 0 columns 6..17, all 17 rows; tensor 0 is read in place only from column 0
-    # (pad_left + 0 - 3 * 2 < 0), so that window (17 * 11 * 3 bytes) is staged. The depthwise
-    # (pad 1 + 3 - 4 = 0) and the 1x1 conv (same width) read their blocks in place.
+    # tensor 0 columns 6..17; tensor 0 is read in place only from column 0
+    # (pad_left + 0 - 3 * 2 < 0), so the conv runs row by row, staging the 3 input rows of
+    # each output row (3 * 11 * 3 bytes). The depthwise (pad 1 + 3 - 4 = 0) and the 1x1 conv
+    # (same width) read their blocks in place.
     two = o.StageOptions(**{**opts.__dict__, "grid": (1, 2)})
-    assert geometry.cmsis_nn_staging_bytes(two) == 17 * 11 * 3
-    assert geometry.kernel_context_bytes(two, "cmsis_nn") == 112 + 564
+    assert geometry.cmsis_nn_staging_bytes(two) == 3 * 11 * 3
+    assert geometry.kernel_context_bytes(two, "cmsis_nn") == 112 + 100
     # A 5x5 depthwise (or 3x3 with pad 2) takes the opt kernel: 2 * C * kh * kw.
     dw5 = o.LayerOptions(op=o.OP_DEPTHWISE_CONV_2D, inputs=(1, -1), kernel=(5, 5), pad=(2, 2), weights=(3, 4))
     five = o.StageOptions(**{**opts.__dict__, "layers": [conv, dw5, pw]})

@@ -175,36 +175,47 @@ bool ConvCall(const KpStage& s, const KpLayer& layer, const Block& in, const KpR
   return status == ARM_CMSIS_NN_SUCCESS;
 }
 
+// Input rows [y0, y1) (clipped to the tensor) that output row y of a
+// conv-like layer reads.
+void RowWindow(const KpLayer& layer, const KpTensor& in, int32_t y, int32_t* y0, int32_t* y1) {
+  *y0 = Max(y * layer.stride_h - layer.pad_top, 0);
+  *y1 = Min(y * layer.stride_h - layer.pad_top + (layer.kernel_h - 1) * layer.dilation_h + 1, in.h);
+}
+
 bool ConvLayer(const KpStage& s, int32_t l, const int8_t* input, int8_t* output, uint8_t* arena,
                uint8_t* context, const void* const* op_inputs) {
   const KpLayer& layer = s.layers[l];
   const KpRegion& r = s.regions[l + 1];
   const KpTensor& in_t = s.tensors[layer.in_a];
-  Block in = TensorBlock(s, layer.in_a, input, output, arena);
+  const Block in = TensorBlock(s, layer.in_a, input, output, arena);
   const Block out = TensorBlock(s, l + 1, input, output, arena);
-  if (!InPlace(layer, in.x0, in.x1, r)) {
-    // Copy the needed window to the staging area (planned in Prepare).
-    const KpRegion w = NeededWindow(layer, in_t, r);
-    if (context == NULL || w.y1 <= w.y0 || w.x1 <= w.x0) return false;
-    int8_t* staged = reinterpret_cast<int8_t*>(context + s.staging_offset);
-    const size_t row = static_cast<size_t>((w.x1 - w.x0) * in.c);
-    for (int32_t y = w.y0; y < w.y1; ++y) {
-      memcpy(staged + static_cast<size_t>(y - w.y0) * row, in.At(y, w.x0), row);
-    }
-    in.data = staged;
-    in.y0 = w.y0;
-    in.y1 = w.y1;
-    in.x0 = w.x0;
-    in.x1 = w.x1;
-  }
   const int8_t* filter = static_cast<const int8_t*>(op_inputs[layer.filter_input]);
   const int32_t* bias =
       layer.bias_input >= 0 ? static_cast<const int32_t*>(op_inputs[layer.bias_input]) : NULL;
-  if (out.x0 == r.x0 && out.x1 == r.x1) {  // contiguous output rows: one call
-    return ConvCall(s, layer, in, r, r.y0, r.y1, out.At(r.y0, r.x0), context, filter, bias, l);
+  if (InPlace(layer, in.x0, in.x1, r)) {
+    if (out.x0 == r.x0 && out.x1 == r.x1) {  // contiguous output rows: one call
+      return ConvCall(s, layer, in, r, r.y0, r.y1, out.At(r.y0, r.x0), context, filter, bias, l);
+    }
+    for (int32_t y = r.y0; y < r.y1; ++y) {  // the op output of a column tile: row by row
+      if (!ConvCall(s, layer, in, r, y, y + 1, out.At(y, r.x0), context, filter, bias, l)) {
+        return false;
+      }
+    }
+    return true;
   }
-  for (int32_t y = r.y0; y < r.y1; ++y) {  // the op output of a column tile: row by row
-    if (!ConvCall(s, layer, in, r, y, y + 1, out.At(y, r.x0), context, filter, bias, l)) {
+  // One output row per call, its input rows (the needed columns only) copied
+  // to the staging area planned in Prepare.
+  const KpRegion w = NeededWindow(layer, in_t, r);
+  if (context == NULL || w.x1 <= w.x0) return false;
+  int8_t* staged = reinterpret_cast<int8_t*>(context + s.staging_offset);
+  const size_t row = static_cast<size_t>((w.x1 - w.x0) * in.c);
+  for (int32_t y = r.y0; y < r.y1; ++y) {
+    Block band = {staged, 0, 0, w.x0, w.x1, in.c};
+    RowWindow(layer, in_t, y, &band.y0, &band.y1);
+    for (int32_t iy = band.y0; iy < band.y1; ++iy) {
+      memcpy(staged + static_cast<size_t>(iy - band.y0) * row, in.At(iy, w.x0), row);
+    }
+    if (!ConvCall(s, layer, band, r, y, y + 1, out.At(y, r.x0), context, filter, bias, l)) {
       return false;
     }
   }
@@ -276,7 +287,8 @@ KpStatus KpCmsisPlanContext(KpStage* stage, const KpReporter& reporter) {
   for (int32_t l = 0; l < s.num_layers; ++l) {
     if (IsConvLike(s.layers[l].op)) cmsis_bytes = Max(cmsis_bytes, LayerContextBytes(s, s.layers[l], l));
   }
-  // Staging: the largest window copied by a conv-like layer of any patch.
+  // Staging: the largest band of input rows (one output row's, the region's
+  // columns) copied by a conv-like layer of any patch.
   int64_t staging = 0;
   const int32_t num_tiles = s.grid_h * s.grid_w;
   for (int32_t tile = 0; tile < num_tiles; ++tile) {
@@ -290,8 +302,12 @@ KpStatus KpCmsisPlanContext(KpStage* stage, const KpReporter& reporter) {
       if (InPlace(layer, x0, x1, r)) continue;
       const KpTensor& in_t = s.tensors[layer.in_a];
       const KpRegion w = NeededWindow(layer, in_t, r);
-      const int64_t bytes = RegionArea(w) * in_t.c;
-      if (bytes > staging) staging = bytes;
+      for (int32_t y = r.y0; y < r.y1; ++y) {
+        int32_t y0, y1;
+        RowWindow(layer, in_t, y, &y0, &y1);
+        const int64_t bytes = static_cast<int64_t>(y1 - y0) * (w.x1 - w.x0) * in_t.c;
+        if (bytes > staging) staging = bytes;
+      }
     }
   }
   const int64_t total = (static_cast<int64_t>(cmsis_bytes) + 3) / 4 * 4 + (staging + 3) / 4 * 4;

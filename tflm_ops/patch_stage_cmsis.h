@@ -14,8 +14,9 @@ the block's height/width (taps past them are padding, which is exactly the
 part of the kernel window outside the full tensor).  When the stored input
 cannot be addressed that way (tensor 0 read in place from a column tile, a
 hull wider on the left than this layer needs, a 1x1 stride-1 conv whose
-stored input is wider than its output), the needed window is copied to the
-staging area of the context buffer.  An output region that is not
+stored input is wider than its output), the layer runs one output row per
+call and copies that row's input rows (the needed columns) to the staging
+area of the context buffer.  An output region that is not
 contiguous (the op output of a tile narrower than the tensor) is written
 one row per call.  A CMSIS-NN call that returns an error leaves the layer
 to the portable kernel.

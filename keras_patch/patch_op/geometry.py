@@ -223,13 +223,15 @@ def _cmsis_in_place(layer, block_x0: int, block_x1: int, region: Region) -> bool
 
 
 def cmsis_nn_staging_bytes(options: StageOptions) -> int:
-    """Largest input window the CMSIS-NN path copies (docs: "Scratch buffers", #1).
+    """Largest input band the CMSIS-NN path copies (docs: "Scratch buffers", #1).
 
     A CONV_2D / DEPTHWISE_CONV_2D input block (stage tensor 0: the whole
     tensor; an intermediate: its stored region) is passed in place when the
     left padding it implies, `pad_left + block_x0 - out_x0 * stride_w`, is
     `>= 0` and, for a 1x1 stride-1 CONV_2D, its width is the output
-    region's; otherwise the window the layer reads is copied.
+    region's; otherwise the layer runs one output row at a time and copies
+    the input rows that row reads (clipped to the tensor), over the columns
+    the whole output region reads.
     """
     staging = 0
     for regions in all_patch_regions(options):
@@ -245,7 +247,10 @@ def cmsis_nn_staging_bytes(options: StageOptions) -> int:
             if _cmsis_in_place(layer, x0, x1, region):
                 continue
             window = layer_input_region(options, l, region)
-            staging = max(staging, region_area(window) * options.tensor_shapes[t][2])
+            in_h = options.tensor_shapes[t][0]
+            rows = max(min(y * layer.stride[0] - layer.pad[0] + (layer.kernel[0] - 1) * layer.dilation[0] + 1, in_h)
+                       - max(y * layer.stride[0] - layer.pad[0], 0) for y in range(region[0], region[1]))
+            staging = max(staging, rows * (window[3] - window[2]) * options.tensor_shapes[t][2])
     return staging
 
 

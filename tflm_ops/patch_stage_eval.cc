@@ -244,8 +244,11 @@ KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
       const KpRegion& r = s.regions[l + 1];
       if (RegionEmpty(r)) continue;
       const KpLayer& layer = s.layers[l];
-      // CMSIS-NN builds: CONV_2D, DEPTHWISE_CONV_2D and ADD (patch_stage_cmsis.h).
+#if defined(CMSIS_NN)
+      // CONV_2D, DEPTHWISE_CONV_2D and ADD through CMSIS-NN (patch_stage_cmsis.h);
+      // false: this layer of this patch runs the portable kernel below.
       if (KpCmsisEvalLayer(s, l, input, output, arena, context, op_inputs)) continue;
+#endif
       const KpTensor& in_t = s.tensors[layer.in_a];
       const KpTensor& out_t = s.tensors[l + 1];
       int8_t* io = const_cast<int8_t*>(input);  // tensor 0 is only read

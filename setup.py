@@ -21,6 +21,7 @@ KP_CORE_SOURCES = [
     "tflm_ops/patch_geometry.cc",
     "tflm_ops/patch_stage_core.cc",
     "tflm_ops/patch_stage_eval.cc",
+    "tflm_ops/patch_stage_cmsis.cc",
     "tflm_ops/patch_stage_c_api.cc",
 ]
 kp_core = Extension(

@@ -11,7 +11,11 @@ tensor one after the other (layer by layer: the same kernels, no
 recomputation, full-size intermediates). Reported: instructions of one Eval
 each, their ratio, the stage's MAC overhead (patched MACs / layer-by-layer
 MACs) and the working memory (patch arena) each needs; both outputs are
-checked byte for byte against the reference executor.
+checked byte for byte against the reference executor. "working memory" is
+the patch arena (scratch buffer #0; at grid 1x1 it holds the full-size
+intermediates); the CMSIS-NN build also requests the context buffer #1
+(CMSIS-NN's im2col/column buffers and the staging area for copied input
+windows), reported in the last column.
 
 `--cmsis-nn DIR` builds a second pair with `-DCMSIS_NN` and CMSIS-NN's
 sources from DIR (not on any registry; see tflm_ops/README.md); without it,
@@ -98,16 +102,19 @@ def measure(cmsis_nn: str, log) -> list:
                     stage=name, variant=variant, macs=stage.macs, mac_overhead=stage.mac_overhead,
                     patch_instr=runs["patch"].instructions, layer_instr=runs["layer"].instructions,
                     patch_arena=int(runs["patch"].fields["arena"]), layer_arena=int(runs["layer"].fields["arena"]),
+                    patch_context=int(runs["patch"].fields.get("context", 0)),
+                    layer_context=int(runs["layer"].fields.get("context", 0)),
                 ))
     return rows
 
 
 def render(rows: list, markdown: bool) -> str:
     header = ["stage", "kernels", "MACs (layer by layer)", "stage MAC overhead", "instructions, layer by layer",
-              "instructions, patch by patch", "ratio", "intermediates, layer by layer (grid 1x1)", "patch arena"]
+              "instructions, patch by patch", "ratio", "intermediates, layer by layer (grid 1x1)", "patch arena",
+              "CMSIS-NN context, layer by layer / patch by patch"]
     lines = [[r["stage"], r["variant"], f"{r['macs']:,}", f"{r['mac_overhead']:.3f}", f"{r['layer_instr']:,}",
               f"{r['patch_instr']:,}", f"{r['patch_instr'] / r['layer_instr']:.3f}", f"{r['layer_arena']:,}",
-              f"{r['patch_arena']:,}"] for r in rows]
+              f"{r['patch_arena']:,}", f"{r['layer_context']:,} / {r['patch_context']:,}"] for r in rows]
     return render_table(header, lines, markdown)
 
 

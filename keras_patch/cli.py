@@ -46,7 +46,7 @@ def _cmd_profile(args) -> int:
     from keras_patch.profiler import profile
 
     source = _load_keras(args.model) if args.model.endswith(".keras") else args.model
-    prof = profile(source)
+    prof = profile(source, kernel=args.kernel)
     if args.json:
         print(json.dumps(prof.to_dict(), indent=1, default=list))
     else:
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--plot", help="write the memory plot (PNG) here")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--kernel", choices=["portable", "cmsis_nn"], default="portable",
+                   help="KP_PATCH_STAGE build to predict scratch for (cmsis_nn: -DCMSIS_NN, adds buffer #1)")
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("export", help="int8 .tflite from a .keras model; PatchStages become KP_PATCH_STAGE")

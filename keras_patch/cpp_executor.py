@@ -93,6 +93,11 @@ def load_library() -> ctypes.CDLL:
     lib.kp_stage_eval.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_ConstTensor),
         ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t] + c_err
+    lib.kp_stage_eval_ctx.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_ConstTensor),
+        ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t] + c_err
+    lib.kp_stage_context_bytes.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    lib.kp_cmsis_nn_enabled.argtypes = []
     lib.kp_stage_arena_plan.argtypes = [
         ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]
     lib.kp_option_key.restype = ctypes.c_char_p
@@ -102,9 +107,15 @@ def load_library() -> ctypes.CDLL:
     lib.kp_multiply_by_quantized_multiplier.restype = ctypes.c_int32
     lib.kp_multiply_by_quantized_multiplier.argtypes = [ctypes.c_int32] * 3
     for name in ("kp_stage_persistent_bytes", "kp_stage_prepare", "kp_stage_check_io",
-                 "kp_stage_eval", "kp_stage_arena_plan", "kp_num_option_keys"):
+                 "kp_stage_eval", "kp_stage_eval_ctx", "kp_stage_context_bytes", "kp_cmsis_nn_enabled",
+                 "kp_stage_arena_plan", "kp_num_option_keys"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
+
+
+def cmsis_nn_enabled() -> bool:
+    """True when the loaded core was built with -DCMSIS_NN (never for the host build)."""
+    return bool(load_library().kp_cmsis_nn_enabled())
 
 
 def is_available() -> bool:
@@ -191,6 +202,12 @@ class CppStage:
         self.num_op_inputs = n
         self.arena_bytes = int(arena.value)
         self._arena = np.zeros(max(self.arena_bytes, 1), np.uint8)
+        context = ctypes.c_uint32()
+        if self._lib.kp_stage_context_bytes(self._persistent.ctypes.data, ctypes.byref(context)):
+            raise AssertionError("kp_stage_context_bytes failed")
+        #: Scratch buffer #1 (CMSIS-NN context): 0 unless the core was built with -DCMSIS_NN.
+        self.context_bytes = int(context.value)
+        self._context = np.zeros(max(self.context_bytes // 4 + 1, 1), np.int32)  # 4-byte aligned
         from keras_patch.patch_op.options import decode_options  # shapes for run()
 
         self.options = decode_options(self._options)
@@ -226,8 +243,9 @@ class CppStage:
         outputs = np.empty((inputs.shape[0], *self.options.output_shape), np.int8)
         err = ctypes.create_string_buffer(_ERR_SIZE)
         for n in range(inputs.shape[0]):
-            if self._lib.kp_stage_eval(self._persistent.ctypes.data, inputs[n].ctypes.data,
-                                       outputs[n].ctypes.data, self._inputs, self.num_op_inputs,
-                                       self._arena.ctypes.data, self._arena.nbytes, err, _ERR_SIZE):
+            if self._lib.kp_stage_eval_ctx(self._persistent.ctypes.data, inputs[n].ctypes.data,
+                                           outputs[n].ctypes.data, self._inputs, self.num_op_inputs,
+                                           self._arena.ctypes.data, self._arena.nbytes,
+                                           self._context.ctypes.data, self._context.nbytes, err, _ERR_SIZE):
                 raise RuntimeError(_error(err))
         return outputs

@@ -54,9 +54,10 @@ class StageProfile:
     output_shape: tuple
     receptive_field: tuple  # (h, w) input pixels behind one output pixel
     patch_input_shape: tuple  # largest input region of a patch (h, w, c)
-    patch_arena_bytes: int  # the kernel's scratch buffer
+    patch_arena_bytes: int  # the kernel's scratch buffer #0
     macs: int  # layer by layer
     patched_macs: int  # patch by patch, recomputation included
+    context_bytes: int = 0  # scratch buffer #1: CMSIS-NN context (kernel="cmsis_nn")
 
     @property
     def mac_overhead(self) -> float:
@@ -177,18 +178,25 @@ def _plan(model: TFLiteModel, scratch: dict, exclude_inputs: bool) -> tuple:
     return buffers, memory_planner.plan_greedy(buffers).head_bytes
 
 
-def stage_scratch_bytes(model: TFLiteModel) -> dict:
-    """op index -> scratch sizes each KP_PATCH_STAGE op requests (docs: "Scratch buffers")."""
+def stage_scratch_bytes(model: TFLiteModel, kernel: str = "portable") -> dict:
+    """op index -> scratch sizes each KP_PATCH_STAGE op requests (docs: "Scratch buffers").
+
+    In request order: the patch arena (#0) if non-zero, then, for
+    `kernel="cmsis_nn"`, the CMSIS-NN context (#1) if non-zero.
+    """
     scratch = {}
     for op in find_stages(model):
-        arena = geometry.plan_patch_arena(stage_options(model, op)).total_bytes
-        scratch[op] = [arena] if arena > 0 else []
+        opts = stage_options(model, op)
+        arena = geometry.plan_patch_arena(opts).total_bytes
+        context = geometry.kernel_context_bytes(opts, kernel)
+        scratch[op] = [b for b in (arena, context) if b > 0]
     return scratch
 
 
 def profile(
     model_or_tflite: Union[ModelSource, "object"],
     representative_dataset=None,
+    kernel: str = "portable",
 ) -> Profile:
     """Profiles a Keras model (converted to int8 first) or an int8 `.tflite`.
 
@@ -197,6 +205,10 @@ def profile(
             stages), `.tflite` bytes or a path.
         representative_dataset: calibration data for a Keras model; random
             samples when omitted (memory does not depend on the values).
+        kernel: how the KP_PATCH_STAGE kernel is built: "portable" (default)
+            or "cmsis_nn" (-DCMSIS_NN, Cortex-M with DSP: adds each stage's
+            CMSIS-NN context buffer, docs "Scratch buffers" #1). Built-in
+            ops keep the reference kernels' scratch requests either way.
 
     Returns:
         A `Profile`. `summary` holds `layer_by_layer_peak_bytes` (the TFLM arena
@@ -217,7 +229,9 @@ def profile(
     patched = TFLiteModel.from_bytes(data)
     plain = TFLiteModel.from_bytes(unpatchify(data))
     stage_ops = find_stages(patched)
-    scratch = stage_scratch_bytes(patched)
+    if kernel not in geometry.KERNELS:
+        raise ValueError(f"kernel must be one of {geometry.KERNELS}, not {kernel!r}")
+    scratch = stage_scratch_bytes(patched, kernel)
 
     plain_buffers, lbl_peak = _plan(plain, {}, exclude_inputs=False)
     _, lbl_peak_no_input = _plan(plain, {}, exclude_inputs=True)
@@ -237,8 +251,9 @@ def profile(
                 input_shape=opts.input_shape, output_shape=opts.output_shape,
                 receptive_field=geometry.receptive_field(opts),
                 patch_input_shape=(ph, pw, opts.input_shape[2]),
-                patch_arena_bytes=scratch[p][0] if scratch[p] else 0,
+                patch_arena_bytes=geometry.plan_patch_arena(opts).total_bytes,
                 macs=full, patched_macs=patched_macs,
+                context_bytes=geometry.kernel_context_bytes(opts, kernel),
             ))
             plain_to_patched.extend([(p, opts, l) for l in range(opts.num_layers)])
             plain_stage.extend([p] * opts.num_layers)

@@ -144,6 +144,10 @@ def test_cpp_equals_reference_executor(stage, seed):
     assert cpp.arena_bytes == plan.total_bytes
     assert cpp_executor.persistent_bytes(o.encode_options(opts)) == geometry.kernel_persistent_bytes(
         opts, pointer_bytes=8)
+    # The host core is the portable build: no CMSIS-NN context buffer (tests/test_cmsis_nn.py
+    # checks the -DCMSIS_NN build's Q against geometry.kernel_context_bytes(opts, "cmsis_nn")).
+    assert not cpp_executor.cmsis_nn_enabled()
+    assert cpp.context_bytes == geometry.kernel_context_bytes(opts, "portable") == 0
 
 
 def _key(message: str) -> str:

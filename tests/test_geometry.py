@@ -133,6 +133,37 @@ def test_patch_by_patch_equals_layer_by_layer(opts, seed):
     np.testing.assert_array_equal(run_stage(stage, x), run_stage(stage, x, patch_by_patch=False))
 
 
+def test_cmsis_nn_context_of_known_stages():
+    """kernel_context_bytes: CMSIS-NN's DSP buffer sizes plus the staging area (docs: "Scratch buffers")."""
+    conv = o.LayerOptions(op=o.OP_CONV_2D, inputs=(0, -1), kernel=(3, 3), stride=(2, 2), pad=(0, 0),
+                          weights=(1, 2))
+    dw = o.LayerOptions(op=o.OP_DEPTHWISE_CONV_2D, inputs=(1, -1), kernel=(3, 3), pad=(1, 1), weights=(3, 4))
+    pw = o.LayerOptions(op=o.OP_CONV_2D, inputs=(2, -1), weights=(5, 6))
+    opts = o.StageOptions(grid=(1, 1), tensor_shapes=[(17, 17, 3), (8, 8, 8), (8, 8, 8), (8, 8, 5)],
+                          tensor_scales=[0.1] * 4, tensor_zero_points=[0] * 4, layers=[conv, dw, pw])
+    # 3x3 conv over 3 channels: two int16 columns of align4(27) = 28; the 3x3 depthwise with
+    # pads <= 1 and the 1x1 conv need none; grid 1x1 copies nothing.
+    assert geometry.cmsis_nn_layer_buffer_bytes(opts, 0) == 112
+    assert geometry.cmsis_nn_layer_buffer_bytes(opts, 1) == 0
+    assert geometry.cmsis_nn_layer_buffer_bytes(opts, 2) == 0
+    assert geometry.kernel_context_bytes(opts, "cmsis_nn") == 112
+    assert geometry.kernel_context_bytes(opts) == 0
+    # Column tiles: the right tile (output columns 4..8) needs tensor 1 columns 3..8 and so
+    # tensor 0 columns 6..17; tensor 0 is read in place only from column 0
+    # (pad_left + 0 - 3 * 2 < 0), so the conv runs row by row, staging the 3 input rows of
+    # each output row (3 * 11 * 3 bytes). The depthwise (pad 1 + 3 - 4 = 0) and the 1x1 conv
+    # (same width) read their blocks in place.
+    two = o.StageOptions(**{**opts.__dict__, "grid": (1, 2)})
+    assert geometry.cmsis_nn_staging_bytes(two) == 3 * 11 * 3
+    assert geometry.kernel_context_bytes(two, "cmsis_nn") == 112 + 100
+    # A 5x5 depthwise (or 3x3 with pad 2) takes the opt kernel: 2 * C * kh * kw.
+    dw5 = o.LayerOptions(op=o.OP_DEPTHWISE_CONV_2D, inputs=(1, -1), kernel=(5, 5), pad=(2, 2), weights=(3, 4))
+    five = o.StageOptions(**{**opts.__dict__, "layers": [conv, dw5, pw]})
+    assert geometry.cmsis_nn_layer_buffer_bytes(five, 1) == 2 * 8 * 25
+    with pytest.raises(ValueError, match="kernel"):
+        geometry.kernel_context_bytes(opts, "helium")
+
+
 def test_receptive_field_of_a_known_chain():
     # conv 3x3 s2 -> conv 3x3 s1 -> maxpool 2 s2: RF = 1 -> 2 -> 4 -> 9 ... computed by hand
     opts = o.StageOptions(

@@ -7,7 +7,8 @@ planning and arithmetic.
   Init     keeps a pointer to the custom options (they live in the model).
   Prepare  parses and validates them, checks the op's tensors, builds the
            stage in persistent memory, requests the patch arena (scratch
-           buffer #0 of docs/patch_stage_op.md).
+           buffer #0 of docs/patch_stage_op.md) and, when the core is built
+           with -DCMSIS_NN, the CMSIS-NN context (scratch buffer #1).
   Eval     fetches the tensor pointers and runs the core; allocates nothing.
 ==============================================================================*/
 #include <stdarg.h>
@@ -33,6 +34,7 @@ struct OpData {
   const void** input_data;   // one pointer per op input, refreshed in Eval
   int num_inputs;
   int arena_index;           // scratch buffer of the patch arena, -1 if none
+  int context_index;         // scratch buffer of the CMSIS-NN context, -1 if none
 };
 
 // The core's error sink: TFLM's log.
@@ -106,6 +108,7 @@ void* Init(TfLiteContext* context, const char* buffer, size_t length) {
   data->input_data = nullptr;
   data->num_inputs = 0;
   data->arena_index = -1;
+  data->context_index = -1;
   return data;
 }
 
@@ -152,6 +155,11 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
     TF_LITE_ENSURE_STATUS(context->RequestScratchBufferInArena(
         context, data->stage->arena_bytes, &data->arena_index));
   }
+  data->context_index = -1;
+  if (data->stage->context_bytes > 0) {
+    TF_LITE_ENSURE_STATUS(context->RequestScratchBufferInArena(
+        context, data->stage->context_bytes, &data->context_index));
+  }
   return kTfLiteOk;
 }
 
@@ -171,10 +179,15 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
     arena = static_cast<uint8_t*>(context->GetScratchBuffer(context, data->arena_index));
     TF_LITE_ENSURE(context, arena != nullptr);
   }
+  uint8_t* cmsis_context = nullptr;
+  if (data->context_index >= 0) {
+    cmsis_context = static_cast<uint8_t*>(context->GetScratchBuffer(context, data->context_index));
+    TF_LITE_ENSURE(context, cmsis_context != nullptr);
+  }
   const KpReporter reporter = {Report, nullptr};
   TF_LITE_ENSURE(context, KpEvalStage(data->stage, tflite::micro::GetTensorData<int8_t>(input),
                                       tflite::micro::GetTensorData<int8_t>(output),
-                                      data->input_data, arena, reporter) == kKpOk);
+                                      data->input_data, arena, cmsis_context, reporter) == kKpOk);
   return kTfLiteOk;
 }
 

@@ -3,9 +3,11 @@
 #include "patch_stage_c_api.h"
 
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "int8_arith.h"
+#include "patch_stage_cmsis.h"
 #include "patch_stage_core.h"
 
 namespace {
@@ -95,9 +97,10 @@ int kp_stage_check_io(const void* buffer, int is_output, int32_t type, int32_t n
              : 1;
 }
 
-int kp_stage_eval(void* buffer, const int8_t* input, int8_t* output, const kp_const_tensor* inputs,
-                  int32_t num_op_inputs, void* arena, size_t arena_size, char* err,
-                  size_t err_size) {
+int kp_stage_eval_ctx(void* buffer, const int8_t* input, int8_t* output,
+                      const kp_const_tensor* inputs, int32_t num_op_inputs, void* arena,
+                      size_t arena_size, void* context, size_t context_size, char* err,
+                      size_t err_size) {
   ErrorBuffer e = {err, err_size, false};
   const KpReporter reporter = {Report, &e};
   KpStage* stage = static_cast<KpStage*>(buffer);
@@ -108,13 +111,34 @@ int kp_stage_eval(void* buffer, const int8_t* input, int8_t* output, const kp_co
            static_cast<int>(num_op_inputs), static_cast<int>(stage->num_op_inputs));
     return 1;
   }
+  if (context_size < stage->context_bytes ||
+      (reinterpret_cast<uintptr_t>(context) & 3u) != 0) {
+    Report(&e, "KP_PATCH_STAGE Eval: CMSIS-NN context of %d bytes (needs %d, 4-byte aligned).",
+           static_cast<int>(context_size), static_cast<int>(stage->context_bytes));
+    return 1;
+  }
   const void* data[1024];
   for (int32_t i = 0; i < num_op_inputs; ++i) data[i] = inputs != NULL ? inputs[i].data : NULL;
   return keras_patch::KpEvalStage(stage, input, output, data, static_cast<uint8_t*>(arena),
-                                  reporter) == keras_patch::kKpOk
+                                  static_cast<uint8_t*>(context), reporter) == keras_patch::kKpOk
              ? 0
              : 1;
 }
+
+int kp_stage_eval(void* buffer, const int8_t* input, int8_t* output, const kp_const_tensor* inputs,
+                  int32_t num_op_inputs, void* arena, size_t arena_size, char* err,
+                  size_t err_size) {
+  return kp_stage_eval_ctx(buffer, input, output, inputs, num_op_inputs, arena, arena_size, NULL,
+                           0, err, err_size);
+}
+
+int kp_stage_context_bytes(const void* buffer, uint32_t* context_bytes) {
+  if (buffer == NULL || context_bytes == NULL) return 1;
+  *context_bytes = static_cast<const KpStage*>(buffer)->context_bytes;
+  return 0;
+}
+
+int kp_cmsis_nn_enabled(void) { return keras_patch::KpCmsisEnabled() ? 1 : 0; }
 
 int kp_stage_arena_plan(const void* buffer, int32_t* offsets, int32_t* sizes,
                         int32_t num_tensors) {

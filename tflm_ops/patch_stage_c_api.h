@@ -38,6 +38,13 @@ int kp_stage_prepare(const uint8_t* options, size_t options_size,
                      void* buffer, size_t buffer_size, uint32_t* arena_bytes,
                      char* err, size_t err_size);
 
+/* Bytes of the CMSIS-NN context buffer (scratch buffer #1) the prepared
+   stage needs: 0 unless the core was built with -DCMSIS_NN. */
+int kp_stage_context_bytes(const void* buffer, uint32_t* context_bytes);
+
+/* 1 when the core was built with -DCMSIS_NN (the CMSIS-NN fast path). */
+int kp_cmsis_nn_enabled(void);
+
 /* Checks the op's input (is_output 0) or output tensor against the stage. */
 int kp_stage_check_io(const void* buffer, int is_output, int32_t type,
                       int32_t num_dims, const int32_t* dims, float scale,
@@ -47,6 +54,14 @@ int kp_stage_check_io(const void* buffer, int is_output, int32_t type,
 int kp_stage_eval(void* buffer, const int8_t* input, int8_t* output,
                   const kp_const_tensor* inputs, int32_t num_op_inputs,
                   void* arena, size_t arena_size, char* err, size_t err_size);
+
+/* kp_stage_eval with the CMSIS-NN context buffer (4-byte aligned,
+   kp_stage_context_bytes long; may be NULL when that is 0). kp_stage_eval is
+   this with no context buffer. */
+int kp_stage_eval_ctx(void* buffer, const int8_t* input, int8_t* output,
+                      const kp_const_tensor* inputs, int32_t num_op_inputs,
+                      void* arena, size_t arena_size, void* context,
+                      size_t context_size, char* err, size_t err_size);
 
 /* The patch-arena plan: offsets[t] / sizes[t] for t = 0 .. num_tensors-1. */
 int kp_stage_arena_plan(const void* buffer, int32_t* offsets, int32_t* sizes,

@@ -11,6 +11,7 @@ executor.py prepare_stage) and the precomputed stage.
 
 #include "int8_arith.h"
 #include "patch_geometry.h"
+#include "patch_stage_cmsis.h"
 
 namespace keras_patch {
 namespace {
@@ -512,6 +513,8 @@ KpStatus KpPrepareStage(const KpOptionsView& v, int32_t num_op_inputs, KpGetCons
   stage->grid_w = static_cast<int32_t>(V(v, kKeyGrid, 1));
   stage->num_op_inputs = num_op_inputs;
   stage->arena_bytes = 0;
+  stage->context_bytes = 0;
+  stage->staging_offset = 0;
   for (int32_t t = 0; t <= L; ++t) {
     KpTensor& tensor = stage->tensors[t];
     tensor.h = static_cast<int32_t>(Shape(v, t, 0));
@@ -591,6 +594,7 @@ KpStatus KpPrepareStage(const KpOptionsView& v, int32_t num_op_inputs, KpGetCons
     }
   }
   if (PlanPatchArena(stage, reporter) != kKpOk) return kKpError;
+  if (KpCmsisPlanContext(stage, reporter) != kKpOk) return kKpError;
   *out_stage = stage;
   return kKpOk;
 }

@@ -12,9 +12,10 @@ Use (the TFLM adapter patch_stage.cc and the C API do exactly this):
   size_t bytes = KpPersistentBytes(view);    // allocate, 8-byte aligned
   KpStage* stage;
   KpPrepareStage(view, num_op_inputs, get_const_tensor, ctx, buffer, bytes,
-                 reporter, &stage);          // stage->arena_bytes = P
+                 reporter, &stage);          // stage->arena_bytes = P,
+                                             // stage->context_bytes = Q (CMSIS-NN)
   KpCheckStageIo(*stage, ...);               // op input 0 and output 0
-  KpEvalStage(stage, input, output, op_input_data, arena, reporter);  // Eval
+  KpEvalStage(stage, input, output, op_input_data, arena, context, reporter);  // Eval
 
 Every function returns kKpOk or reports one message (naming the options key
 at fault) and returns kKpError.
@@ -64,6 +65,13 @@ KpStatus KpCheckStageIo(const KpStage& stage, bool is_output, int32_t type, int3
 // bytes (may be NULL when that is 0).  Allocates nothing.
 KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
                      const void* const* op_inputs, uint8_t* arena, const KpReporter& reporter);
+
+// The same with the CMSIS-NN context buffer (scratch buffer #1) of
+// stage->context_bytes bytes, 4-byte aligned (may be NULL when that is 0,
+// always the case without -DCMSIS_NN).
+KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
+                     const void* const* op_inputs, uint8_t* arena, uint8_t* context,
+                     const KpReporter& reporter);
 
 // Activation range of a fused activation (CalculateActivationRangeQuantized).
 void KpActivationRange(int32_t activation, float scale, int32_t zero_point, int32_t* act_min,

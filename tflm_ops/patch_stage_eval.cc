@@ -9,6 +9,7 @@ the patch arena at their planned offsets; nothing is allocated.
 
 #include "int8_arith.h"
 #include "patch_geometry.h"
+#include "patch_stage_cmsis.h"
 #include "patch_stage_core.h"
 
 namespace keras_patch {
@@ -213,9 +214,17 @@ ConstPlane AsConst(const Plane& p) {
 
 KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
                      const void* const* op_inputs, uint8_t* arena, const KpReporter& reporter) {
+  return KpEvalStage(stage, input, output, op_inputs, arena, NULL, reporter);
+}
+
+KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
+                     const void* const* op_inputs, uint8_t* arena, uint8_t* context,
+                     const KpReporter& reporter) {
   KpStage& s = *stage;
-  if (input == NULL || output == NULL || (s.arena_bytes > 0 && arena == NULL)) {
-    reporter.report(reporter.context, "KP_PATCH_STAGE Eval: missing input, output or arena.");
+  if (input == NULL || output == NULL || (s.arena_bytes > 0 && arena == NULL) ||
+      (s.context_bytes > 0 && context == NULL)) {
+    reporter.report(reporter.context,
+                    "KP_PATCH_STAGE Eval: missing input, output, arena or CMSIS-NN context.");
     return kKpError;
   }
   for (int32_t l = 0; l < s.num_layers; ++l) {
@@ -235,6 +244,11 @@ KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
       const KpRegion& r = s.regions[l + 1];
       if (RegionEmpty(r)) continue;
       const KpLayer& layer = s.layers[l];
+#if defined(CMSIS_NN)
+      // CONV_2D, DEPTHWISE_CONV_2D and ADD through CMSIS-NN (patch_stage_cmsis.h);
+      // false: this layer of this patch runs the portable kernel below.
+      if (KpCmsisEvalLayer(s, l, input, output, arena, context, op_inputs)) continue;
+#endif
       const KpTensor& in_t = s.tensors[layer.in_a];
       const KpTensor& out_t = s.tensors[l + 1];
       int8_t* io = const_cast<int8_t*>(input);  // tensor 0 is only read

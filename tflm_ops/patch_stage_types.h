@@ -124,6 +124,8 @@ struct KpStage {
   int32_t num_op_inputs;
   int32_t num_channel_params;
   uint32_t arena_bytes;        // patch arena P (scratch buffer #0)
+  uint32_t context_bytes;      // CMSIS-NN context Q (scratch buffer #1; 0 without CMSIS_NN)
+  uint32_t staging_offset;     // start of the staging area inside the context buffer
   KpTensor* tensors;           // num_layers + 1
   KpLayer* layers;             // num_layers
   int32_t* channel_multiplier;  // num_channel_params
@@ -136,7 +138,7 @@ struct KpStage {
 static_assert(sizeof(KpTensor) == 36, "KpTensor layout is documented");
 static_assert(sizeof(KpLayer) == 92, "KpLayer layout is documented");
 static_assert(sizeof(KpRegion) == 16, "KpRegion layout is documented");
-static_assert(sizeof(KpStage) == 24 + 5 * sizeof(void*), "KpStage layout is documented");
+static_assert(sizeof(KpStage) == 32 + 5 * sizeof(void*), "KpStage layout is documented");
 
 // Description of one constant op input (filter or bias) for Prepare.
 enum KpTensorType { kKpTypeOther = 0, kKpTypeInt8 = 1, kKpTypeInt32 = 2 };

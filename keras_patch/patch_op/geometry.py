@@ -177,8 +177,96 @@ def kernel_persistent_bytes(options: StageOptions, pointer_bytes: int = 4) -> in
     L = options.num_layers
     channels = sum(options.tensor_shapes[l + 1][2] for l, layer in enumerate(options.layers)
                    if layer.op in (OP_CONV_2D, OP_DEPTHWISE_CONV_2D))
-    return (_align8(24 + 5 * pointer_bytes) + _align8(36 * (L + 1)) + _align8(92 * L)
+    return (_align8(32 + 5 * pointer_bytes) + _align8(36 * (L + 1)) + _align8(92 * L)
             + 2 * _align8(4 * channels) + _align8(16 * (L + 1)))
+
+
+KERNELS = ("portable", "cmsis_nn")
+
+
+def cmsis_nn_layer_buffer_bytes(options: StageOptions, layer_index: int) -> int:
+    """CMSIS-NN's context buffer for one CONV_2D / DEPTHWISE_CONV_2D layer.
+
+    Mirrors `arm_convolve_wrapper_s8_get_buffer_size` /
+    `arm_depthwise_conv_wrapper_s8_get_buffer_size` of CMSIS-NN (the commit
+    TFLM pins) on a Cortex-M with the DSP extension and no MVE (ARM_MATH_DSP),
+    built with GCC, called with the whole tensors and the layer's own
+    padding (every per-patch call has the same channels and kernel and no
+    more padding, so needs no more).  0 for other ops.
+    """
+    layer = options.layers[layer_index]
+    c_in = options.tensor_shapes[layer.inputs[0]][2]
+    c_out = options.tensor_shapes[layer_index + 1][2]
+    (kh, kw), (dh, dw), (pt, pl) = layer.kernel, layer.dilation, layer.pad
+    if layer.op == OP_CONV_2D:
+        if (kh, kw) == (1, 1) and (dh, dw) == (1, 1) and (pt, pl) == (0, 0):
+            # arm_convolve_1x1_s8_fast (GCC: no buffer; armclang >= 6.10: 4 * c_in)
+            # or arm_convolve_1x1_s8 (no buffer).
+            return 0
+        # arm_convolve_s8 / arm_convolve_1_x_n_s8: two int16 im2col columns.
+        return 2 * _align(kh * kw * c_in) * 2
+    if layer.op == OP_DEPTHWISE_CONV_2D:
+        if c_in != c_out or (dh, dw) != (1, 1):
+            return 0  # arm_depthwise_conv_s8
+        if (kh, kw) == (3, 3) and pt <= 1 and pl <= 1:
+            return 0  # arm_depthwise_conv_3x3_s8
+        return c_in * kh * kw * 2  # arm_depthwise_conv_s8_opt
+    return 0
+
+
+def _cmsis_in_place(layer, block_x0: int, block_x1: int, region: Region) -> bool:
+    if layer.pad[1] + block_x0 - region[2] * layer.stride[1] < 0:
+        return False
+    fast_1x1 = (layer.op == OP_CONV_2D and layer.kernel == (1, 1) and layer.stride == (1, 1)
+                and layer.dilation == (1, 1))
+    return not fast_1x1 or block_x1 - block_x0 == region[3] - region[2]
+
+
+def cmsis_nn_staging_bytes(options: StageOptions) -> int:
+    """Largest input band the CMSIS-NN path copies (docs: "Scratch buffers", #1).
+
+    A CONV_2D / DEPTHWISE_CONV_2D input block (stage tensor 0: the whole
+    tensor; an intermediate: its stored region) is passed in place when the
+    left padding it implies, `pad_left + block_x0 - out_x0 * stride_w`, is
+    `>= 0` and, for a 1x1 stride-1 CONV_2D, its width is the output
+    region's; otherwise the layer runs one output row at a time and copies
+    the input rows that row reads (clipped to the tensor), over the columns
+    the whole output region reads.
+    """
+    staging = 0
+    for regions in all_patch_regions(options):
+        for l, layer in enumerate(options.layers):
+            region = regions[l + 1]
+            if layer.op not in (OP_CONV_2D, OP_DEPTHWISE_CONV_2D) or is_empty(region):
+                continue
+            t = layer.inputs[0]
+            if t == 0:
+                x0, x1 = 0, options.tensor_shapes[0][1]
+            else:
+                x0, x1 = regions[t][2], regions[t][3]
+            if _cmsis_in_place(layer, x0, x1, region):
+                continue
+            window = layer_input_region(options, l, region)
+            in_h = options.tensor_shapes[t][0]
+            rows = max(min(y * layer.stride[0] - layer.pad[0] + (layer.kernel[0] - 1) * layer.dilation[0] + 1, in_h)
+                       - max(y * layer.stride[0] - layer.pad[0], 0) for y in range(region[0], region[1]))
+            staging = max(staging, rows * (window[3] - window[2]) * options.tensor_shapes[t][2])
+    return staging
+
+
+def kernel_context_bytes(options: StageOptions, kernel: str = "portable") -> int:
+    """Scratch buffer #1 (CMSIS-NN context) the kernel requests (docs: "Scratch buffers").
+
+    `kernel`: "portable" (0) or "cmsis_nn" (the core built with -DCMSIS_NN
+    for a Cortex-M with DSP, no MVE):
+    `align4(max over layers of cmsis_nn_layer_buffer_bytes) + align4(cmsis_nn_staging_bytes)`.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+    if kernel == "portable":
+        return 0
+    cmsis = max([cmsis_nn_layer_buffer_bytes(options, l) for l in range(options.num_layers)], default=0)
+    return _align(cmsis) + _align(cmsis_nn_staging_bytes(options))
 
 
 def layer_macs_per_pixel(options: StageOptions, layer_index: int) -> int:

@@ -7,7 +7,10 @@ and the output the Python side computed. The firmware prepares the stage,
 runs Eval once (timed with the CMSDK APB timer 0, 25 MHz), compares the
 output byte for byte and prints one result line:
 
-  KP_RESULT status=ok mismatches=0 ticks=... persistent=... arena=... output=...
+  KP_RESULT status=ok mismatches=0 ticks=... persistent=... arena=... context=... cmsis_nn=0|1 output=...
+
+(context: the CMSIS-NN context buffer, scratch buffer #1; 0 in the portable
+build.)
 
 It returns 0 when the output matches, 1 on a mismatch, 2 on an error.
 ==============================================================================*/
@@ -73,13 +76,21 @@ int main() {
            static_cast<unsigned long>(arena_bytes));
     return 2;
   }
+  uint32_t context_bytes = 0;
+  kp_stage_context_bytes(persistent, &context_bytes);
+  uint8_t* context = Allocate(context_bytes);
+  if (context_bytes > 0 && context == nullptr) {
+    printf("KP_RESULT status=error where=pool message=context of %lu bytes does not fit\n",
+           static_cast<unsigned long>(context_bytes));
+    return 2;
+  }
   memcpy(input, kInput, sizeof(kInput));
   memset(output, 0, sizeof(kExpected));
 
   StartTimer();
   const uint32_t start = TimerValue();
-  const int status = kp_stage_eval(persistent, input, output, kOpInputs, kNumOpInputs, arena,
-                                   arena_bytes, err, sizeof(err));
+  const int status = kp_stage_eval_ctx(persistent, input, output, kOpInputs, kNumOpInputs, arena,
+                                       arena_bytes, context, context_bytes, err, sizeof(err));
   const uint32_t ticks = start - TimerValue();
   if (status != 0) {
     printf("KP_RESULT status=error where=eval message=%s\n", err);
@@ -93,9 +104,11 @@ int main() {
       ++mismatches;
     }
   }
-  printf("KP_RESULT status=%s mismatches=%lu first=%ld ticks=%lu persistent=%lu arena=%lu output=%lu\n",
+  printf("KP_RESULT status=%s mismatches=%lu first=%ld ticks=%lu persistent=%lu arena=%lu "
+         "context=%lu cmsis_nn=%d output=%lu\n",
          mismatches == 0 ? "ok" : "mismatch", mismatches, first, static_cast<unsigned long>(ticks),
          static_cast<unsigned long>(persistent_bytes), static_cast<unsigned long>(arena_bytes),
+         static_cast<unsigned long>(context_bytes), kp_cmsis_nn_enabled(),
          static_cast<unsigned long>(sizeof(kExpected)));
   return mismatches == 0 ? 0 : 1;
 }

@@ -156,10 +156,10 @@ class ResolverPlan:
 
     @property
     def num_slots(self) -> int:
-        """The `N` of `MicroMutableOpResolver<N>`: builtin ops plus every
-        op `AddKerasPatchOps` adds (it is called whenever the model has a
-        KP_PATCH_STAGE; one slot each)."""
-        return len(self.builtin_methods) + (len(KERAS_PATCH_CUSTOM_OPS) if self.custom_ops else 0)
+        """The `N` of `MicroMutableOpResolver<N>`: one slot per builtin op
+        plus one per op `keras_patch::AddKerasPatchOps` registers (the
+        generated sketch always calls it)."""
+        return len(self.builtin_methods) + len(KERAS_PATCH_CUSTOM_OPS)
 
 
 def resolver_calls(tflite_bytes: ModelSource) -> ResolverPlan:

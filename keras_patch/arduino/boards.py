@@ -16,9 +16,11 @@ Sources:
   STM32H747 (ST datasheet: 2 MB flash, 1 MB RAM; the mbed core gives a
   sketch 523,624 B of it), RP2040 (Raspberry Pi datasheet: 264 KB SRAM,
   external QSPI flash), ESP32-S3 (Espressif datasheet: 512 KB SRAM).
-* ESP32-S3: `esp32s3` entries of espressif/arduino-esp32 `boards.txt` with the
-  default partition scheme (1,310,720 B application partition,
-  327,680 B `maximum_data_size`).
+* ESP32-S3 (arduino-esp32 core): 327,680 B `maximum_data_size` as in the
+  esp32s3 board entries of arduino-esp32's `boards.txt` (checked on one
+  ESP32-S3 board entry); 1,310,720 B is the application partition of the
+  default 4 MB partition scheme (not re-checked here). PSRAM, when present,
+  is not counted.
 * `core_flash_bytes` / `core_ram_bytes` are ESTIMATES (not measured by this
   repository) of an empty sketch on that core: the mbed OS cores link about
   80-100 kB of code and reserve RAM for the RTOS, USB serial and heap; they

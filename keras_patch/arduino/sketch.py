@@ -21,9 +21,9 @@ error leaves no half-written folder.
 Example:
 
 >>> from keras_patch.arduino.sketch import export_sketch
->>> result = export_sketch("vww_patched.tflite", "VwwPatched", "nano33ble")  # doctest: +SKIP
->>> result.arena.total_bytes, result.ino_path  # doctest: +SKIP
-(43520, 'VwwPatched/VwwPatched.ino')
+>>> result = export_sketch("residual_patched.tflite", "ResidualPatched", "nano33ble")  # doctest: +SKIP
+>>> result.arena.total_bytes, result.flash.total_bytes  # doctest: +SKIP
+(32848, 237568)
 """
 
 from __future__ import annotations

@@ -104,6 +104,10 @@ def _cmd_export_arduino(args) -> int:
           f"next to the core ({board.flash_bytes:,} B total for the sketch)")
     print(f"resolver: MicroMutableOpResolver<{result.resolver.num_slots}>: "
           + ", ".join(result.resolver.builtin_methods + ["keras_patch::AddKerasPatchOps"]))
+    missing = result.resolver.not_in_arduino_tflm
+    if missing:
+        print(f"note: {', '.join(missing)} are not in the TFLM that Chirale_TensorFlowLite 2.0.0 ships; "
+              "build the sketch against a newer TFLM Arduino library")
     print(f"wrote {result.ino_path}, model_data.h, model_data.cc")
     return 0
 

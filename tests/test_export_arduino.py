@@ -182,6 +182,20 @@ def test_resolver_plan(models):
     assert resolver_calls(patched.read_bytes()).custom_ops == ["KP_PATCH_STAGE"]
 
 
+def test_resolver_flags_ops_the_arduino_tflm_lacks(models):
+    from keras_patch.arduino.resolver import NOT_IN_ARDUINO_TFLM
+
+    plain, _ = models
+    assert resolver_calls(plain.read_bytes()).not_in_arduino_tflm == []
+    assert NOT_IN_ARDUINO_TFLM <= set(BUILTIN_METHODS.values())
+    m = TFLiteModel.from_bytes(plain.read_bytes())
+    from ai_edge_litert import schema_py_generated as schema
+
+    code = m.model.operatorCodes[m.operator(m.num_ops - 1).opcodeIndex]  # FULLY_CONNECTED -> BATCH_MATMUL
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.BATCH_MATMUL
+    assert resolver_calls(m.to_bytes()).not_in_arduino_tflm == ["AddBatchMatMul"]
+
+
 def test_resolver_refuses_foreign_custom_ops(models):
     plain, _ = models
     m = TFLiteModel.from_bytes(plain.read_bytes())

@@ -135,6 +135,14 @@ BUILTIN_METHODS = {
     "ZEROS_LIKE": "AddZerosLike",
 }
 
+#: Methods that current TFLM has but the older TFLM inside the Arduino library
+#: Chirale_TensorFlowLite 2.0.0 does not (its micro_mutable_op_resolver.h,
+#: checked by hand): a sketch using them needs a newer TFLM Arduino build.
+NOT_IN_ARDUINO_TFLM = frozenset({
+    "AddBatchMatMul", "AddDynamicUpdateSlice", "AddEmbeddingLookup",
+    "AddReduceAll", "AddReduceMin", "AddReverseV2",
+})
+
 #: Custom ops `keras_patch::AddKerasPatchOps` registers.
 KERAS_PATCH_CUSTOM_OPS = (CUSTOM_CODE,)
 
@@ -153,6 +161,11 @@ class ResolverPlan:
     builtin_methods: List[str] = field(default_factory=list)
     builtin_ops: List[str] = field(default_factory=list)
     custom_ops: List[str] = field(default_factory=list)
+
+    @property
+    def not_in_arduino_tflm(self) -> List[str]:
+        """Methods of this plan missing from Chirale_TensorFlowLite 2.0.0's TFLM."""
+        return [m for m in self.builtin_methods if m in NOT_IN_ARDUINO_TFLM]
 
     @property
     def num_slots(self) -> int:

@@ -240,3 +240,52 @@ def test_flash_estimate_counts_ops(models):
     assert est.code_bytes == (sketch.TFLM_RUNTIME_FLASH_BYTES + sketch.KP_KERNEL_FLASH_BYTES
                               + sketch.FLASH_PER_BUILTIN_OP_BYTES * len(plan.builtin_methods))
     assert est.total_bytes == 1000 + est.code_bytes
+
+
+ARDUINO_SHIM = """#pragma once
+#include <stdint.h>
+#include <string.h>
+unsigned long millis();
+unsigned long micros();
+void delay(unsigned long ms);
+struct SerialShim {
+  void begin(unsigned long) {}
+  explicit operator bool() const { return true; }
+  void print(const char*) {}
+  void print(char) {}
+  void print(int) {}
+  void print(unsigned long) {}
+  void println(const char*) {}
+  void println() {}
+};
+extern SerialShim Serial;
+"""
+
+
+def test_sketch_compiles_against_tflm(capsys, models, tmp_path):
+    """With KP_TFLM_DIR (and KP_TFLM_INCLUDES, as for tests/test_tflm_ops.py) set, the
+    generated .ino (with a minimal Arduino.h) and the library's adapter compile
+    against that TFLM tree."""
+    import shutil
+    import subprocess
+
+    tflm = os.environ.get("KP_TFLM_DIR")
+    if not tflm or shutil.which("g++") is None:
+        pytest.skip("set KP_TFLM_DIR (and KP_TFLM_INCLUDES) to a tflite-micro tree with its third-party headers")
+    includes = os.environ.get("KP_TFLM_INCLUDES", f"-isystem {tflm}").split()
+    _, patched = models
+    out_dir = tmp_path / "Compiled"
+    assert _run(capsys, "export-arduino", patched, "--out", out_dir, "--tail-bytes", TAIL)[0] == 0
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "Arduino.h").write_text(ARDUINO_SHIM)
+    (shim / "Chirale_TensorFlowLite.h").write_text("// stand-in for the TFLM Arduino library header\n")
+    from keras_patch.arduino.library import library_dir
+
+    src = os.path.join(library_dir(), "src")
+    common = ["g++", "-std=gnu++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
+              "-fno-exceptions", "-fno-rtti", "-DTF_LITE_STATIC_MEMORY", f"-I{shim}", f"-I{src}", *includes]
+    for args in (["-include", "Arduino.h", "-x", "c++", str(out_dir / "Compiled.ino")],
+                 [os.path.join(src, "patch_stage.cpp")]):
+        run = subprocess.run(common + args, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]

@@ -151,3 +151,24 @@ def test_portable_sources_and_model_data_compile_for_cortex_m4f(tmp_path):
             out = subprocess.run([objdump, "-h", str(obj)], capture_output=True, text=True).stdout
             rodata = [l for l in out.splitlines() if ".rodata" in l]
             assert rodata and "2**4" in rodata[0], out
+
+
+def test_adapter_compiles_against_the_tflm_arduino_library(tmp_path):
+    """With KP_ARDUINO_TFLM_SRC set to the src/ folder of the TFLM Arduino library
+    (Chirale_TensorFlowLite, an older TFLM with TfLiteRegistration and no
+    VMicroPrintf), the generated adapter compiles against it as the Arduino mbed
+    core compiles libraries (C++14)."""
+    src = os.environ.get("KP_ARDUINO_TFLM_SRC")
+    if not src:
+        pytest.skip("set KP_ARDUINO_TFLM_SRC to Chirale_TensorFlowLite's src/ folder")
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++")
+    third = os.path.join(src, "third_party")
+    run = subprocess.run(
+        [cxx, "-std=gnu++14", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-fno-exceptions", "-fno-rtti",
+         "-DTF_LITE_STATIC_MEMORY", f"-I{os.path.join(LIB, 'src')}", "-isystem", src,
+         "-isystem", os.path.join(third, "flatbuffers", "include"), "-isystem", os.path.join(third, "gemmlowp"),
+         "-isystem", os.path.join(third, "ruy"), os.path.join(LIB, "src", "patch_stage.cpp")],
+        capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]

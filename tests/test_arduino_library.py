@@ -110,10 +110,13 @@ def test_library_properties():
     # Spelled as Chirale_TensorFlowLite's own library.properties spells its name.
     assert props["depends"] == "Chirale_TensorFLowLite"
     archs = props["architectures"].split(",")
-    assert "mbed_nano" in archs and set(archs) <= {"mbed_nano", "mbed_nicla", "mbed_portenta", "esp32"}
+    assert "mbed_nano" in archs and set(archs) <= {"mbed_nano", "mbed_nicla", "mbed_portenta", "mbed_giga", "esp32"}
     for key in ("author", "maintainer", "sentence", "paragraph", "url"):
         assert props[key].strip(), key
     assert props["url"].startswith("https://")
+    # Only fields of the Arduino library specification (1.5 format).
+    assert set(props) <= {"name", "version", "author", "maintainer", "sentence", "paragraph", "category", "url",
+                          "architectures", "depends", "dot_a_linkage", "includes", "precompiled", "ldflags"}
 
 
 def test_version_change_is_caught(monkeypatch):

@@ -48,8 +48,8 @@ LIBRARY_NAME = "KerasPatch"
 TFLM_LIBRARY = "Chirale_TensorFLowLite"
 #: Its main header, which a sketch includes before KerasPatch.h.
 TFLM_LIBRARY_HEADER = "Chirale_TensorFlowLite.h"
-#: Architectures Chirale_TensorFlowLite declares; KerasPatch claims no more.
-ARCHITECTURES = ("mbed_nano", "mbed_nicla", "mbed_portenta", "esp32")
+#: Architectures Chirale_TensorFlowLite 2.0.0 declares; KerasPatch claims no more.
+ARCHITECTURES = ("mbed_nano", "mbed_nicla", "mbed_portenta", "mbed_giga", "esp32")
 
 #: tflm_ops/ files copied into src/ (portable core + TFLM adapter).
 CORE_SOURCES = (
@@ -142,7 +142,6 @@ url=https://github.com/keras-patch/keras-patch
 architectures={",".join(ARCHITECTURES)}
 includes={PUBLIC_HEADER}
 depends={TFLM_LIBRARY}
-license=Apache-2.0
 """
 
 

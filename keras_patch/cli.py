@@ -1,9 +1,10 @@
-"""`keras-patch` command line: profile, export, patchify, demo.
+"""`keras-patch` command line: profile, export, patchify, export-arduino, demo.
 
     keras-patch demo
     keras-patch profile model.tflite --plot memory.png
     keras-patch export model.keras --rep-data samples.npy --out model.tflite
     keras-patch patchify in.tflite out.tflite --split block_5_add --grid 4x4
+    keras-patch export-arduino model.tflite --out MySketch --board nano33ble
 """
 
 from __future__ import annotations
@@ -78,6 +79,39 @@ def _cmd_patchify(args) -> int:
     return 0
 
 
+def _cmd_export_arduino(args) -> int:
+    from keras_patch.arduino.sketch import export_sketch
+
+    if not os.path.isfile(args.model):
+        raise KerasPatchError(f"No .tflite model at '{args.model}'.")
+    from keras_patch.tflm_arena import TFLMError
+
+    try:
+        result = export_sketch(args.model, args.out, board=args.board, arena_bytes=args.arena_bytes,
+                               tail_bytes=args.tail_bytes, overwrite=args.force)
+    except TFLMError as e:
+        raise KerasPatchError(
+            f"measuring TFLM's persistent arena bytes of the unpatched model failed ({e}); "
+            "pass --tail-bytes N to give them."
+        ) from None
+    board = result.board
+    print(f"board: {board.name} ({board.fqbn})")
+    print(result.arena.explain())
+    print(f"  -> fits: {result.arena.total_bytes:,} of {board.arena_budget_bytes:,} B RAM left "
+          f"next to the core ({board.ram_bytes:,} B total for the sketch)")
+    print(result.flash.explain())
+    print(f"  -> fits: {result.flash.total_bytes:,} of {board.model_flash_budget_bytes:,} B flash left "
+          f"next to the core ({board.flash_bytes:,} B total for the sketch)")
+    print(f"resolver: MicroMutableOpResolver<{result.resolver.num_slots}>: "
+          + ", ".join(result.resolver.builtin_methods + ["keras_patch::AddKerasPatchOps"]))
+    missing = result.resolver.not_in_arduino_tflm
+    if missing:
+        print(f"note: {', '.join(missing)} are not in the TFLM that Chirale_TensorFlowLite 2.0.0 ships; "
+              "build the sketch against a newer TFLM Arduino library")
+    print(f"wrote {result.ino_path}, model_data.h, model_data.cc")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from keras_patch.demo import run_demo
     from keras_patch.patchify import normalize_grid
@@ -106,6 +140,12 @@ def _cmd_demo(args) -> int:
     return 0 if result.bit_exact and result.bit_exact_cpp else 1
 
 
+def _board_keys() -> list:
+    from keras_patch.arduino.boards import BOARDS
+
+    return sorted(BOARDS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keras-patch", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="4x4", help="patches, e.g. 4x4")
     p.add_argument("--start", help="first tensor of the stage (default: the int8 model input)")
     p.set_defaults(func=_cmd_patchify)
+
+    p = sub.add_parser("export-arduino", help="Arduino sketch folder for a .tflite, sized and checked for a board")
+    p.add_argument("model", help="int8 .tflite (patched or not)")
+    p.add_argument("--out", required=True, help="sketch folder to create; its name is the sketch's name")
+    p.add_argument("--board", default="nano33ble", help="target board (default nano33ble): " + ", ".join(_board_keys()))
+    p.add_argument("--arena-bytes", type=int, help="use this tensor arena instead of the estimate")
+    p.add_argument("--tail-bytes", type=int,
+                   help="TFLM persistent bytes to assume instead of measuring the unpatched model")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=_cmd_export_arduino)
 
     p = sub.add_parser("demo", help="MobileNetV2 0.35@144 end to end: memory table, bit-exactness, plot")
     p.add_argument("--out-dir", default="keras_patch_demo")

@@ -37,13 +37,48 @@ struct OpData {
   int context_index;         // scratch buffer of the CMSIS-NN context, -1 if none
 };
 
-// The core's error sink: TFLM's log.
+// Appends `text` to buffer[*pos], keeping room for the terminator.
+void Append(char* buffer, size_t size, size_t* pos, const char* text) {
+  while (*text != '\0' && *pos + 1 < size) buffer[(*pos)++] = *text++;
+}
+
+// The core's error sink: TFLM's log. The core's formats use only %d and %s
+// (tflm_ops/README.md), so they are formatted here and handed to MicroPrintf
+// as one string: no stdio, and no dependence on VMicroPrintf, which older
+// TFLM trees (e.g. the Arduino library Chirale_TensorFlowLite) lack.
 void Report(void* context, const char* format, ...) {
   (void)context;
+  char buffer[160];
+  size_t pos = 0;
   va_list args;
   va_start(args, format);
-  VMicroPrintf(format, args);
+  for (const char* f = format; *f != '\0' && pos + 1 < sizeof(buffer); ++f) {
+    if (f[0] == '%' && f[1] == 'd') {
+      const int value = va_arg(args, int);
+      char digits[12];
+      int n = 0;
+      unsigned int magnitude = value < 0 ? 0u - static_cast<unsigned int>(value) : static_cast<unsigned int>(value);
+      do {
+        digits[n++] = static_cast<char>('0' + magnitude % 10u);
+        magnitude /= 10u;
+      } while (magnitude != 0u);
+      if (value < 0) digits[n++] = '-';
+      while (n > 0 && pos + 1 < sizeof(buffer)) buffer[pos++] = digits[--n];
+      ++f;
+    } else if (f[0] == '%' && f[1] == 's') {
+      const char* text = va_arg(args, const char*);
+      Append(buffer, sizeof(buffer), &pos, text != nullptr ? text : "(null)");
+      ++f;
+    } else if (f[0] == '%' && f[1] == '%') {
+      buffer[pos++] = '%';
+      ++f;
+    } else {
+      buffer[pos++] = *f;
+    }
+  }
   va_end(args);
+  buffer[pos] = '\0';
+  MicroPrintf("%s", buffer);
 }
 
 KpTensorType TypeOf(TfLiteType type) {
@@ -193,8 +228,8 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
 
 }  // namespace
 
-TFLMRegistration* Register_KP_PATCH_STAGE() {
-  static TFLMRegistration registration = tflite::micro::RegisterOp(Init, Prepare, Eval);
+KpRegistration* Register_KP_PATCH_STAGE() {
+  static KpRegistration registration = tflite::micro::RegisterOp(Init, Prepare, Eval);
   return &registration;
 }
 

@@ -62,6 +62,8 @@ CORE_SOURCES = (
     "patch_stage_core.h",
     "patch_stage_core.cc",
     "patch_stage_eval.cc",
+    "patch_stage_cmsis.h",  # CMSIS-NN fast path: compiled only with -DCMSIS_NN
+    "patch_stage_cmsis.cc",
     "patch_stage_types.h",
 )
 ADAPTER_SOURCES = ("keras_patch_ops.h", "patch_stage.cc")

@@ -33,7 +33,6 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 import keras_patch
-import model_zoo
 from keras_patch.errors import KerasPatchError
 from keras_patch.firmware import (
     missing_tools,
@@ -137,16 +136,6 @@ def test_random_keras_stages_bit_exact(build_dir, spec, data):
     COUNTS["model_patches"] += grid[0] * grid[1]
 
 
-@pytest.fixture(scope="module")
-def residual():
-    return model_zoo.to_int8_tflite(model_zoo.residual_model())
-
-
-@pytest.fixture(scope="module")
-def mbv2():
-    return model_zoo.to_int8_tflite(model_zoo.mobilenet_v2(alpha=0.35, size=144))
-
-
 def _first_stage_options(patched, grid=None):
     m = TFLiteModel.from_bytes(patched)
     opts = stage_options(m, find_stages(m)[0])
@@ -170,11 +159,11 @@ def test_residual_stages_bit_exact(residual, build_dir, grid, which_add):
         COUNTS["real"] += 1
 
 
-def test_mobilenet_v2_stage_bit_exact_and_fast(mbv2, build_dir, tmp_path):
+def test_mobilenet_v2_stage_bit_exact_and_fast(mbv2_144, build_dir, tmp_path):
     """MobileNetV2 0.35@144 to block_2_add, 4x4 patches and layer by layer, CMSIS-NN vs portable."""
-    m = TFLiteModel.from_bytes(mbv2)
+    m = TFLiteModel.from_bytes(mbv2_144)
     split = next(i for i in range(m.num_ops) if "block_2_add" in m.tensor(m.op_outputs(i)[0]).name)
-    patched = keras_patch.patchify(mbv2, split, (4, 4))
+    patched = keras_patch.patchify(mbv2_144, split, (4, 4))
     x = np.random.default_rng(2).integers(-128, 128, (1, 144, 144, 3), dtype=np.int8)
     runs = {}
     for grid in ((4, 4), (1, 1)):

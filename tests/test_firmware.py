@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import keras_patch
-import model_zoo
 from keras_patch.firmware import missing_tools, run_stage_firmware, stage_vectors_header
 from keras_patch.runtime import run_tflite
 from keras_patch.tflite_model import TFLiteModel
@@ -27,16 +26,6 @@ def _stage_output_by_litert(original: bytes, split: int, x: np.ndarray) -> np.nd
     m.subgraph.outputs = np.array(m.outputs + [m.op_outputs(split)[0]], np.int32)
     m.model.signatureDefs = []
     return run_tflite(m.to_bytes(), x)[-1]
-
-
-@pytest.fixture(scope="module")
-def residual():
-    return model_zoo.to_int8_tflite(model_zoo.residual_model())
-
-
-@pytest.fixture(scope="module")
-def mbv2():
-    return model_zoo.to_int8_tflite(model_zoo.mobilenet_v2(alpha=0.35, size=144))
 
 
 @pytest.mark.parametrize("grid", [(3, 3), (1, 1), (4, 5)])
@@ -57,11 +46,11 @@ def test_residual_stage_on_cortex_m4(residual, grid, tmp_path):
     assert result.instructions > 0
 
 
-def test_mobilenet_v2_stage_on_cortex_m4(mbv2, tmp_path):
+def test_mobilenet_v2_stage_on_cortex_m4(mbv2_144, tmp_path):
     """MobileNetV2 0.35@144 up to block_2_add, 4x4 patches, and the same layers layer by layer."""
-    m = TFLiteModel.from_bytes(mbv2)
+    m = TFLiteModel.from_bytes(mbv2_144)
     split = next(i for i in range(m.num_ops) if "block_2_add" in m.tensor(m.op_outputs(i)[0]).name)
-    patched = keras_patch.patchify(mbv2, split, (4, 4))
+    patched = keras_patch.patchify(mbv2_144, split, (4, 4))
     x = np.random.default_rng(2).integers(-128, 128, (1, 144, 144, 3), dtype=np.int8)
     patch = run_stage_firmware(stage_vectors_header(patched, x), str(tmp_path / "patch"))
     whole = run_stage_firmware(stage_vectors_header(patched, x, grid=(1, 1)), str(tmp_path / "whole"))

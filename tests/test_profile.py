@@ -9,21 +9,10 @@ import numpy as np
 import pytest
 
 import keras_patch
-import model_zoo
 from keras_patch.patch_op import geometry
 from keras_patch.patchify import find_stages, stage_options
 from keras_patch.tflite_model import TFLiteModel
 from keras_patch.tflm_arena import measure_tflm_arena
-
-
-@pytest.fixture(scope="module")
-def mbv2_144():
-    return model_zoo.to_int8_tflite(model_zoo.mobilenet_v2(alpha=0.35, size=144))
-
-
-@pytest.fixture(scope="module")
-def residual():
-    return model_zoo.to_int8_tflite(model_zoo.residual_model())
 
 
 def _within(predicted: int, measured: int, tolerance: float = 0.02) -> bool:

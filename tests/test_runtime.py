@@ -7,15 +7,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import pytest
 
-import model_zoo
 from keras_patch.errors import UnsupportedModelError
 from keras_patch.runtime import run_tflite
 from keras_patch.tflite_model import TFLiteModel
-
-
-@pytest.fixture(scope="module")
-def residual():
-    return model_zoo.to_int8_tflite(model_zoo.residual_model())
 
 
 def test_collapsed_add_is_an_error_not_an_abort(residual):

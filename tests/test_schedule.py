@@ -7,7 +7,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest
 
 import keras_patch
-import model_zoo
 from keras_patch.errors import KerasPatchError
 from keras_patch.schedule import (
     best_schedule,
@@ -16,11 +15,6 @@ from keras_patch.schedule import (
     short_tensor_name,
 )
 from keras_patch.tflite_model import TFLiteModel
-
-
-@pytest.fixture(scope="module")
-def residual():
-    return model_zoo.to_int8_tflite(model_zoo.residual_model())
 
 
 def _ancestors(m: TFLiteModel, op: int) -> set:

@@ -71,7 +71,7 @@ def _parse_grids(text: str) -> list:
 def measure_model(name: str, grids: list, log) -> dict:
     from keras_patch.export import convert_int8
     from keras_patch.profiler import profile
-    from keras_patch.schedule import best_schedule, candidate_splits, evaluate_schedules
+    from keras_patch.schedule import candidate_splits, evaluate_schedules, schedule_rank
     from keras_patch.tflm_arena import measure_tflm_arena
 
     description, build = MODELS[name]
@@ -89,7 +89,7 @@ def measure_model(name: str, grids: list, log) -> dict:
     for grid in grids:
         of_grid = [r for r in results if r.grid == grid]
         if of_grid:
-            best[grid] = min(of_grid, key=lambda r: (r.patched_peak_bytes, r.mac_overhead, r.split))
+            best[grid] = min(of_grid, key=schedule_rank)
     log(f"{name}: {len(results)} schedules over {len(splits)} splits in {time.perf_counter() - start:.0f} s")
     return dict(name=name, description=description, stock=stock, predicted=predicted, best=best,
                 input_bytes=int(np.prod(shape)))

@@ -157,6 +157,11 @@ def evaluate_schedules(
     return results
 
 
+def schedule_rank(result: ScheduleResult) -> tuple:
+    """Sort key of schedules, best first: lowest patched arena head, then MAC overhead, then split."""
+    return (result.patched_peak_bytes, result.mac_overhead, result.split)
+
+
 def best_schedule(
     tflite_bytes: ModelSource,
     grids: Iterable,
@@ -171,4 +176,4 @@ def best_schedule(
     results = evaluate_schedules(tflite_bytes, grids, splits, progress)
     if not results:
         raise KerasPatchError("No split of this model can be run patch by patch with the given grids.")
-    return min(results, key=lambda r: (r.patched_peak_bytes, r.mac_overhead, r.split))
+    return min(results, key=schedule_rank)

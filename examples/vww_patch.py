@@ -5,9 +5,10 @@
 End to end, offline:
 
 1. generates a person / no-person dataset (96x96 grayscale, seeded numpy, no
-   download): "person" images hold a procedurally drawn figure (head, body,
-   arms, legs; random position, scale and brightness); every image has a
-   textured, noisy background and distractor shapes (boxes, lines, blobs);
+   download; `keras_patch.datasets.person_dataset`): "person" images hold a
+   procedurally drawn figure (head, body, arms, legs; random position, scale
+   and brightness); every image has a textured, noisy background and
+   distractor shapes (boxes, lines, blobs);
 2. builds a small MCUNet-style network (inverted-residual blocks), wraps its
    stride-4 first stage in a `PatchStage` and trains it with `model.fit`;
 3. exports int8 with the stage as one KP_PATCH_STAGE op, and checks that its
@@ -34,103 +35,6 @@ import numpy as np
 
 IMAGE_SIZE = 96
 STAGE_END = "stage1_out"  # last layer of the patched stage (output 24x24, stride 4)
-
-
-# --------------------------------------------------------------------------- data
-
-def _disk(yy, xx, cy, cx, ry, rx):
-    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-
-
-def _segment(yy, xx, y0, x0, y1, x1, width):
-    """Pixels within `width / 2` of the segment (y0, x0)-(y1, x1)."""
-    dy, dx = y1 - y0, x1 - x0
-    t = np.clip(((yy - y0) * dy + (xx - x0) * dx) / max(dy * dy + dx * dx, 1e-6), 0.0, 1.0)
-    return (yy - (y0 + t * dy)) ** 2 + (xx - (x0 + t * dx)) ** 2 <= (width / 2.0) ** 2
-
-
-def _background(rng) -> np.ndarray:
-    """Smooth random texture + stripes + pixel noise, in [0, 1]."""
-    n = IMAGE_SIZE
-    coarse = rng.uniform(0, 1, (int(rng.integers(3, 9)),) * 2)
-    idx = np.linspace(0, coarse.shape[0] - 1, n)
-    lo = np.floor(idx).astype(int)
-    hi = np.minimum(lo + 1, coarse.shape[0] - 1)
-    w = idx - lo
-    rows = coarse[lo] * (1 - w)[:, None] + coarse[hi] * w[:, None]
-    smooth = rows[:, lo] * (1 - w)[None, :] + rows[:, hi] * w[None, :]
-    img = rng.uniform(0.2, 0.8) + rng.uniform(0.1, 0.4) * (smooth - 0.5)
-    if rng.random() < 0.3:
-        yy, xx = np.mgrid[0:n, 0:n]
-        angle = rng.uniform(0, np.pi)
-        img = img + 0.08 * np.sin((yy * np.cos(angle) + xx * np.sin(angle)) * rng.uniform(0.2, 0.8))
-    return img + rng.normal(0, rng.uniform(0.02, 0.08), (n, n))
-
-
-def _paint(img, mask, value, rng):
-    img[mask] = value + rng.normal(0, 0.03, int(mask.sum()))
-
-
-def _distractors(img, yy, xx, rng, count):
-    n = IMAGE_SIZE
-    for _ in range(count):
-        kind = rng.integers(3)
-        value = rng.uniform(0, 1)
-        if kind == 0:  # box
-            y0, x0 = rng.uniform(0, n - 8, 2)
-            h, w = rng.uniform(6, 30, 2)
-            mask = (yy >= y0) & (yy < y0 + h) & (xx >= x0) & (xx < x0 + w)
-        elif kind == 1:  # line
-            y0, x0, y1, x1 = rng.uniform(0, n, 4)
-            mask = _segment(yy, xx, y0, x0, y1, x1, rng.uniform(1.5, 4))
-        else:  # blob
-            cy, cx = rng.uniform(0, n, 2)
-            mask = _disk(yy, xx, cy, cx, *rng.uniform(3, 12, 2))
-        _paint(img, mask, value, rng)
-
-
-def _person(img, yy, xx, rng):
-    """A stick-and-ellipse figure: head, torso, two arms, two legs."""
-    n = IMAGE_SIZE
-    h = rng.uniform(34, 80)  # figure height in pixels
-    cx = rng.uniform(h * 0.2, n - h * 0.2)
-    top = rng.uniform(-0.05 * h, n - 0.95 * h)
-    bg = float(np.median(img))
-    value = float(np.clip(bg + rng.choice([-1, 1]) * rng.uniform(0.3, 0.6), 0, 1))
-    limb = max(2.0, 0.07 * h)
-    head_r = 0.09 * h
-    head_cy = top + head_r
-    neck = top + 2 * head_r
-    hip = neck + 0.38 * h
-    mask = _disk(yy, xx, head_cy, cx, head_r, head_r * rng.uniform(0.85, 1.05))
-    mask |= _disk(yy, xx, (neck + hip) / 2, cx, 0.2 * h, 0.11 * h * rng.uniform(0.9, 1.3))
-    shoulder = neck + 0.06 * h
-    for side in (-1, 1):
-        ang = rng.uniform(0.2, 1.6)  # arm angle from hanging down
-        ex, ey = cx + side * 0.32 * h * np.sin(ang), shoulder + 0.32 * h * np.cos(ang)
-        mask |= _segment(yy, xx, shoulder, cx + side * 0.08 * h, ey, ex, limb)
-        spread = rng.uniform(0.05, 0.5)
-        fx, fy = cx + side * 0.45 * h * np.sin(spread), hip + 0.45 * h * np.cos(spread)
-        mask |= _segment(yy, xx, hip - 0.03 * h, cx + side * 0.05 * h, fy, fx, limb * 1.2)
-    _paint(img, mask, value, rng)
-
-
-def make_dataset(samples: int, seed: int = 0):
-    """`samples` images (float32 in [0, 1], shape (N, 96, 96, 1)) and labels (1 = person), half each."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
-    images = np.empty((samples, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)
-    labels = (np.arange(samples) % 2).astype(np.int32)
-    rng.shuffle(labels)
-    for i in range(samples):
-        img = _background(rng)
-        _distractors(img, yy, xx, rng, int(rng.integers(1, 5)))
-        if labels[i]:
-            _person(img, yy, xx, rng)
-        if rng.random() < 0.5:
-            _distractors(img, yy, xx, rng, 1)  # sometimes in front of the person
-        images[i, :, :, 0] = np.clip(img, 0, 1)
-    return images, labels
 
 
 # -------------------------------------------------------------------------- model
@@ -188,14 +92,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _input_quant(tflite_bytes: bytes):
-    import tensorflow as tf
-
-    interpreter = tf.lite.Interpreter(model_content=tflite_bytes)
-    scale, zero_point = interpreter.get_input_details()[0]["quantization"]
-    return float(scale), int(zero_point)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -205,11 +101,13 @@ def main(argv=None) -> dict:
 
     import keras_patch
     from keras_patch.arduino.sketch import export_sketch
+    from keras_patch.datasets import person_dataset
     from keras_patch.export import convert_int8
+    from keras_patch.runtime import quantize_input
     from keras_patch.tflm_arena import measure_tflm_arena
 
     print(f"generating {args.samples} images ...")
-    images, labels = make_dataset(args.samples, seed=args.seed)
+    images, labels = person_dataset(args.samples, seed=args.seed, image_size=IMAGE_SIZE)
     split = int(0.8 * args.samples)
     x_train, y_train, x_val, y_val = images[:split], labels[:split], images[split:], labels[split:]
     print(f"  train {len(x_train)}, val {len(x_val)}, person fraction {labels.mean():.2f} "
@@ -232,9 +130,8 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out_dir, "vww.tflite"), "wb") as f:
         f.write(unpatched)
 
-    scale, zero_point = _input_quant(patched)
-    assert (scale, zero_point) == _input_quant(unpatched)
-    xq = np.clip(np.round(x_val / scale) + zero_point, -128, 127).astype(np.int8)
+    xq = quantize_input(patched, x_val)
+    assert np.array_equal(xq, quantize_input(unpatched, x_val))  # same input quantization
     logits_patched = keras_patch.run_tflite(patched, xq)[0]
     logits_unpatched = keras_patch.run_tflite(unpatched, xq)[0]
     bit_exact = bool(np.array_equal(logits_patched, logits_unpatched))

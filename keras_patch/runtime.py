@@ -236,3 +236,25 @@ def run_tflite(
     for n in range(batch):
         results.append(runner.run([x[n : n + 1] for x in inputs]))
     return [np.concatenate([r[k] for r in results], axis=0) for k in range(len(runner.outputs))]
+
+
+def quantize_input(tflite_bytes: ModelSource, x: np.ndarray, index: int = 0) -> np.ndarray:
+    """Quantizes float samples `x` with the scale and zero point of the model's input `index`.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_patch.export import convert_int8
+    >>> model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3)])
+    >>> data = convert_int8(model, np.random.default_rng(0).random((4, 4, 4, 1), dtype=np.float32))
+    >>> quantize_input(data, np.zeros((1, 4, 4, 1), np.float32)).dtype.name
+    'int8'
+    """
+    model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
+    info = model.tensor(model.inputs[index])
+    if not info.scale.size:
+        raise ValueError(f"Input '{info.name}' of the model is not quantized ({np.dtype(info.dtype).name}).")
+    dtype = np.dtype(info.dtype)
+    limits = np.iinfo(dtype)
+    q = np.round(np.asarray(x, np.float32) / float(info.scale[0])) + int(info.zero_point[0])
+    return np.clip(q, limits.min, limits.max).astype(dtype)

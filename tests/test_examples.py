@@ -24,9 +24,15 @@ def test_vww_patch_smoke(tmp_path):
     assert os.path.isfile(os.path.join(result["sketch_dir"], "model_data.cc"))
 
 
-def test_vww_dataset_is_seeded():
-    vww = _load("vww_patch")
-    a, la = vww.make_dataset(6, seed=1)
-    b, lb = vww.make_dataset(6, seed=1)
+def test_person_dataset_is_seeded():
+    from keras_patch.datasets import person_dataset
+
+    a, la = person_dataset(6, seed=1)
+    b, lb = person_dataset(6, seed=1)
+    c, _ = person_dataset(6, seed=2)
     assert a.shape == (6, 96, 96, 1) and a.dtype.name == "float32"
     assert (a == b).all() and (la == lb).all() and set(la) == {0, 1}
+    assert not (a == c).all()
+    assert 0.0 <= a.min() and a.max() <= 1.0
+    small, _ = person_dataset(4, seed=1, image_size=48)
+    assert small.shape == (4, 48, 48, 1)

@@ -46,6 +46,7 @@ setup(
         "tensorflow>=2.21,<2.22",
         "keras>=3.10",
         "keras-tuner>=1.4",
+        "tensorboard",  # keras-tuner imports it in every trial with the TensorFlow backend
         "tf-keras>=2.21,<2.22",
         "tensorflow-model-optimization>=0.8",
         "numpy>=1.26",

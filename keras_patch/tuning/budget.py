@@ -1,0 +1,152 @@
+"""What a candidate model costs on the device, measured before any training.
+
+`measure_model` converts a Keras model (untrained is fine: memory and flash do
+not depend on the weights' values) to int8 with its `PatchStage`s as
+KP_PATCH_STAGE ops, and reads:
+
+* peak SRAM: `keras_patch.profile`'s patched arena head (activations and the
+  patch buffers, as TFLM's planner lays them out), the number MCUNetV2 calls
+  peak memory;
+* flash: the int8 `.tflite` plus the code estimate `keras-patch
+  export-arduino` uses (TFLM runtime + one kernel per builtin op + the
+  KP_PATCH_STAGE kernel);
+* MACs, patched MACs and the recompute overhead.
+
+Example:
+
+>>> from keras_patch.tuning.architecture import ArchSpec, StageSpec, build_model
+>>> from keras_patch.tuning.budget import measure_model
+>>> spec = ArchSpec(resolution=32, width=0.25, patch_stages=1, grid=(2, 2),
+...                 stages=(StageSpec(16, 1, 1, expand=1), StageSpec(24, 1, 2)))
+>>> report = measure_model(build_model(spec), sram_bytes=1024)
+>>> report.fits, report.peak_sram_bytes > 1024
+(False, True)
+>>> report.reason.startswith("peak SRAM")
+True
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional
+
+import numpy as np
+
+# The metric names a budget-aware tuner reports for every trial.
+BUDGET_METRICS = ("peak_sram_bytes", "flash_bytes", "model_bytes", "macs", "patched_macs", "mac_overhead", "feasible")
+
+
+@dataclass
+class BudgetReport:
+    """A model's device costs and whether they fit the budgets.
+
+    Attributes:
+        peak_sram_bytes: patched arena head (`profile(...).summary["patched_peak_bytes"]`).
+        layer_by_layer_sram_bytes: the same without patching.
+        model_bytes: size of the int8 `.tflite`.
+        flash_bytes: `model_bytes` plus the TFLM code estimate.
+        macs: multiply-accumulates, layer by layer.
+        patched_macs: the same with patch-by-patch recomputation.
+        sram_budget_bytes / flash_budget_bytes: the budgets (None: unlimited).
+        seconds: time the measurement took.
+    """
+
+    peak_sram_bytes: int
+    layer_by_layer_sram_bytes: int
+    model_bytes: int
+    flash_bytes: int
+    macs: int
+    patched_macs: int
+    sram_budget_bytes: Optional[int] = None
+    flash_budget_bytes: Optional[int] = None
+    seconds: float = 0.0
+    tflite: bytes = field(default=b"", repr=False)
+
+    @property
+    def mac_overhead(self) -> float:
+        """Extra MACs of patch-by-patch inference as a fraction of `macs` (0.04 = 4 %)."""
+        return self.patched_macs / self.macs - 1.0 if self.macs else 0.0
+
+    @property
+    def problems(self) -> list:
+        found = []
+        if self.sram_budget_bytes is not None and self.peak_sram_bytes > self.sram_budget_bytes:
+            found.append(f"peak SRAM {self.peak_sram_bytes:,} B > budget {self.sram_budget_bytes:,} B")
+        if self.flash_budget_bytes is not None and self.flash_bytes > self.flash_budget_bytes:
+            found.append(f"flash {self.flash_bytes:,} B (model {self.model_bytes:,} B + code) > budget "
+                         f"{self.flash_budget_bytes:,} B")
+        return found
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    @property
+    def reason(self) -> str:
+        """Why the model is over budget ("" when it fits)."""
+        return "; ".join(self.problems)
+
+    def metrics(self) -> Dict[str, float]:
+        """The `BUDGET_METRICS` as floats, for a keras-tuner trial."""
+        return {
+            "peak_sram_bytes": float(self.peak_sram_bytes),
+            "flash_bytes": float(self.flash_bytes),
+            "model_bytes": float(self.model_bytes),
+            "macs": float(self.macs),
+            "patched_macs": float(self.patched_macs),
+            "mac_overhead": float(self.mac_overhead),
+            "feasible": float(self.fits),
+        }
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("tflite")
+        d.update(mac_overhead=self.mac_overhead, fits=self.fits, reason=self.reason)
+        return d
+
+
+def measure_model(
+    model,
+    sram_bytes: Optional[int] = None,
+    flash_bytes: Optional[int] = None,
+    kernel: str = "portable",
+    representative_dataset=None,
+) -> BudgetReport:
+    """Converts `model` to int8 (patched) and measures peak SRAM, flash and MACs.
+
+    Args:
+        model: a Keras model, possibly with `PatchStage` layers; untrained is fine.
+        sram_bytes: peak-SRAM budget, or None.
+        flash_bytes: flash budget (model + code estimate), or None.
+        kernel: how the KP_PATCH_STAGE kernel is built ("portable" or "cmsis_nn"),
+            see `keras_patch.profile`.
+        representative_dataset: calibration data; 2 random samples by default.
+
+    Returns:
+        A `BudgetReport`; `report.tflite` holds the converted model.
+    """
+    from keras_patch.arduino.resolver import resolver_calls
+    from keras_patch.arduino.sketch import flash_estimate
+    from keras_patch.export import export_tflite
+    from keras_patch.profiler import profile
+
+    start = time.perf_counter()
+    if representative_dataset is None:
+        shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+        representative_dataset = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+    tflite = export_tflite(model, representative_dataset)
+    summary = profile(tflite, kernel=kernel).summary
+    flash = flash_estimate(len(tflite), resolver_calls(tflite))
+    return BudgetReport(
+        peak_sram_bytes=int(summary["patched_peak_bytes"]),
+        layer_by_layer_sram_bytes=int(summary["layer_by_layer_peak_bytes"]),
+        model_bytes=len(tflite),
+        flash_bytes=flash.total_bytes,
+        macs=int(summary["macs"]),
+        patched_macs=int(summary["patched_macs"]),
+        sram_budget_bytes=sram_bytes,
+        flash_budget_bytes=flash_bytes,
+        seconds=time.perf_counter() - start,
+        tflite=tflite,
+    )

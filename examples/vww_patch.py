@@ -1,6 +1,7 @@
 """Visual-wake-words style example: train, patch, export int8, check, size, write an Arduino sketch.
 
     python examples/vww_patch.py [--out-dir vww_patch_out] [--epochs 6] [--samples 3000] [--grid 3]
+                                 [--arduino-examples arduino/KerasPatch/examples]
 
 End to end, offline:
 
@@ -17,7 +18,11 @@ End to end, offline:
 4. prints the memory table (layer-by-layer vs patched peak) and the stock
    TFLM arena of the unpatched model, measured with tflite-micro;
 5. writes an Arduino sketch for the Nano 33 BLE (what `keras-patch
-   export-arduino` does).
+   export-arduino` does); with `--arduino-examples DIR`, also the KerasPatch
+   library's examples DIR/PersonDetectionPatched (OV7675 camera -> model ->
+   Serial + LED) and DIR/MemoryReport (patched vs unpatched arena, outputs
+   compared), from `vww_patched.tflite` and `vww.tflite`; README.md files
+   already there are kept (`keras_patch.arduino.examples`).
 
 Measured runtime: about 110 s on 2 CPU cores with the defaults (3000 images,
 6 epochs, grid 3x3): float val accuracy 0.972, int8 0.968 (600 val images),
@@ -89,6 +94,8 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=3000, help="images generated (80%% train, 20%% val)")
     parser.add_argument("--grid", type=int, default=3, help="patches per side of the first stage")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arduino-examples", metavar="DIR",
+                        help="also write DIR/PersonDetectionPatched and DIR/MemoryReport (replaced if present)")
     return parser.parse_args(argv)
 
 
@@ -153,12 +160,23 @@ def main(argv=None) -> dict:
     print(f"Arduino sketch for {sketch.board.name}: {sketch.ino_path}")
     print(sketch.arena.explain())
     print(sketch.flash.explain())
+    examples = {}
+    if args.arduino_examples:
+        from keras_patch.arduino.examples import export_memory_report, export_person_detection
+
+        unpatched_path = os.path.join(args.out_dir, "vww.tflite")
+        person = export_person_detection(patched_path, os.path.join(args.arduino_examples, "PersonDetectionPatched"),
+                                         board="nano33ble", person_class=1, overwrite=True)
+        report = export_memory_report(patched_path, os.path.join(args.arduino_examples, "MemoryReport"),
+                                      unpatched=unpatched_path, board="nano33ble", overwrite=True)
+        examples = {"person_detection_dir": person.out_dir, "memory_report_dir": report.out_dir}
+        print(f"Arduino library examples: {person.out_dir}, {report.out_dir}")
     elapsed = time.time() - t0
     print(f"done in {elapsed:.0f} s")
     return {
         "bit_exact": bit_exact, "distinct_logits": distinct, "float_acc": float_acc, "int8_acc": int8_acc,
         "stock_tflm_head_bytes": stock.head_bytes, "sketch_dir": sketch_dir, "ino_path": sketch.ino_path,
-        "seconds": elapsed,
+        "seconds": elapsed, **examples,
     }
 
 

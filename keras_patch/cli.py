@@ -5,6 +5,8 @@
     keras-patch export model.keras --rep-data samples.npy --out model.tflite
     keras-patch patchify in.tflite out.tflite --split block_5_add --grid 4x4
     keras-patch export-arduino model.tflite --out MySketch --board nano33ble
+    keras-patch export-arduino model.tflite --out PersonDetection --sketch person-detection
+    keras-patch export-arduino model.tflite --out MemoryReport --sketch memory-report --compare-with unpatched.tflite
 """
 
 from __future__ import annotations
@@ -80,15 +82,24 @@ def _cmd_patchify(args) -> int:
 
 
 def _cmd_export_arduino(args) -> int:
+    from keras_patch.arduino.examples import export_memory_report, export_person_detection
     from keras_patch.arduino.sketch import export_sketch
 
-    if not os.path.isfile(args.model):
-        raise KerasPatchError(f"No .tflite model at '{args.model}'.")
+    for path in [args.model] + ([args.compare_with] if args.compare_with else []):
+        if not os.path.isfile(path):
+            raise KerasPatchError(f"No .tflite model at '{path}'.")
+    if args.compare_with and args.sketch != "memory-report":
+        raise KerasPatchError("--compare-with is for --sketch memory-report.")
     from keras_patch.tflm_arena import TFLMError
 
+    common = dict(board=args.board, arena_bytes=args.arena_bytes, tail_bytes=args.tail_bytes, overwrite=args.force)
     try:
-        result = export_sketch(args.model, args.out, board=args.board, arena_bytes=args.arena_bytes,
-                               tail_bytes=args.tail_bytes, overwrite=args.force)
+        if args.sketch == "person-detection":
+            result = export_person_detection(args.model, args.out, person_class=args.person_class, **common)
+        elif args.sketch == "memory-report":
+            result = export_memory_report(args.model, args.out, unpatched=args.compare_with, **common)
+        else:
+            result = export_sketch(args.model, args.out, **common)
     except TFLMError as e:
         raise KerasPatchError(
             f"measuring TFLM's persistent arena bytes of the unpatched model failed ({e}); "
@@ -96,8 +107,19 @@ def _cmd_export_arduino(args) -> int:
         ) from None
     board = result.board
     print(f"board: {board.name} ({board.fqbn})")
-    print(result.arena.explain())
-    print(f"  -> fits: {result.arena.total_bytes:,} of {board.arena_budget_bytes:,} B RAM left "
+    if args.sketch == "memory-report":
+        print("patched model:\n" + result.patched_arena.explain())
+        print("unpatched model:\n" + result.unpatched_arena.explain())
+        print(f"shared arena: {result.arena.total_bytes:,} B (the larger)")
+    else:
+        print(result.arena.explain())
+    extra = 0
+    if args.sketch == "person-detection":
+        from keras_patch.arduino.examples import FRAME_HEIGHT, FRAME_WIDTH
+
+        extra = FRAME_WIDTH * FRAME_HEIGHT
+        print(f"camera frame buffer: {extra:,} B")
+    print(f"  -> fits: {result.arena.total_bytes + extra:,} of {board.arena_budget_bytes:,} B RAM left "
           f"next to the core ({board.ram_bytes:,} B total for the sketch)")
     print(result.flash.explain())
     print(f"  -> fits: {result.flash.total_bytes:,} of {board.model_flash_budget_bytes:,} B flash left "
@@ -108,7 +130,8 @@ def _cmd_export_arduino(args) -> int:
     if missing:
         print(f"note: {', '.join(missing)} are not in the TFLM that Chirale_TensorFlowLite 2.0.0 ships; "
               "build the sketch against a newer TFLM Arduino library")
-    print(f"wrote {result.ino_path}, model_data.h, model_data.cc")
+    written = sorted(os.listdir(result.out_dir))
+    print(f"wrote {result.out_dir}: {', '.join(written)}")
     return 0
 
 
@@ -179,7 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arena-bytes", type=int, help="use this tensor arena instead of the estimate")
     p.add_argument("--tail-bytes", type=int,
                    help="TFLM persistent bytes to assume instead of measuring the unpatched model")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder (a README.md in it is kept)")
+    p.add_argument("--sketch", choices=("basic", "person-detection", "memory-report"), default="basic",
+                   help="what the sketch does (default basic: a constant test input every second); "
+                        "person-detection: OV7675 camera frame -> model -> Serial + RGB LED (grayscale "
+                        "(1, H, W, 1) int8 input, pixels/255); memory-report: arena used by the patched vs the "
+                        "unpatched model and whether their outputs are identical")
+    p.add_argument("--compare-with", metavar="UNPATCHED.tflite",
+                   help="memory-report: the same model without patches (default: keras_patch.unpatchify(MODEL))")
+    p.add_argument("--person-class", type=int, default=1,
+                   help="person-detection: output index meaning 'person' (default 1)")
     p.set_defaults(func=_cmd_export_arduino)
 
     p = sub.add_parser("demo", help="MobileNetV2 0.35@144 end to end: memory table, bit-exactness, plot")

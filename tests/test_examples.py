@@ -15,13 +15,17 @@ def _load(name):
 
 def test_vww_patch_smoke(tmp_path):
     vww = _load("vww_patch")
-    result = vww.main(["--out-dir", str(tmp_path), "--samples", "200", "--epochs", "1", "--grid", "3"])
+    result = vww.main(["--out-dir", str(tmp_path), "--samples", "200", "--epochs", "1", "--grid", "3",
+                       "--arduino-examples", str(tmp_path / "examples")])
     assert result["bit_exact"]
     assert result["distinct_logits"] > 1  # the compared logits are not all the same
     assert result["stock_tflm_head_bytes"] > 0
     assert os.path.isdir(result["sketch_dir"])
     assert os.path.isfile(result["ino_path"])
     assert os.path.isfile(os.path.join(result["sketch_dir"], "model_data.cc"))
+    assert sorted(os.listdir(tmp_path / "examples")) == ["MemoryReport", "PersonDetectionPatched"]
+    assert os.path.isfile(os.path.join(result["person_detection_dir"], "image_provider.cpp"))
+    assert os.path.isfile(os.path.join(result["memory_report_dir"], "MemoryReport.ino"))
 
 
 def test_person_dataset_is_seeded():

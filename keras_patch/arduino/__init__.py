@@ -6,6 +6,8 @@
 * `resolver`: the `MicroMutableOpResolver` calls a model needs.
 * `arena`: the tensor arena a model needs on a 32-bit MCU, and why.
 * `sketch`: `export_sketch`, behind `keras-patch export-arduino`.
+* `examples`: the PersonDetection and MemoryReport sketches
+  (`export-arduino --sketch person-detection|memory-report`).
 
 Example:
 

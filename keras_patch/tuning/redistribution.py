@@ -35,7 +35,8 @@ def redistribute(spec: ArchSpec, blocks_moved_per_stage: int = 1, later_kernel: 
     2. The removed blocks are appended to the later stages, one per stage,
        starting right after the patch stage.
     3. Later stages, in order, get `later_kernel` kernels until the receptive
-       field of the whole network is at least that of `spec`.
+       field of the whole network is at least that of `spec` (or every later
+       stage has one).
 
     Raises:
         KerasPatchError: `spec` has no patch stage, or no stage after it.

@@ -121,8 +121,11 @@ def plot_pareto(results: List[TrialResult], path: str, objective: str = "val_acc
         ax.scatter([r.peak_sram_bytes / 1024 for r in trained], [r.objective for r in trained],
                    color="tab:blue", label="trained trial", zorder=3)
     if front:
-        ax.step([r.peak_sram_bytes / 1024 for r in front], [r.objective for r in front], where="post",
-                color="tab:orange", linewidth=2, label="Pareto front", zorder=2)
+        # The front as a staircase, continued to the largest trained trial.
+        right = max(r.peak_sram_bytes for r in trained) / 1024
+        xs = [r.peak_sram_bytes / 1024 for r in front] + [right]
+        ys = [r.objective for r in front] + [front[-1].objective]
+        ax.step(xs, ys, where="post", color="tab:orange", linewidth=2, label="Pareto front", zorder=2)
         for r in front:
             ax.annotate(r.trial_id, (r.peak_sram_bytes / 1024, r.objective), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
@@ -136,7 +139,7 @@ def plot_pareto(results: List[TrialResult], path: str, objective: str = "val_acc
     ax.set_ylabel(objective)
     ax.set_title(title or f"{objective} vs peak SRAM ({len(results)} trials)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -186,10 +186,26 @@ class BudgetMixin:
             if hasattr(self.hypermodel, "spec"):
                 architecture = self.hypermodel.spec(trial.hyperparameters.copy()).describe()
             message = (trial.message or "").strip().splitlines()[-1] if trial.message else ""
+            if status == STATUS_OVER_BUDGET and not message:
+                message = self._over_budget_message(metrics)
             out.append(TrialResult(trial_id=trial_id, status=status, objective=objective, metrics=metrics,
                                    hyperparameters=dict(trial.hyperparameters.values),
                                    architecture=architecture, message=message))
         return out
+
+    def _over_budget_message(self, metrics) -> str:
+        # keras-tuner's Trial protobuf has no message, so in distributed mode the
+        # worker's "over budget, not trained: ..." does not reach the chief's
+        # trial.json; the same text again, from the metrics the chief did get.
+        try:
+            report = BudgetReport(
+                peak_sram_bytes=int(metrics["peak_sram_bytes"]), layer_by_layer_sram_bytes=0,
+                model_bytes=int(metrics["model_bytes"]), flash_bytes=int(metrics["flash_bytes"]),
+                macs=int(metrics["macs"]), patched_macs=int(metrics["patched_macs"]),
+                sram_budget_bytes=self.sram_bytes, flash_budget_bytes=self.flash_bytes)
+        except KeyError:
+            return "over budget, not trained"
+        return f"over budget, not trained: {report.reason}" if report.reason else "over budget, not trained"
 
     def results_table(self, sort_by_objective: bool = True) -> str:
         """A text table: accuracy, peak SRAM, flash, MACs and overhead of every trial.

@@ -53,6 +53,12 @@ from keras_patch.tuning.results import (
 
 logger = logging.getLogger(__name__)
 
+# An over-budget trial reports a NaN objective (nothing was trained); keras-tuner's metric
+# history then asks numpy for the best of all-NaN values, wherever the oracle runs (on the
+# chief in distributed mode). That warning says nothing to the user.
+warnings.filterwarnings("ignore", message="All-NaN (slice|axis) encountered", category=RuntimeWarning,
+                        module=r"keras_tuner\.")
+
 class BudgetMixin:
     """Adds `sram_bytes=` / `flash_bytes=` budgets, results and a progress bar to a keras-tuner Tuner.
 
@@ -107,9 +113,7 @@ class BudgetMixin:
             self._over_budget.add(trial.trial_id)
             # keras-tuner wants the objective in every report: NaN, as nothing was trained.
             missing = {name: math.nan for name in self._objective_names()}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # numpy's "All-NaN" from the NaN objective
-                self.oracle.update_trial(trial.trial_id, {**missing, **report.metrics()})
+            self.oracle.update_trial(trial.trial_id, {**missing, **report.metrics()})
             trial.status = keras_tuner.engine.trial.TrialStatus.FAILED
             trial.message = f"over budget, not trained: {report.reason}"
             logger.info("trial %s (%.1f s) %s", trial.trial_id, report.seconds, trial.message)

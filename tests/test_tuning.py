@@ -12,6 +12,7 @@ from keras_patch.datasets import person_dataset
 from keras_patch.errors import KerasPatchError
 from keras_patch.tuning import (
     ArchSpec,
+    BudgetReport,
     PatchHyperModel,
     PatchRandomSearch,
     PatchSearchSpace,
@@ -105,6 +106,14 @@ def test_measure_model_reports_and_checks_budgets():
     assert tight.metrics()["feasible"] == 0.0
     exact = measure_model(build_model(spec), sram_bytes=free.peak_sram_bytes, flash_bytes=free.flash_bytes)
     assert exact.fits
+
+    on_board = measure_model(build_model(spec), board="nano33ble")
+    assert on_board.fits and on_board.arena_bytes > on_board.peak_sram_bytes
+    assert on_board.metrics()["arena_bytes"] == on_board.arena_bytes
+    small_board = BudgetReport.from_metrics({**on_board.metrics(), "arena_bytes": 300_000.0}, board="nano33ble")
+    assert small_board.reason == "tensor arena 300,000 B > the 212,992 B the nano33ble leaves for it"
+    assert BudgetReport.from_metrics(tight.metrics(), tight.sram_budget_bytes, tight.flash_budget_bytes).reason \
+        == tight.reason
 
 
 class RecordingHyperModel(PatchHyperModel):

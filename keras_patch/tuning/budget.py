@@ -10,7 +10,12 @@ KP_PATCH_STAGE ops, and reads:
 * flash: the int8 `.tflite` plus the code estimate `keras-patch
   export-arduino` uses (TFLM runtime + one kernel per builtin op + the
   KP_PATCH_STAGE kernel);
-* MACs, patched MACs and the recompute overhead.
+* MACs, patched MACs and the recompute overhead;
+* with `board=`: the whole tensor arena the Arduino sketch needs
+  (`keras_patch.arduino.arena.estimate_arena`: the head above + the TFLM tail
+  measured with the tflite-micro wheel + the stage's persistent data + a
+  margin), checked against what the board leaves for it, as
+  `keras-patch export-arduino` does.
 
 Example:
 
@@ -34,7 +39,8 @@ from typing import Dict, Optional
 import numpy as np
 
 # The metric names a budget-aware tuner reports for every trial.
-BUDGET_METRICS = ("peak_sram_bytes", "flash_bytes", "model_bytes", "macs", "patched_macs", "mac_overhead", "feasible")
+BUDGET_METRICS = ("peak_sram_bytes", "arena_bytes", "flash_bytes", "model_bytes", "macs", "patched_macs",
+                  "mac_overhead", "feasible")
 
 
 @dataclass
@@ -49,6 +55,10 @@ class BudgetReport:
         macs: multiply-accumulates, layer by layer.
         patched_macs: the same with patch-by-patch recomputation.
         sram_budget_bytes / flash_budget_bytes: the budgets (None: unlimited).
+        arena_bytes: the Arduino sketch's whole tensor arena (measured with `board=` only).
+        board: the board key the arena and flash were checked against, if any.
+        board_arena_budget_bytes / board_flash_budget_bytes: what that board
+            leaves for the arena and for model + code.
         seconds: time the measurement took.
     """
 
@@ -60,6 +70,10 @@ class BudgetReport:
     patched_macs: int
     sram_budget_bytes: Optional[int] = None
     flash_budget_bytes: Optional[int] = None
+    arena_bytes: Optional[int] = None
+    board: Optional[str] = None
+    board_arena_budget_bytes: Optional[int] = None
+    board_flash_budget_bytes: Optional[int] = None
     seconds: float = 0.0
     tflite: bytes = field(default=b"", repr=False)
 
@@ -76,6 +90,12 @@ class BudgetReport:
         if self.flash_budget_bytes is not None and self.flash_bytes > self.flash_budget_bytes:
             found.append(f"flash {self.flash_bytes:,} B (model {self.model_bytes:,} B + code) > budget "
                          f"{self.flash_budget_bytes:,} B")
+        if self.board_arena_budget_bytes is not None and self.arena_bytes > self.board_arena_budget_bytes:
+            found.append(f"tensor arena {self.arena_bytes:,} B > the {self.board_arena_budget_bytes:,} B "
+                         f"the {self.board} leaves for it")
+        if self.board_flash_budget_bytes is not None and self.flash_bytes > self.board_flash_budget_bytes:
+            found.append(f"flash {self.flash_bytes:,} B > the {self.board_flash_budget_bytes:,} B "
+                         f"the {self.board} leaves for model + code")
         return found
 
     @property
@@ -88,8 +108,10 @@ class BudgetReport:
         return "; ".join(self.problems)
 
     def metrics(self) -> Dict[str, float]:
-        """The `BUDGET_METRICS` as floats, for a keras-tuner trial."""
+        """The `BUDGET_METRICS` as floats, for a keras-tuner trial (`arena_bytes` only when measured)."""
+        extra = {} if self.arena_bytes is None else {"arena_bytes": float(self.arena_bytes)}
         return {
+            **extra,
             "peak_sram_bytes": float(self.peak_sram_bytes),
             "flash_bytes": float(self.flash_bytes),
             "model_bytes": float(self.model_bytes),
@@ -98,6 +120,27 @@ class BudgetReport:
             "mac_overhead": float(self.mac_overhead),
             "feasible": float(self.fits),
         }
+
+    @classmethod
+    def from_metrics(cls, metrics: Dict[str, float], sram_bytes: Optional[int] = None,
+                     flash_bytes: Optional[int] = None, board: Optional[str] = None) -> "BudgetReport":
+        """Rebuilds a report from `metrics()` (e.g. a keras-tuner trial's) and the budgets.
+
+        Raises:
+            KeyError: a metric `metrics()` always holds is missing.
+        """
+        limits = {}
+        if board is not None and "arena_bytes" in metrics:
+            from keras_patch.arduino.boards import get_board
+
+            spec = get_board(board)
+            limits = dict(arena_bytes=int(metrics["arena_bytes"]), board=spec.key,
+                          board_arena_budget_bytes=spec.arena_budget_bytes,
+                          board_flash_budget_bytes=spec.model_flash_budget_bytes)
+        return cls(peak_sram_bytes=int(metrics["peak_sram_bytes"]), layer_by_layer_sram_bytes=0,
+                   model_bytes=int(metrics["model_bytes"]), flash_bytes=int(metrics["flash_bytes"]),
+                   macs=int(metrics["macs"]), patched_macs=int(metrics["patched_macs"]),
+                   sram_budget_bytes=sram_bytes, flash_budget_bytes=flash_bytes, **limits)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -112,6 +155,7 @@ def measure_model(
     flash_bytes: Optional[int] = None,
     kernel: str = "portable",
     representative_dataset=None,
+    board: Optional[str] = None,
 ) -> BudgetReport:
     """Converts `model` to int8 (patched) and measures peak SRAM, flash and MACs.
 
@@ -122,6 +166,9 @@ def measure_model(
         kernel: how the KP_PATCH_STAGE kernel is built ("portable" or "cmsis_nn"),
             see `keras_patch.profile`.
         representative_dataset: calibration data; 2 random samples by default.
+        board: a `keras-patch export-arduino` board key (e.g. "nano33ble"):
+            also estimate the sketch's whole tensor arena and check it and the
+            flash against what the board leaves after its core.
 
     Returns:
         A `BudgetReport`; `report.tflite` holds the converted model.
@@ -138,6 +185,15 @@ def measure_model(
     tflite = export_tflite(model, representative_dataset)
     summary = profile(tflite, kernel=kernel).summary
     flash = flash_estimate(len(tflite), resolver_calls(tflite))
+    board_limits = {}
+    if board is not None:
+        from keras_patch.arduino.arena import estimate_arena
+        from keras_patch.arduino.boards import get_board
+
+        spec = get_board(board)
+        board_limits = dict(arena_bytes=estimate_arena(tflite).total_bytes, board=spec.key,
+                            board_arena_budget_bytes=spec.arena_budget_bytes,
+                            board_flash_budget_bytes=spec.model_flash_budget_bytes)
     return BudgetReport(
         peak_sram_bytes=int(summary["patched_peak_bytes"]),
         layer_by_layer_sram_bytes=int(summary["layer_by_layer_peak_bytes"]),
@@ -149,4 +205,5 @@ def measure_model(
         flash_budget_bytes=flash_bytes,
         seconds=time.perf_counter() - start,
         tflite=tflite,
+        **board_limits,
     )

@@ -49,12 +49,18 @@ class TrialResult:
 
 def format_results_table(results: List[TrialResult], objective_name: str = "val_accuracy",
                          sram_budget_bytes: Optional[int] = None, flash_budget_bytes: Optional[int] = None,
-                         sort_by_objective: bool = True) -> str:
-    """The text table `BudgetMixin.results_table` returns, for any list of `TrialResult`s."""
+                         sort_by_objective: bool = True, board: Optional[str] = None) -> str:
+    """The text table `BudgetMixin.results_table` returns, for any list of `TrialResult`s.
+
+    The "arena" column (the Arduino sketch's whole tensor arena) appears when
+    the trials were measured for a board.
+    """
     order = {STATUS_TRAINED: 0, STATUS_RUNNING: 1, STATUS_OVER_BUDGET: 2, STATUS_FAILED: 3}
     rows = sorted(results, key=lambda r: (order[r.status], -(r.objective or 0.0) if sort_by_objective else 0,
                                           r.trial_id))
-    header = ("trial", "status", objective_name, "peak SRAM", "flash", "MACs", "overhead", "architecture")
+    with_arena = any("arena_bytes" in r.metrics for r in results)
+    header = ("trial", "status", objective_name, "peak SRAM") + (("arena",) if with_arena else ()) + (
+        "flash", "MACs", "overhead", "architecture")
 
     def kib(value) -> str:
         return "-" if value is None else f"{value / 1024:,.1f} KiB"
@@ -65,7 +71,8 @@ def format_results_table(results: List[TrialResult], objective_name: str = "val_
         lines.append((
             r.trial_id, r.status,
             "-" if r.objective is None else f"{r.objective:.4f}",
-            kib(m.get("peak_sram_bytes")), kib(m.get("flash_bytes")),
+            kib(m.get("peak_sram_bytes")), *((kib(m.get("arena_bytes")),) if with_arena else ()),
+            kib(m.get("flash_bytes")),
             "-" if "macs" not in m else f"{m['macs'] / 1e6:,.2f} M",
             "-" if "mac_overhead" not in m else f"{100 * m['mac_overhead']:.1f} %",
             r.architecture or ", ".join(f"{k}={v}" for k, v in r.hyperparameters.items()),
@@ -77,6 +84,12 @@ def format_results_table(results: List[TrialResult], objective_name: str = "val_
         budgets.append(f"peak SRAM <= {kib(sram_budget_bytes)}")
     if flash_budget_bytes is not None:
         budgets.append(f"flash <= {kib(flash_budget_bytes)}")
+    if board is not None:
+        from keras_patch.arduino.boards import get_board
+
+        spec = get_board(board)
+        budgets.append(f"{spec.key}: arena <= {kib(spec.arena_budget_bytes)}, "
+                       f"model + code <= {kib(spec.model_flash_budget_bytes)}")
     counts = {s: sum(r.status == s for r in results) for s in order}
     text.append(f"{len(results)} trials: {counts[STATUS_TRAINED]} trained, {counts[STATUS_OVER_BUDGET]} over budget "
                 f"(not trained), {counts[STATUS_FAILED]} failed" + (f"; budget: {', '.join(budgets)}" if budgets else ""))

@@ -65,6 +65,10 @@ class BudgetMixin:
     Args:
         sram_bytes: peak-SRAM budget in bytes (patched arena head); None for none.
         flash_bytes: flash budget in bytes (int8 model + TFLM code estimate); None for none.
+        board: an `export-arduino` board key (e.g. "nano33ble"): each trial's
+            whole tensor arena (head + TFLM tail + persistent + margin) and
+            flash must also fit what that board leaves after its core, so the
+            best trial's sketch fits.
         kernel: KP_PATCH_STAGE build the SRAM is predicted for ("portable" or "cmsis_nn").
         progress: show a tqdm progress bar over the trials.
         max_consecutive_failed_trials: keras-tuner stops a search after this many
@@ -74,14 +78,19 @@ class BudgetMixin:
     """
 
     def __init__(self, hypermodel=None, *, sram_bytes: Optional[int] = None, flash_bytes: Optional[int] = None,
-                 kernel: str = "portable", progress: bool = True, **kwargs):
+                 board: Optional[str] = None, kernel: str = "portable", progress: bool = True, **kwargs):
         kwargs.setdefault("objective", "val_accuracy")
         kwargs.setdefault("max_consecutive_failed_trials", kwargs.get("max_trials") or 100)
         for name, value in (("sram_bytes", sram_bytes), ("flash_bytes", flash_bytes)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{type(self).__name__}: {name} must be a positive int (bytes) or None, got {value!r}")
+        if board is not None:
+            from keras_patch.arduino.boards import get_board
+
+            get_board(board)  # an unknown board fails here, naming the known ones
         self.sram_bytes = sram_bytes
         self.flash_bytes = flash_bytes
+        self.board = board
         self.kernel = kernel
         self.progress = progress
         self._bar = None
@@ -96,7 +105,7 @@ class BudgetMixin:
         """Builds the model `hp` chooses and measures it against the budgets (no training)."""
         keras.backend.clear_session()
         model = self.hypermodel.build(hp)
-        return measure_model(model, self.sram_bytes, self.flash_bytes, kernel=self.kernel)
+        return measure_model(model, self.sram_bytes, self.flash_bytes, kernel=self.kernel, board=self.board)
 
     def _try_run_and_update_trial(self, trial, *fit_args, **fit_kwargs):
         # Measured before keras-tuner's own try/except, so that an over-budget
@@ -202,11 +211,7 @@ class BudgetMixin:
         # worker's "over budget, not trained: ..." does not reach the chief's
         # trial.json; the same text again, from the metrics the chief did get.
         try:
-            report = BudgetReport(
-                peak_sram_bytes=int(metrics["peak_sram_bytes"]), layer_by_layer_sram_bytes=0,
-                model_bytes=int(metrics["model_bytes"]), flash_bytes=int(metrics["flash_bytes"]),
-                macs=int(metrics["macs"]), patched_macs=int(metrics["patched_macs"]),
-                sram_budget_bytes=self.sram_bytes, flash_budget_bytes=self.flash_bytes)
+            report = BudgetReport.from_metrics(metrics, self.sram_bytes, self.flash_bytes, self.board)
         except KeyError:
             return "over budget, not trained"
         return f"over budget, not trained: {report.reason}" if report.reason else "over budget, not trained"
@@ -218,7 +223,7 @@ class BudgetMixin:
         `sort_by_objective`), then those over budget (never trained) and failed ones.
         """
         return format_results_table(self.results(), self.oracle.objective.name, self.sram_bytes,
-                                    self.flash_bytes, sort_by_objective)
+                                    self.flash_bytes, sort_by_objective, board=self.board)
 
     def plot_pareto(self, path: str, title: Optional[str] = None) -> str:
         """Writes a PNG of objective vs peak SRAM, the Pareto front and the budget; returns `path`."""

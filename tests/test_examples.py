@@ -43,18 +43,18 @@ def test_person_dataset_is_seeded():
 
 
 def test_tune_vww_small_search_exports_best_model_with_small_int8_drop(tmp_path):
-    """examples/tune_vww.py at toy scale (2 trials, 32/48 px), QAT included.
+    """examples/tune_vww.py at toy scale (2 trials at 48 px, 1000 images), QAT included.
 
     The int8 accuracy drop is checked on the example's own best model: post-training int8 against
-    float, and QAT int8 against the same float model (tolerance 0.05 on 160 val images).
+    float, and QAT int8 against the same float model (tolerance 0.05 on 200 val images).
     """
     tune = _load("tune_vww")
-    result = tune.main(["--out-dir", str(tmp_path), "--trials", "2", "--epochs", "2", "--final-epochs", "2",
-                        "--samples", "800", "--resolutions", "32,48", "--qat"])
+    result = tune.main(["--out-dir", str(tmp_path), "--trials", "2", "--epochs", "3", "--final-epochs", "5",
+                        "--samples", "1000", "--resolutions", "48", "--qat"])
     assert result["trials"] == 2 and result["trained"] + result["over_budget"] == 2 and result["trained"] >= 1
     assert result["best_peak_sram_bytes"] <= 256 * 1024
     assert result["bit_exact"]
-    assert result["float_acc"] > 0.6  # the search trained something
+    assert result["float_acc"] > 0.7  # trained well above chance, so the drops below mean something
     assert abs(result["qat"]["float"] - result["qat"]["ptq_int8"]) <= 0.05
     assert result["qat"]["float"] - result["qat"]["qat_int8"] <= 0.05
     assert result["int8_acc"] == result["qat"]["qat_int8"]

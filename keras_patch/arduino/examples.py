@@ -48,6 +48,7 @@ from keras_patch.arduino.boards import Board, get_board
 from keras_patch.arduino.library import TFLM_LIBRARY, TFLM_LIBRARY_HEADER
 from keras_patch.arduino.resolver import ResolverPlan, resolver_calls
 from keras_patch.arduino.sketch import (
+    ARENA_USED_REPORT,
     SketchResult,
     check_budget,
     flash_estimate,
@@ -55,6 +56,7 @@ from keras_patch.arduino.sketch import (
     model_data_source,
     model_data_sources,
     model_label,
+    interpreter_setup,
     prepare_sketch_dir,
     resolver_registration,
     sized_arena,
@@ -348,29 +350,11 @@ void setup() {{
     Halt("the camera does not deliver 176x144 frames of 1 byte per pixel");
   }}
 
-  const tflite::Model* model = tflite::GetModel(g_model);
-  if (model->version() != TFLITE_SCHEMA_VERSION) {{
-    Halt("model schema version differs from the TFLM library's");
-  }}
-{resolver_registration(plan)}
-    Halt("could not register the model's ops (resolver full?)");
-  }}
-
-  static tflite::MicroInterpreter static_interpreter(model, resolver, tensor_arena, kTensorArenaSize);
-  interpreter = &static_interpreter;
-  if (interpreter->AllocateTensors() != kTfLiteOk) {{
-    Halt("AllocateTensors() failed: the tensor arena is too small or an op is missing");
-  }}
-  const TfLiteTensor* input = interpreter->input(0);
+{interpreter_setup(plan)}  const TfLiteTensor* input = interpreter->input(0);
   if (input->type != kTfLiteInt8 || input->bytes != static_cast<size_t>(kInputHeight * kInputWidth)) {{
     Halt("the model's input is not int8 of {height}x{width}x1");
   }}
-  Serial.print("tensor arena: used ");
-  Serial.print((unsigned long)interpreter->arena_used_bytes());
-  Serial.print(" of ");
-  Serial.print((unsigned long)kTensorArenaSize);
-  Serial.println(" bytes");
-}}
+{ARENA_USED_REPORT}}}
 
 void loop() {{
   Camera.readFrame(frame);

@@ -174,6 +174,33 @@ def resolver_registration(plan: ResolverPlan) -> str:
     return "  if (\n" + "\n".join(adds)
 
 
+def interpreter_setup(plan: ResolverPlan) -> str:
+    """The `setup()` lines that load `g_model`, register `plan`'s ops and allocate the tensor arena."""
+    return f"""  const tflite::Model* model = tflite::GetModel(g_model);
+  if (model->version() != TFLITE_SCHEMA_VERSION) {{
+    Halt("model schema version differs from the TFLM library's");
+  }}
+{resolver_registration(plan)}
+    Halt("could not register the model's ops (resolver full?)");
+  }}
+
+  static tflite::MicroInterpreter static_interpreter(model, resolver, tensor_arena, kTensorArenaSize);
+  interpreter = &static_interpreter;
+  if (interpreter->AllocateTensors() != kTfLiteOk) {{
+    Halt("AllocateTensors() failed: the tensor arena is too small or an op is missing");
+  }}
+"""
+
+
+# What the sketches print after AllocateTensors().
+ARENA_USED_REPORT = """  Serial.print("tensor arena: used ");
+  Serial.print((unsigned long)interpreter->arena_used_bytes());
+  Serial.print(" of ");
+  Serial.print((unsigned long)kTensorArenaSize);
+  Serial.println(" bytes");
+"""
+
+
 def model_bytes_from_source(text: str, symbol: str = "g_model") -> bytes:
     """The bytes of array `symbol` in a generated `model_data.cc` (the inverse
     of `model_data_sources`), e.g. to regenerate a committed example.
@@ -245,25 +272,7 @@ void setup() {{
   }}
   Serial.println("{name}: keras-patch {__version__}, KP_PATCH_STAGE");
 
-  const tflite::Model* model = tflite::GetModel(g_model);
-  if (model->version() != TFLITE_SCHEMA_VERSION) {{
-    Halt("model schema version differs from the TFLM library's");
-  }}
-{resolver_registration(plan)}
-    Halt("could not register the model's ops (resolver full?)");
-  }}
-
-  static tflite::MicroInterpreter static_interpreter(model, resolver, tensor_arena, kTensorArenaSize);
-  interpreter = &static_interpreter;
-  if (interpreter->AllocateTensors() != kTfLiteOk) {{
-    Halt("AllocateTensors() failed: the tensor arena is too small or an op is missing");
-  }}
-  Serial.print("tensor arena: used ");
-  Serial.print((unsigned long)interpreter->arena_used_bytes());
-  Serial.print(" of ");
-  Serial.print((unsigned long)kTensorArenaSize);
-  Serial.println(" bytes");
-}}
+{interpreter_setup(plan)}{ARENA_USED_REPORT}}}
 
 void loop() {{
   TfLiteTensor* input = interpreter->input(0);

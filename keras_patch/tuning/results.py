@@ -145,9 +145,12 @@ def plot_pareto(results: List[TrialResult], path: str, objective: str = "val_acc
     low = min([r.objective for r in trained], default=0.0)
     if over:
         ax.scatter([r.peak_sram_bytes / 1024 for r in over], [low - 0.02] * len(over), marker="x",
-                   color="tab:red", label="over budget (not trained)", zorder=3)
+                   color="tab:red", label="over a budget: SRAM, board arena or flash (not trained)", zorder=3)
+        for r in over:
+            ax.annotate(r.trial_id, (r.peak_sram_bytes / 1024, low - 0.02), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8, color="tab:red")
     if sram_budget_bytes is not None:
-        ax.axvline(sram_budget_bytes / 1024, color="tab:red", linestyle="--", label="SRAM budget")
+        ax.axvline(sram_budget_bytes / 1024, color="tab:red", linestyle="--", label="peak SRAM budget")
     ax.set_xlabel("peak SRAM (KiB, patched, keras_patch.profile)")
     ax.set_ylabel(objective)
     ax.set_title(title or f"{objective} vs peak SRAM ({len(results)} trials)")

@@ -96,7 +96,7 @@ class BudgetMixin:
         self._bar = None
         self._counts = {STATUS_TRAINED: 0, STATUS_OVER_BUDGET: 0, STATUS_FAILED: 0}
         self._over_budget = set()
-        self._reports = {}  # trial id -> BudgetReport, until the trial has trained
+        self._reports = {}  # trial id -> BudgetReport while the trial trains
         super().__init__(hypermodel, **kwargs)
 
     # ------------------------------------------------------------------ budget
@@ -117,7 +117,6 @@ class BudgetMixin:
             trial.message = f"could not be measured: {e}"
             logger.warning("trial %s %s", trial.trial_id, trial.message)
             return
-        self._reports[trial.trial_id] = report
         if not report.fits:
             self._over_budget.add(trial.trial_id)
             # keras-tuner wants the objective in every report: NaN, as nothing was trained.
@@ -127,13 +126,17 @@ class BudgetMixin:
             trial.message = f"over budget, not trained: {report.reason}"
             logger.info("trial %s (%.1f s) %s", trial.trial_id, report.seconds, trial.message)
             return
-        super()._try_run_and_update_trial(trial, *fit_args, **fit_kwargs)
+        self._reports[trial.trial_id] = report
+        try:
+            super()._try_run_and_update_trial(trial, *fit_args, **fit_kwargs)
+        finally:
+            self._reports.pop(trial.trial_id, None)
 
     def run_trial(self, trial, *args, **kwargs):
         """Trains the trial (keras-tuner's `run_trial`) and adds its budget metrics to the results."""
         histories = super().run_trial(trial, *args, **kwargs)
         results = dict(tuner_utils.convert_to_metrics_dict(histories, self.oracle.objective))
-        results.update(self._reports.pop(trial.trial_id).metrics())
+        results.update(self._reports[trial.trial_id].metrics())
         return results
 
     def _objective_names(self) -> List[str]:

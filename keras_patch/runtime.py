@@ -254,7 +254,18 @@ def quantize_input(tflite_bytes: ModelSource, x: np.ndarray, index: int = 0) -> 
     info = model.tensor(model.inputs[index])
     if not info.scale.size:
         raise ValueError(f"Input '{info.name}' of the model is not quantized ({np.dtype(info.dtype).name}).")
-    dtype = np.dtype(info.dtype)
+    return quantize(x, info.scale[0], info.zero_point[0], info.dtype)
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype=np.int8) -> np.ndarray:
+    """TFLite's affine quantization: `clip(round(x / scale) + zero_point)` to `dtype`'s range.
+
+    `scale` is taken as float32, as TFLite stores it.
+
+    >>> quantize(np.array([0.0, 0.5, 10.0]), 0.01, -3)
+    array([ -3,  47, 127], dtype=int8)
+    """
+    dtype = np.dtype(dtype)
     limits = np.iinfo(dtype)
-    q = np.round(np.asarray(x, np.float32) / float(info.scale[0])) + int(info.zero_point[0])
+    q = np.round(np.asarray(x, np.float32) / float(np.float32(scale))) + int(zero_point)
     return np.clip(q, limits.min, limits.max).astype(dtype)

@@ -26,7 +26,7 @@ from keras_patch.arduino.library import library_dir
 from keras_patch.arduino.resolver import resolver_calls
 from keras_patch.arduino.sketch import KEPT_FILE, model_bytes_from_source
 from keras_patch.cli import main
-from keras_patch.runtime import quantize_input, run_tflite
+from keras_patch.runtime import quantize, quantize_input, run_tflite
 from keras_patch.tflite_model import TFLiteModel
 from keras_patch.unpatchify import unpatchify
 
@@ -179,11 +179,6 @@ def person_frame(seed: int = 1, label: int = 1) -> np.ndarray:
     return np.pad(square, ((0, 0), (pad, FRAME_WIDTH - FRAME_HEIGHT - pad)), mode="edge")
 
 
-def _quantize(x, scale, zero_point):  # keras_patch.runtime.quantize_input's formula
-    return np.clip(np.round(np.asarray(x, np.float32) / float(np.float32(scale))) + zero_point, -128, 127
-                   ).astype(np.int8)
-
-
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no host g++")
 def test_image_provider_matches_the_python_path(vww, tmp_path):
     patched, _ = vww
@@ -210,7 +205,7 @@ def test_image_provider_matches_the_python_path(vww, tmp_path):
         assert run.returncode == 0, run.stderr
         got = np.frombuffer(out_path.read_bytes(), np.int8).reshape(1, h, w, 1)
         x = preprocess_frame(frame, h, w)
-        expected = quantize_input(patched.read_bytes(), x) if model_path else _quantize(x, s, z)
+        expected = quantize_input(patched.read_bytes(), x) if model_path else quantize(x, s, z)
         assert np.array_equal(got, expected), (h, w, s, z, np.argwhere(got != expected)[:5])
 
 

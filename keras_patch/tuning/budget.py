@@ -131,12 +131,7 @@ class BudgetReport:
         """
         limits = {}
         if board is not None and "arena_bytes" in metrics:
-            from keras_patch.arduino.boards import get_board
-
-            spec = get_board(board)
-            limits = dict(arena_bytes=int(metrics["arena_bytes"]), board=spec.key,
-                          board_arena_budget_bytes=spec.arena_budget_bytes,
-                          board_flash_budget_bytes=spec.model_flash_budget_bytes)
+            limits = _board_limits(board, int(metrics["arena_bytes"]))
         return cls(peak_sram_bytes=int(metrics["peak_sram_bytes"]), layer_by_layer_sram_bytes=0,
                    model_bytes=int(metrics["model_bytes"]), flash_bytes=int(metrics["flash_bytes"]),
                    macs=int(metrics["macs"]), patched_macs=int(metrics["patched_macs"]),
@@ -147,6 +142,15 @@ class BudgetReport:
         d.pop("tflite")
         d.update(mac_overhead=self.mac_overhead, fits=self.fits, reason=self.reason)
         return d
+
+
+def _board_limits(board: str, arena_bytes: int) -> dict:
+    """The `BudgetReport` fields of a board check: the arena and what `board` leaves for arena and flash."""
+    from keras_patch.arduino.boards import get_board
+
+    spec = get_board(board)
+    return dict(arena_bytes=arena_bytes, board=spec.key, board_arena_budget_bytes=spec.arena_budget_bytes,
+                board_flash_budget_bytes=spec.model_flash_budget_bytes)
 
 
 def measure_model(
@@ -188,12 +192,8 @@ def measure_model(
     board_limits = {}
     if board is not None:
         from keras_patch.arduino.arena import estimate_arena
-        from keras_patch.arduino.boards import get_board
 
-        spec = get_board(board)
-        board_limits = dict(arena_bytes=estimate_arena(tflite).total_bytes, board=spec.key,
-                            board_arena_budget_bytes=spec.arena_budget_bytes,
-                            board_flash_budget_bytes=spec.model_flash_budget_bytes)
+        board_limits = _board_limits(board, estimate_arena(tflite).total_bytes)
     return BudgetReport(
         peak_sram_bytes=int(summary["patched_peak_bytes"]),
         layer_by_layer_sram_bytes=int(summary["layer_by_layer_peak_bytes"]),

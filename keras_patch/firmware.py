@@ -22,10 +22,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -68,9 +70,54 @@ class FirmwareResult:
         return int(self.fields["ticks"]) * INSTRUCTIONS_PER_TICK
 
 
+#: The one line to install every system package the firmware needs.
+INSTALL_HINT = ("apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi "
+                "libstdc++-arm-none-eabi-newlib qemu-system-arm make")
+
+
 def missing_tools() -> list:
     """The cross-compiler/emulator programs not on PATH (empty: all there)."""
     return [tool for tool in TOOLS if shutil.which(tool) is None]
+
+
+@functools.lru_cache(maxsize=None)
+def toolchain_problem(need_emulator: bool = True) -> Optional[str]:
+    """Why the Cortex-M firmware cannot be built (and run) here, or None.
+
+    Programs on PATH are not enough: `gcc-arm-none-eabi` installed without
+    its recommended `libstdc++-arm-none-eabi-newlib` compiles C but has no
+    C++ headers nor `-lstdc++`. So this compiles and links a small C++
+    program with the firmware Makefile's own flags (`make toolchain-check`)
+    and reports the compiler's first error. The answer is cached.
+
+    Args:
+        need_emulator: also require `qemu-system-arm` (False for tests that
+            only cross-compile).
+
+    Returns:
+        None when the toolchain works, else a one-line reason with the
+        `apt-get install` line that fixes it.
+    """
+    tools = [t for t in missing_tools() if need_emulator or t != "qemu-system-arm"]
+    if tools:
+        return f"missing {', '.join(tools)}; install them with: {INSTALL_HINT}"
+    try:
+        source = firmware_source_dir()
+    except KerasPatchError as e:
+        return str(e)
+    with tempfile.TemporaryDirectory(prefix="kp_toolchain_") as build:
+        try:
+            run = subprocess.run(["make", "-s", "-C", source, f"BUILD={build}", "toolchain-check"],
+                                 capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            return "the Cortex-M toolchain probe (make toolchain-check) took over 120 s"
+    if run.returncode == 0:
+        return None
+    errors = [line.strip() for line in (run.stderr + run.stdout).splitlines()
+              if not line.startswith("make") and ("error" in line.lower() or "cannot find" in line)]
+    first = (errors[0] if errors else (run.stderr or run.stdout).strip()[-300:]).replace(build + os.sep, "")
+    return (f"the Cortex-M toolchain cannot compile and link a C++ program ({first}); "
+            f"install the missing parts with: {INSTALL_HINT}")
 
 
 def firmware_source_dir() -> str:
@@ -180,12 +227,9 @@ def run_stage_firmware(header: str, build_dir: str, timeout: float = 900.0,
     Raises:
         KerasPatchError: a tool is missing or the build failed.
     """
-    missing = missing_tools()
-    if missing:
-        raise KerasPatchError(
-            f"missing {', '.join(missing)}: install Debian's gcc-arm-none-eabi, "
-            "libnewlib-arm-none-eabi and qemu-system-arm."
-        )
+    problem = toolchain_problem()
+    if problem:
+        raise KerasPatchError(problem)
     source = firmware_source_dir()
     build_dir = os.path.abspath(build_dir)
     os.makedirs(build_dir, exist_ok=True)

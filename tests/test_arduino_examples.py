@@ -23,6 +23,7 @@ from keras_patch.arduino.examples import (
     preprocess_frame,
 )
 from keras_patch.arduino.library import library_dir
+from keras_patch.firmware import toolchain_problem
 from keras_patch.arduino.resolver import resolver_calls
 from keras_patch.arduino.sketch import KEPT_FILE, model_bytes_from_source
 from keras_patch.cli import main
@@ -218,8 +219,8 @@ def test_preprocess_frame_crops_the_centre():
     assert x.shape == (1, 96, 96, 1) and np.all(x == np.float32(51) / np.float32(255))
 
 
-@pytest.mark.skipif(shutil.which("arm-none-eabi-g++") is None,
-                    reason="arm-none-eabi-g++ not installed (Debian: gcc-arm-none-eabi libnewlib-arm-none-eabi)")
+@pytest.mark.skipif(bool(toolchain_problem(need_emulator=False)),
+                    reason=f"Cortex-M C++ toolchain: {toolchain_problem(need_emulator=False)}")
 def test_image_provider_compiles_for_cortex_m4f(tmp_path):
     run = subprocess.run(["arm-none-eabi-g++", "-mcpu=cortex-m4", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard", "-mthumb",
                           "-std=c++11", "-fno-exceptions", "-fno-rtti", "-Os", "-Wall", "-Wextra", "-Werror", "-c",

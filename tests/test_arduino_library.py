@@ -10,6 +10,7 @@ import pytest
 
 from keras_patch._version import __version__
 from keras_patch.arduino import library
+from keras_patch.firmware import toolchain_problem
 from keras_patch.arduino.library import (
     ADAPTER_SOURCES,
     CORE_SOURCES,
@@ -127,8 +128,8 @@ def test_version_change_is_caught(monkeypatch):
     assert "differs from its source: arduino/KerasPatch/library.properties" in library_diff()
 
 
-@pytest.mark.skipif(shutil.which("arm-none-eabi-g++") is None,
-                    reason="arm-none-eabi-g++ not installed (Debian: gcc-arm-none-eabi libnewlib-arm-none-eabi)")
+@pytest.mark.skipif(bool(toolchain_problem(need_emulator=False)),
+                    reason=f"Cortex-M C++ toolchain: {toolchain_problem(need_emulator=False)}")
 def test_portable_sources_and_model_data_compile_for_cortex_m4f(tmp_path):
     """Proof of build: the library's sources minus the TFLM adapter, and a
     generated model_data.cc, with the Arduino mbed core's kind of flags."""

@@ -3,7 +3,7 @@
 CMSIS-NN is not on any package registry and keras-patch does not ship it:
 point `KP_CMSIS_NN_DIR` at a CMSIS-NN checkout (e.g. the commit TFLM pins)
 to run these tests; without it they are skipped. They also need the
-firmware toolchain (gcc-arm-none-eabi, libnewlib-arm-none-eabi,
+firmware toolchain (gcc-arm-none-eabi, libnewlib-arm-none-eabi, libstdc++-arm-none-eabi-newlib,
 qemu-system-arm).
 
 * random stages (the `stages()` strategy of test_cpp_executor: every op,
@@ -35,10 +35,10 @@ from hypothesis import strategies as st
 import keras_patch
 from keras_patch.errors import KerasPatchError
 from keras_patch.firmware import (
-    missing_tools,
     run_stage_firmware,
     stage_vectors_header,
     stage_vectors_header_from_options,
+    toolchain_problem,
 )
 from keras_patch.patch_op import geometry
 from keras_patch.patchify import find_stages, stage_options
@@ -60,7 +60,7 @@ N_MODEL_EXAMPLES = int(os.environ.get("KP_CMSIS_NN_MODEL_EXAMPLES", "40"))
 pytestmark = [
     pytest.mark.skipif(not CMSIS_NN_DIR, reason="set KP_CMSIS_NN_DIR to a CMSIS-NN checkout "
                        "(github.com/ARM-software/CMSIS-NN; not shipped with keras-patch) to test the -DCMSIS_NN build"),
-    pytest.mark.skipif(bool(missing_tools()), reason=f"Cortex-M toolchain/emulator not installed: {missing_tools()}"),
+    pytest.mark.skipif(bool(toolchain_problem()), reason=f"Cortex-M firmware: {toolchain_problem()}"),
 ]
 
 COUNTS = {"random": 0, "real": 0, "column_tiles": 0, "model": 0, "model_patches": 0}

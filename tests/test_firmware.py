@@ -1,7 +1,9 @@
 """The portable C++ core as Cortex-M4F firmware in QEMU (mps2-an386), against Python's golden vectors.
 
-`.ci/run` installs gcc-arm-none-eabi, libnewlib-arm-none-eabi and
-qemu-system-arm; without them these tests are skipped with the reason.
+`.ci/run` installs gcc-arm-none-eabi, libnewlib-arm-none-eabi,
+libstdc++-arm-none-eabi-newlib and qemu-system-arm; where they are missing,
+or cannot compile and link a C++ program (`firmware.toolchain_problem`),
+these tests are skipped with the reason.
 """
 
 import os
@@ -12,13 +14,11 @@ import numpy as np
 import pytest
 
 import keras_patch
-from keras_patch.firmware import missing_tools, run_stage_firmware, stage_vectors_header
+from keras_patch.firmware import run_stage_firmware, stage_vectors_header, toolchain_problem
 from keras_patch.runtime import run_tflite
 from keras_patch.tflite_model import TFLiteModel
 
-pytestmark = pytest.mark.skipif(
-    bool(missing_tools()), reason=f"Cortex-M toolchain/emulator not installed: {missing_tools()}"
-)
+pytestmark = pytest.mark.skipif(bool(toolchain_problem()), reason=f"Cortex-M firmware: {toolchain_problem()}")
 
 
 def _stage_output_by_litert(original: bytes, split: int, x: np.ndarray) -> np.ndarray:
@@ -76,3 +76,4 @@ def test_bad_options_are_an_error_not_a_crash(residual, tmp_path):
     result = run_stage_firmware(truncated, str(tmp_path))
     assert result.returncode == 2 and result.status == "error", result.output[-2000:]
     assert "where=persistent_bytes" in result.output
+

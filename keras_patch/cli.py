@@ -48,6 +48,10 @@ def _load_keras(path: str):
 def _cmd_profile(args) -> int:
     from keras_patch.profiler import profile
 
+    if args.plot:
+        from keras_patch.files import figure_format
+
+        figure_format(args.plot)  # a bad --plot path fails before the profiling
     source = _load_keras(args.model) if args.model.endswith(".keras") else args.model
     prof = profile(source, kernel=args.kernel)
     if args.json:
@@ -55,26 +59,29 @@ def _cmd_profile(args) -> int:
     else:
         print(prof.table())
     if args.plot:
-        prof.plot(args.plot)
-        print(f"plot written to {args.plot}")
+        written = prof.plot(args.plot)
+        print(f"plot written to {written}")
     return 0
 
 
 def _cmd_export(args) -> int:
     from keras_patch.export import export_tflite
+    from keras_patch.files import check_output_path
 
+    out = args.out if args.out is not None else os.path.splitext(args.model)[0] + ".tflite"
+    check_output_path(out)  # before the model is loaded and converted
     model = _load_keras(args.model)
     data = _load_rep_data(args.rep_data)
-    out = args.out or os.path.splitext(args.model)[0] + ".tflite"
     result = export_tflite(model, data, path=out)
     print(f"wrote {out} ({len(result):,} bytes)")
     return 0
 
 
 def _cmd_patchify(args) -> int:
-    from keras_patch.export import write_atomically
+    from keras_patch.files import check_output_path, write_atomically
     from keras_patch.patchify import normalize_grid, patchify
 
+    check_output_path(args.output)
     result = patchify(args.input, args.split, normalize_grid(args.grid), start=args.start)
     write_atomically(args.output, result)
     print(f"wrote {args.output} ({len(result):,} bytes)")
@@ -202,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arena-bytes", type=int, help="use this tensor arena instead of the estimate")
     p.add_argument("--tail-bytes", type=int,
                    help="TFLM persistent bytes to assume instead of measuring the unpatched model")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder (a README.md in it is kept)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder that keras-patch wrote (a README.md in it is kept); "
+                        "other folders are never replaced")
     p.add_argument("--sketch", choices=("basic", "person-detection", "memory-report"), default="basic",
                    help="what the sketch does (default basic: a constant test input every second); "
                         "person-detection: OV7675 camera frame -> model -> Serial + RGB LED (grayscale "

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, List, Optional, Union
 import numpy as np
 
 from keras_patch.errors import UnsupportedModelError
+from keras_patch.files import check_output_path, write_atomically  # noqa: F401  (write_atomically: public here)
 from keras_patch.layers.patch_stage import PatchStage, stage_of_tensor_name
 from keras_patch.patchify import plan_stage, rewrite_stage, stage_ops
 from keras_patch.tflite_model import TFLiteModel
@@ -163,7 +164,8 @@ def export_tflite(
         representative_dataset: calibration samples: an array (N, H, W, C),
             an iterable of arrays, or a TFLite-style generator function.
         path: if given, the model is also written there (atomically: a failed
-            export leaves no file).
+            export leaves no file). The path is checked before the conversion
+            starts.
         int8_io: int8 model input and output (the default, as on an MCU).
 
     Returns:
@@ -172,7 +174,11 @@ def export_tflite(
     Raises:
         UnsupportedModelError: a stage the converter turned into ops that
             cannot run patch by patch, or whose grid exceeds its output.
+        KerasPatchError: `path` cannot be written (a folder, a missing
+            parent folder, ...).
     """
+    if path is not None:
+        check_output_path(path)
     stages = patch_stages(model)
     converted = convert_int8(model, representative_dataset, int8_io=int8_io)
     tflite = TFLiteModel.from_bytes(converted)
@@ -189,18 +195,3 @@ def export_tflite(
     if path is not None:
         write_atomically(path, result)
     return result
-
-
-def write_atomically(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Writes `data` to `path` via a temporary file, so failures leave nothing."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".kp-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

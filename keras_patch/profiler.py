@@ -114,7 +114,18 @@ class Profile:
                 "summary": dict(self.summary)}
 
     def plot(self, path: str, title: Optional[str] = None) -> str:
-        """Per-op activation memory, layer-by-layer vs patch-based (MCUNetV2 Fig. 1)."""
+        """Per-op activation memory, layer-by-layer vs patch-based (MCUNetV2 Fig. 1).
+
+        Writes exactly `path`, in the format its extension names (PNG without
+        one), and returns it.
+
+        Raises:
+            KerasPatchError: `path` is a folder, its folder does not exist, or
+                its extension is not an image format.
+        """
+        from keras_patch.files import figure_format, save_figure
+
+        figure_format(path)
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -139,8 +150,10 @@ class Profile:
         ax.set_title(title or "Activation memory per op: layer-by-layer vs patch-based")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            path = save_figure(fig, path, dpi=120)
+        finally:
+            plt.close(fig)
         return path
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -124,6 +125,102 @@ def test_export_unsupported_stage_leaves_no_file(capsys, tmp_path, monkeypatch):
     code, _, err = _run(capsys, "export", str(model_path), "--rep-data", str(tmp_path / "rep.npy"), "--out", str(out_path))
     assert code == 2 and "PatchStage 'stage'" in err and "MEAN" in err
     assert not out_path.exists() and not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+def _one_line_error(err, command):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"keras-patch {command}: error:"), err
+    assert ".kp-" not in err and ".tmp" not in err, err  # never a hidden temporary file
+    return lines[0]
+
+
+def _split_arg(tflite_path):
+    m = TFLiteModel.from_bytes(tflite_path.read_bytes())
+    return str(next(i for i in range(m.num_ops) if m.op_type(i) == "ADD"))
+
+
+def test_patchify_output_path_errors_name_the_users_path(capsys, residual_tflite, tmp_path):
+    split = _split_arg(residual_tflite)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (tmp_path / "adir", "is a folder"),
+        (tmp_path / "missing" / "out.tflite", f"the folder '{tmp_path / 'missing'}' does not exist"),
+        (tmp_path / "afile" / "out.tflite", f"'{tmp_path / 'afile'}' is not a folder"),
+    ]
+    for out_path, message in cases:
+        code, _, err = _run(capsys, "patchify", str(residual_tflite), str(out_path), "--split", split)
+        line = _one_line_error(err, "patchify")
+        assert code == 2 and message in line and f"'{out_path}'" in line, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and not os.listdir(tmp_path / "adir")
+
+
+def test_written_files_get_the_umask_and_keep_their_mode(capsys, residual_tflite, tmp_path):
+    """mkstemp made every written .tflite 0600; a new file gets the umask, an old one keeps its mode."""
+    split = _split_arg(residual_tflite)
+    old_mask = os.umask(0o022)
+    try:
+        out_path, plot = tmp_path / "p.tflite", tmp_path / "m.png"
+        assert _run(capsys, "patchify", str(residual_tflite), str(out_path), "--split", split)[0] == 0
+        assert _run(capsys, "profile", str(residual_tflite), "--plot", str(plot))[0] == 0
+        assert stat.S_IMODE(out_path.stat().st_mode) == stat.S_IMODE(plot.stat().st_mode) == 0o644
+        out_path.chmod(0o640)
+        plot.chmod(0o604)
+        assert _run(capsys, "patchify", str(residual_tflite), str(out_path), "--split", split, "--grid", "2x2")[0] == 0
+        assert _run(capsys, "profile", str(residual_tflite), "--plot", str(plot))[0] == 0
+        assert stat.S_IMODE(out_path.stat().st_mode) == 0o640 and stat.S_IMODE(plot.stat().st_mode) == 0o604
+        os.umask(0o027)
+        out_path = tmp_path / "q.tflite"
+        assert _run(capsys, "patchify", str(residual_tflite), str(out_path), "--split", split)[0] == 0
+        assert stat.S_IMODE(out_path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_mask)
+
+
+def test_profile_plot_writes_exactly_the_path_given(capsys, residual_tflite, tmp_path, monkeypatch):
+    """`--plot DIR` said it wrote DIR but wrote DIR.png; a plain name got '.png' appended."""
+    code, out, err = _run(capsys, "profile", str(residual_tflite), "--plot", str(tmp_path / "memory"))
+    assert code == 0, err
+    assert f"plot written to {tmp_path / 'memory'}\n" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory"]
+    assert (tmp_path / "memory").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = _run(capsys, "profile", str(residual_tflite), "--plot", str(tmp_path / "memory.svg"))
+    assert code == 0 and b"<svg" in (tmp_path / "memory.svg").read_bytes()[:500]
+
+    # Refused before the model is profiled: a folder, a missing folder, an unknown format.
+    from keras_patch import profiler
+
+    monkeypatch.setattr(profiler, "profile", lambda *a, **k: pytest.fail("profiled before checking --plot"))
+    (tmp_path / "figs").mkdir()
+    cases = [(tmp_path / "figs", "is a folder"), (tmp_path / "no" / "m.png", "does not exist"),
+             (tmp_path / "m.txt", "unknown image format")]
+    for plot, message in cases:
+        code, out, err = _run(capsys, "profile", str(residual_tflite), "--plot", str(plot))
+        assert code == 2 and message in _one_line_error(err, "profile") and f"'{plot}'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figs", "memory", "memory.svg"]
+    assert not os.listdir(tmp_path / "figs")
+
+
+def test_export_checks_the_output_path_before_converting(capsys, tmp_path, monkeypatch):
+    """A bad --out used to fail only after the model was loaded and converted, naming a temp file."""
+    from keras_patch import cli
+    from keras_patch import export as export_module
+    from keras_patch.errors import KerasPatchError
+
+    np.save(tmp_path / "rep.npy", np.zeros((2, 12, 12, 3), np.float32))
+    (tmp_path / "adir").mkdir()
+    monkeypatch.setattr(cli, "_load_keras", lambda path: pytest.fail("model loaded before checking --out"))
+    cases = [(tmp_path / "adir", "is a folder"), (tmp_path / "missing" / "m.tflite", "does not exist"),
+             ("", "empty")]
+    for out_path, message in cases:
+        code, _, err = _run(capsys, "export", str(tmp_path / "m.keras"), "--rep-data", str(tmp_path / "rep.npy"),
+                            "--out", str(out_path))
+        assert code == 2 and message in _one_line_error(err, "export"), err
+
+    monkeypatch.setattr(export_module, "convert_int8", lambda *a, **k: pytest.fail("converted before checking path"))
+    with pytest.raises(KerasPatchError, match="is a folder"):
+        export_module.export_tflite(_keras_with_stage((2, 2)), np.zeros((2, 12, 12, 3), np.float32),
+                                    path=tmp_path / "adir")
 
 
 def test_missing_model_file(capsys, tmp_path):

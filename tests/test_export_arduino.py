@@ -3,6 +3,7 @@ board budget refusals, and no half-written folders."""
 
 import os
 import re
+import stat
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -151,14 +152,131 @@ def test_bad_arguments_leave_nothing(capsys, models, tmp_path):
 def test_existing_folder_needs_force(capsys, models, tmp_path):
     _, patched = models
     out_dir = tmp_path / "Sketch"
-    out_dir.mkdir()
-    (out_dir / "notes.txt").write_text("mine")
     code, _, err = _run(capsys, "export-arduino", patched, "--out", out_dir, "--tail-bytes", TAIL)
-    assert code == 2 and "not empty" in err and os.listdir(out_dir) == ["notes.txt"]
+    assert code == 0, err
+    (out_dir / "README.md").write_text("my notes")
+    code, _, err = _run(capsys, "export-arduino", patched, "--out", out_dir, "--tail-bytes", TAIL)
+    assert code == 2 and "not empty" in err and "--force" in err
     code, _, err = _run(capsys, "export-arduino", patched, "--out", out_dir, "--tail-bytes", TAIL, "--force")
     assert code == 0, err
-    assert sorted(os.listdir(out_dir)) == ["Sketch.ino", "model_data.cc", "model_data.h"]
+    assert sorted(os.listdir(out_dir)) == ["README.md", "Sketch.ino", "model_data.cc", "model_data.h"]
+    assert (out_dir / "README.md").read_text() == "my notes"
     assert sorted(os.listdir(tmp_path)) == ["Sketch"]  # no temporary folders left behind
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+def test_force_replaces_only_folders_keras_patch_wrote(capsys, models, tmp_path):
+    """A folder of the user's, or a sketch folder with a file of the user's, is never replaced."""
+    _, patched = models
+    mine = tmp_path / "Mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    (mine / "sub" / "data.bin").write_bytes(b"\0")
+    sketch = tmp_path / "Sketch"
+    assert _run(capsys, "export-arduino", patched, "--out", sketch, "--tail-bytes", TAIL)[0] == 0
+    (sketch / "extra.cpp").write_text("// my code\n")
+    for out_dir, names in [(mine, ["notes.txt", "sub"]), (sketch, ["extra.cpp"])]:
+        before = _tree(out_dir)
+        for force in ([], ["--force"]):
+            code, _, err = _run(capsys, "export-arduino", patched, "--out", out_dir, "--tail-bytes", TAIL, *force)
+            assert code == 2 and "not a sketch folder keras-patch wrote" in err and "--force" not in err, err
+            assert all(name in err for name in names) and len(err.strip().splitlines()) == 1
+            assert _tree(out_dir) == before
+
+
+def test_force_refuses_the_current_folder_and_the_models_folder(capsys, models, tmp_path, monkeypatch):
+    """`--out . --force` inside the model's folder used to delete the folder, model included."""
+    plain, patched = models
+    work = tmp_path / "Work"
+    work.mkdir()
+    (work / "model.tflite").write_bytes(patched.read_bytes())
+    (work / "unpatched.tflite").write_bytes(plain.read_bytes())
+    before = _tree(tmp_path)
+    monkeypatch.chdir(work)
+    cases = [
+        (["model.tflite", "--out", ".", "--force"], "current folder"),
+        (["model.tflite", "--out", "..", "--force"], "current folder"),
+        (["model.tflite", "--out", str(work), "--force"], "current folder"),
+    ]
+    for argv, message in cases:
+        code, _, err = _run(capsys, "export-arduino", *argv, "--tail-bytes", TAIL)
+        assert code == 2 and message in err and "'" + argv[2] + "'" in err, err
+    code, _, err = _run(capsys, "export-arduino", "model.tflite", "--out", "", "--tail-bytes", TAIL)
+    assert code == 2 and "empty" in err and "--force" not in err, err
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "export-arduino", work / "model.tflite", "--out", "Work", "--force",
+                        "--tail-bytes", TAIL)
+    assert code == 2 and "holds the model" in err and "model.tflite" in err, err
+    code, _, err = _run(capsys, "export-arduino", patched, "--out", "Work", "--force", "--sketch", "memory-report",
+                        "--compare-with", work / "unpatched.tflite", "--tail-bytes", TAIL)
+    assert code == 2 and "holds the model" in err and "unpatched.tflite" in err, err
+    assert _tree(tmp_path) == before
+
+
+def test_interrupted_force_keeps_the_old_folder(models, tmp_path, monkeypatch):
+    """An interrupt between the two renames of a --force replacement puts the old folder back."""
+    plain, patched = models
+    from keras_patch.arduino import sketch
+
+    out_dir = tmp_path / "Sketch"
+    sketch.export_sketch(str(plain), str(out_dir), tail_bytes=TAIL)
+    (out_dir / "README.md").write_text("my notes")
+    before = _tree(out_dir)
+    real_replace = os.replace
+    calls = []
+
+    def interrupted_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        sketch.export_sketch(str(patched), str(out_dir), tail_bytes=TAIL, overwrite=True)
+    monkeypatch.undo()
+    assert len(calls) >= 2 and calls[0][0] == str(out_dir)  # the old folder had been moved aside
+    assert _tree(out_dir) == before
+    assert sorted(os.listdir(tmp_path)) == ["Sketch"]
+
+
+def test_sketch_files_get_the_umask_and_keep_their_modes(models, tmp_path):
+    plain, patched = models
+    from keras_patch.arduino import sketch
+
+    old_mask = os.umask(0o077)
+    try:
+        out_dir = tmp_path / "Private"
+        sketch.export_sketch(str(plain), str(out_dir), tail_bytes=TAIL)
+        assert stat.S_IMODE(out_dir.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(p.stat().st_mode) for p in out_dir.iterdir()} == {0o600}
+        os.umask(0o022)
+        out_dir = tmp_path / "Public"
+        sketch.export_sketch(str(plain), str(out_dir), tail_bytes=TAIL)
+        assert stat.S_IMODE(out_dir.stat().st_mode) == 0o755
+        assert {stat.S_IMODE(p.stat().st_mode) for p in out_dir.iterdir()} == {0o644}
+        # Replacing the folder keeps the modes its folder and files had.
+        out_dir.chmod(0o750)
+        (out_dir / "model_data.cc").chmod(0o640)
+        sketch.export_sketch(str(patched), str(out_dir), tail_bytes=TAIL, overwrite=True)
+        assert stat.S_IMODE(out_dir.stat().st_mode) == 0o750
+        assert stat.S_IMODE((out_dir / "model_data.cc").stat().st_mode) == 0o640
+        assert stat.S_IMODE((out_dir / "Public.ino").stat().st_mode) == 0o644
+        assert _model_bytes_from_cc((out_dir / "model_data.cc").read_text()) == patched.read_bytes()
+    finally:
+        os.umask(old_mask)
+
+
+def test_out_under_a_file_is_refused_before_any_work(capsys, models, tmp_path):
+    _, patched = models
+    (tmp_path / "file").write_text("x")
+    code, _, err = _run(capsys, "export-arduino", patched, "--out", tmp_path / "file" / "Sketch", "--tail-bytes", TAIL)
+    assert code == 2 and "is not a folder" in err and str(tmp_path / "file") in err and ".kp-" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 def test_failure_while_writing_leaves_no_folder(models, tmp_path, monkeypatch):

@@ -422,7 +422,7 @@ def export_person_detection(
     target = get_board(board)
     data = read_model_bytes(tflite_bytes)
     label = model_label(tflite_bytes)
-    out_dir, name = prepare_sketch_dir(out_dir, overwrite)
+    out_dir, name = prepare_sketch_dir(out_dir, overwrite, keep=[tflite_bytes])
     model = TFLiteModel.from_bytes(data)
     _check_person_model(model, person_class)
 
@@ -656,7 +656,7 @@ def export_memory_report(
     other = unpatchify(data) if unpatched is None else read_model_bytes(unpatched)
     labels = (model_label(tflite_bytes),
               "keras_patch.unpatchify(patched)" if unpatched is None else model_label(unpatched))
-    out_dir, name = prepare_sketch_dir(out_dir, overwrite)
+    out_dir, name = prepare_sketch_dir(out_dir, overwrite, keep=[tflite_bytes, unpatched])
     model, other_model = TFLiteModel.from_bytes(data), TFLiteModel.from_bytes(other)
     if _signature(model) != _signature(other_model):
         raise KerasPatchError(

@@ -159,6 +159,10 @@ def plot_pareto(results: List[TrialResult], path: str, objective: str = "val_acc
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from keras_patch.files import save_figure
+
+    try:
+        path = save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path

@@ -1,17 +1,23 @@
 """`keras-patch` command line: profile, export, patchify, export-arduino, demo.
 
     keras-patch demo
+    keras-patch --version
     keras-patch profile model.tflite --plot memory.png
     keras-patch export model.keras --rep-data samples.npy --out model.tflite
     keras-patch patchify in.tflite out.tflite --split block_5_add --grid 4x4
     keras-patch export-arduino model.tflite --out MySketch --board nano33ble
     keras-patch export-arduino model.tflite --out PersonDetection --sketch person-detection
     keras-patch export-arduino model.tflite --out MemoryReport --sketch memory-report --compare-with unpatched.tflite
+
+Only `.keras` models and the demo import TensorFlow/Keras (about 10 s); on a
+`.tflite` no command does. TensorFlow's log noise is hidden unless `--verbose`;
+long steps show progress on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -19,6 +25,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from keras_patch._console import Progress, configure_output, import_tensorflow
+from keras_patch._version import __version__
 from keras_patch.errors import KerasPatchError
 
 
@@ -52,8 +60,14 @@ def _cmd_profile(args) -> int:
         from keras_patch.files import figure_format
 
         figure_format(args.plot)  # a bad --plot path fails before the profiling
-    source = _load_keras(args.model) if args.model.endswith(".keras") else args.model
-    prof = profile(source, kernel=args.kernel)
+    if args.model.endswith(".keras"):
+        _import_tensorflow(args)
+        with args.progress.step(f"loading {args.model}"):
+            source = _load_keras(args.model)
+        with args.progress.step("converting to int8 and profiling (about a minute for MobileNetV2)"):
+            prof = profile(source, kernel=args.kernel)
+    else:
+        prof = profile(args.model, kernel=args.kernel)
     if args.json:
         print(json.dumps(prof.to_dict(), indent=1, default=list))
     else:
@@ -70,9 +84,13 @@ def _cmd_export(args) -> int:
 
     out = args.out if args.out is not None else os.path.splitext(args.model)[0] + ".tflite"
     check_output_path(out)  # before the model is loaded and converted
-    model = _load_keras(args.model)
+    _import_tensorflow(args)
+    with args.progress.step(f"loading {args.model}"):
+        model = _load_keras(args.model)
     data = _load_rep_data(args.rep_data)
-    result = export_tflite(model, data, path=out)
+    with args.progress.step(f"converting to int8, calibrating on {len(data)} samples "
+                            "(about a minute for MobileNetV2)"):
+        result = export_tflite(model, data, path=out)
     print(f"wrote {out} ({len(result):,} bytes)")
     return 0
 
@@ -146,10 +164,15 @@ def _cmd_demo(args) -> int:
     from keras_patch.demo import run_demo
     from keras_patch.patchify import normalize_grid
 
-    def say(message: str) -> None:
-        print(f"[demo] {message}", flush=True)
+    grid = normalize_grid(args.grid)
+    _import_tensorflow(args)
+    with contextlib.ExitStack() as current_step:
 
-    result = run_demo(out_dir=args.out_dir, grid=normalize_grid(args.grid), num_images=args.images, progress=say)
+        def say(message: str) -> None:  # each demo step shows until the next begins
+            current_step.close()
+            current_step.enter_context(args.progress.step(f"[demo] {message}"))
+
+        result = run_demo(out_dir=args.out_dir, grid=grid, num_images=args.images, progress=say)
     prof = result.profile
     s = prof.summary
     print()
@@ -170,6 +193,12 @@ def _cmd_demo(args) -> int:
     return 0 if result.bit_exact and result.bit_exact_cpp else 1
 
 
+def _import_tensorflow(args) -> None:
+    if "tensorflow" not in sys.modules:
+        with args.progress.step("loading TensorFlow"):
+            import_tensorflow(verbose=args.verbose)
+
+
 def _board_keys() -> list:
     from keras_patch.arduino.boards import BOARDS
 
@@ -178,6 +207,9 @@ def _board_keys() -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keras-patch", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"keras-patch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show TensorFlow's logs and keras-patch's debug log")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("profile", help="memory/MAC table of a .tflite or .keras model")
@@ -227,12 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="6x6")
     p.add_argument("--images", type=int, default=4)
     p.set_defaults(func=_cmd_demo)
+
+    # --verbose after the command, too (`keras-patch profile m.keras --verbose`); SUPPRESS keeps the
+    # subcommand's default from overriding the flag given before the command.
+    for p in sub.choices.values():
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show TensorFlow's logs and keras-patch's debug log")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
+    configure_output(verbose=args.verbose)
+    args.progress = Progress()
     try:
         return args.func(args)
     except (KerasPatchError, ValueError, OSError) as e:

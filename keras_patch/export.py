@@ -26,15 +26,17 @@ import io
 import logging
 import os
 import tempfile
-from typing import Callable, Iterable, List, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterable, List, Optional, Union
 
 import numpy as np
 
 from keras_patch.errors import UnsupportedModelError
 from keras_patch.files import check_output_path, write_atomically  # noqa: F401  (write_atomically: public here)
-from keras_patch.layers.patch_stage import PatchStage, stage_of_tensor_name
 from keras_patch.patchify import plan_stage, rewrite_stage, stage_ops
 from keras_patch.tflite_model import TFLiteModel
+
+if TYPE_CHECKING:  # the layer imports Keras; `write_atomically` must not
+    from keras_patch.layers.patch_stage import PatchStage
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ RepresentativeData = Union[np.ndarray, Callable[[], Iterable], Iterable]
 
 def patch_stages(model) -> List[PatchStage]:
     """The PatchStage layers of a Keras model, outermost first."""
+    from keras_patch.layers.patch_stage import PatchStage
+
     found = []
     for layer in model.layers:
         if isinstance(layer, PatchStage):
@@ -123,6 +127,8 @@ def convert_int8(model, representative_dataset: RepresentativeData, int8_io: boo
 
 def _stage_op_set(tflite: TFLiteModel, stage: PatchStage) -> tuple:
     """(entry tensor, exit tensor) of the ops the converter made from `stage`."""
+    from keras_patch.layers.patch_stage import stage_of_tensor_name
+
     marked = [
         i for i in range(tflite.num_ops)
         if any(stage_of_tensor_name(tflite.tensor(t).name) == stage.name for t in tflite.op_outputs(i))

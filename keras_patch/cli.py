@@ -342,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse printed in one line
+        return int(e.code or 0)
     try:
         return args.func(args)
     except (KerasPatchError, ValueError, OSError) as e:

@@ -21,10 +21,7 @@ from keras_patch.tflite_model import TFLiteModel
 
 
 def _run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse's own errors (usage, bad option values)
-        code = e.code
+    code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -85,7 +85,7 @@ def resolve_split(model: TFLiteModel, split: Union[int, str]) -> int:
             raise UnsupportedModelError(f"split {index} is not an op index (the model has {model.num_ops} ops).")
         return index
     if isinstance(split, str):
-        if split.lstrip("-").isdigit():
+        if split.lstrip("-").isascii() and split.lstrip("-").isdigit():
             return resolve_split(model, int(split))
         producers = model.producers()
         for t, tensor in enumerate(model.subgraph.tensors):

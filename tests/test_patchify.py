@@ -563,3 +563,9 @@ def test_options_quantization_disagreeing_with_the_op_tensors(good_entries, patc
     with pytest.raises(InvalidOptionsError) as info:
         run_tflite(with_options(patched_add2, encode_entries(entries)), np.zeros((1, 96, 96, 3), np.float32))
     assert f"'{key}'" in str(info.value)
+
+
+def test_error_split_in_non_ascii_digits(mbv2):
+    """`int()` reads '５' (fullwidth) as 5; an op index is ASCII digits, anything else a tensor name."""
+    message = _error(keras_patch.patchify, mbv2["bytes"], "５", grid=(1, 1))
+    assert "No op writes a tensor named '５'" in message

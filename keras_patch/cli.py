@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -43,14 +44,75 @@ def _load_rep_data(path: str) -> np.ndarray:
     return data.astype(np.float32)
 
 
-def _load_keras(path: str):
+def _import_custom_modules(names: Optional[List[str]]) -> None:
+    """Imports each `--custom-module` (a module name, or a `.py` file) so its Keras classes register."""
+    import importlib
+    import importlib.util
+
+    for name in names or []:
+        try:
+            if name.endswith(".py"):
+                if not os.path.isfile(name):
+                    raise ImportError(f"no file at '{name}'")
+                module_name = os.path.splitext(os.path.basename(name))[0]
+                spec = importlib.util.spec_from_file_location(module_name, name)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)
+            else:
+                if os.getcwd() not in sys.path:  # as `python -m` would
+                    sys.path.insert(0, os.getcwd())
+                importlib.import_module(name)
+        except ImportError as e:
+            raise KerasPatchError(f"--custom-module {name}: cannot import it ({e}).") from None
+
+
+def _keras_error_text(e: Exception) -> str:
+    """Keras' message in one line, without the object config it appends."""
+    text = str(e).split(" Full object config:")[0]
+    return " ".join(text.split())
+
+
+def _load_keras(path: str, custom_modules: Optional[List[str]] = None):
+    import zipfile
+
     import keras
 
     import keras_patch  # noqa: F401  (registers PatchStage for deserialization)
+    from keras_patch.errors import InvalidModelError
 
     if not os.path.isfile(path):
         raise KerasPatchError(f"No Keras model at '{path}'.")
-    return keras.models.load_model(path, compile=False)
+    if path.endswith(".tflite"):
+        raise KerasPatchError(f"'{path}' is a .tflite already; this command takes a .keras model.")
+    if path.endswith(".keras"):
+        if not zipfile.is_zipfile(path):
+            size = os.path.getsize(path)
+            raise InvalidModelError(
+                f"'{path}' is not a valid .keras archive (a zip file): "
+                + ("the file is empty." if size == 0 else
+                   f"its {size:,} bytes are not a zip archive (corrupt, truncated or another format).")
+            )
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                raise InvalidModelError(f"'{path}' is not a valid .keras archive: the zip file has no config.json.")
+    _import_custom_modules(custom_modules)
+    try:
+        return keras.models.load_model(path, compile=False)
+    except TypeError as e:
+        match = re.search(r"Could not locate (\w+) '([^']+)'", str(e))
+        if not match:
+            raise KerasPatchError(f"cannot load the Keras model '{path}': {_keras_error_text(e)}") from None
+        kind, name = match.groups()
+        registered = re.search(r"'registered_name': '([^']*)>", str(e))
+        package = f"package={registered.group(1)!r}" if registered else ""
+        raise KerasPatchError(
+            f"'{path}' uses the custom {kind} '{name}', which is not registered: decorate it with "
+            f"@keras.saving.register_keras_serializable({package}) and pass its module with --custom-module MODULE "
+            f"(or, in Python, import it or give custom_objects={{'{name}': {name}}} to keras.models.load_model)."
+        ) from None
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+        raise KerasPatchError(f"cannot load the Keras model '{path}': {_keras_error_text(e)}") from None
 
 
 def _cmd_profile(args) -> int:
@@ -63,7 +125,7 @@ def _cmd_profile(args) -> int:
     if args.model.endswith(".keras"):
         _import_tensorflow(args)
         with args.progress.step(f"loading {args.model}"):
-            source = _load_keras(args.model)
+            source = _load_keras(args.model, args.custom_module)
         with args.progress.step("converting to int8 and profiling (about a minute for MobileNetV2)"):
             prof = profile(source, kernel=args.kernel)
     else:
@@ -86,7 +148,7 @@ def _cmd_export(args) -> int:
     check_output_path(out)  # before the model is loaded and converted
     _import_tensorflow(args)
     with args.progress.step(f"loading {args.model}"):
-        model = _load_keras(args.model)
+        model = _load_keras(args.model, args.custom_module)
     data = _load_rep_data(args.rep_data)
     with args.progress.step(f"converting to int8, calibrating on {len(data)} samples "
                             "(about a minute for MobileNetV2)"):
@@ -199,14 +261,68 @@ def _import_tensorflow(args) -> None:
             import_tensorflow(verbose=args.verbose)
 
 
+def _grid_arg(text: str) -> tuple:
+    """argparse type of --grid: ASCII 'NxM' or 'N', positive (`keras_patch.grid.check_grid`)."""
+    from keras_patch.grid import check_grid
+
+    try:
+        return check_grid(text)
+    except KerasPatchError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _int_arg(minimum: int):
+    """argparse type: a decimal int >= `minimum`, the valid range named in the error."""
+
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text):  # ASCII digits only; int() takes any Unicode digit
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}.")
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}.")
+        return value
+
+    return parse
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line on stderr (exit 2), like the commands' own errors.
+
+    An option value that starts with '-' (`--grid -2x2`) is taken as the
+    value rather than as an unknown option, so that its own check names it.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message.rstrip('.')} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        takes_value = {
+            option for action in self._actions if action.nargs is None and action.option_strings
+            for option in action.option_strings
+        }
+        merged = []
+        for arg in args:
+            if (merged and merged[-1] in takes_value and arg.startswith("-") and not arg.startswith("--")
+                    and arg not in self._option_string_actions):
+                merged[-1] = f"{merged[-1]}={arg}"
+            else:
+                merged.append(arg)
+        return super().parse_known_args(merged, namespace)
+
+
 def _board_keys() -> list:
     from keras_patch.arduino.boards import BOARDS
 
     return sorted(BOARDS)
 
 
+_CUSTOM_MODULE_HELP = ("import MODULE (a module name, or a .py file) before loading a .keras model, so that the custom "
+                       "layers it registers with @keras.saving.register_keras_serializable load; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keras-patch", description=__doc__.split("\n")[0])
+    parser = _ArgumentParser(prog="keras-patch", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"keras-patch {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show TensorFlow's logs and keras-patch's debug log")
@@ -218,19 +334,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.add_argument("--kernel", choices=["portable", "cmsis_nn"], default="portable",
                    help="KP_PATCH_STAGE build to predict scratch for (cmsis_nn: -DCMSIS_NN, adds buffer #1)")
+    p.add_argument("--custom-module", action="append", metavar="MODULE", help=_CUSTOM_MODULE_HELP)
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("export", help="int8 .tflite from a .keras model; PatchStages become KP_PATCH_STAGE")
     p.add_argument("model")
     p.add_argument("--rep-data", required=True, help=".npy/.npz of calibration samples (N, H, W, C)")
     p.add_argument("--out", help="output .tflite (default: next to the model)")
+    p.add_argument("--custom-module", action="append", metavar="MODULE", help=_CUSTOM_MODULE_HELP)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("patchify", help="rewrite the first stage of an int8 .tflite as KP_PATCH_STAGE")
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--split", required=True, help="op index or output tensor name of the stage's last op")
-    p.add_argument("--grid", default="4x4", help="patches, e.g. 4x4")
+    p.add_argument("--grid", type=_grid_arg, default="4x4", help="patches, e.g. 4x4")
     p.add_argument("--start", help="first tensor of the stage (default: the int8 model input)")
     p.set_defaults(func=_cmd_patchify)
 
@@ -238,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="int8 .tflite (patched or not)")
     p.add_argument("--out", required=True, help="sketch folder to create; its name is the sketch's name")
     p.add_argument("--board", default="nano33ble", help="target board (default nano33ble): " + ", ".join(_board_keys()))
-    p.add_argument("--arena-bytes", type=int, help="use this tensor arena instead of the estimate")
-    p.add_argument("--tail-bytes", type=int,
+    p.add_argument("--arena-bytes", type=_int_arg(1), help="use this tensor arena instead of the estimate")
+    p.add_argument("--tail-bytes", type=_int_arg(0),
                    help="TFLM persistent bytes to assume instead of measuring the unpatched model")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder that keras-patch wrote (a README.md in it is kept); "
                         "other folders are never replaced")
@@ -250,14 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "unpatched model and whether their outputs are identical")
     p.add_argument("--compare-with", metavar="UNPATCHED.tflite",
                    help="memory-report: the same model without patches (default: keras_patch.unpatchify(MODEL))")
-    p.add_argument("--person-class", type=int, default=1,
+    p.add_argument("--person-class", type=_int_arg(0), default=1,
                    help="person-detection: output index meaning 'person' (default 1)")
     p.set_defaults(func=_cmd_export_arduino)
 
     p = sub.add_parser("demo", help="MobileNetV2 0.35@144 end to end: memory table, bit-exactness, plot")
     p.add_argument("--out-dir", default="keras_patch_demo")
-    p.add_argument("--grid", default="6x6")
-    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--grid", type=_grid_arg, default="6x6")
+    p.add_argument("--images", type=_int_arg(1), default=4)
     p.set_defaults(func=_cmd_demo)
 
     # --verbose after the command, too (`keras-patch profile m.keras --verbose`); SUPPRESS keeps the
@@ -269,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error argparse printed in one line
+        return int(e.code or 0)
     configure_output(verbose=args.verbose)
     args.progress = Progress()
     try:

@@ -17,10 +17,14 @@ True
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from keras_patch.errors import KerasPatchError
+from keras_patch.grid import check_grid
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +97,9 @@ def run_demo(out_dir: str = "keras_patch_demo", grid=(6, 6), num_images: int = 4
     from keras_patch.tflm_arena import measure_tflm_arena
     from keras_patch.wrap import wrap_stage
 
+    grid = check_grid(grid)
+    if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or num_images < 1:
+        raise KerasPatchError(f"num_images (--images) must be a positive int, got {num_images!r}.")
     say = progress or (lambda message: logger.info(message))
     os.makedirs(out_dir, exist_ok=True)
     say(f"building MobileNetV2 {DEMO_ALPHA}@{DEMO_INPUT_SIZE} (random weights)")

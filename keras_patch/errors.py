@@ -11,7 +11,7 @@ class KerasPatchError(ValueError):
 
 
 class InvalidModelError(KerasPatchError):
-    """The bytes are not a readable `.tflite` flatbuffer (corrupt, truncated)."""
+    """The bytes are not a readable model: a `.tflite` flatbuffer or `.keras` archive (corrupt, truncated)."""
 
 
 class UnsupportedModelError(KerasPatchError):

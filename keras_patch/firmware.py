@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from keras_patch.errors import KerasPatchError
+from keras_patch.grid import check_grid
 from keras_patch.patch_op import options as o
 from keras_patch.patch_op.executor import prepare_stage, run_stage
 from keras_patch.patchify import find_stages, stage_constants, stage_options
@@ -172,7 +173,7 @@ def stage_vectors_header(
     op = stages[stage_index]
     opts = stage_options(model, op)
     if grid is not None:
-        opts = dataclasses.replace(opts, grid=tuple(int(g) for g in grid))
+        opts = dataclasses.replace(opts, grid=check_grid(grid))
     constants = stage_constants(model, op)
     label = model.op_label(op)
     return stage_vectors_header_from_options(opts, constants, input_image, label)

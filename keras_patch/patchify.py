@@ -21,6 +21,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from keras_patch.errors import InvalidOptionsError, UnsupportedModelError
+from keras_patch.grid import check_grid
 from keras_patch.patch_op import options as o
 from keras_patch.patch_op.executor import ConstantTensor, prepare_stage
 from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
@@ -49,17 +50,8 @@ class StagePlan:
 
 
 def normalize_grid(grid) -> tuple:
-    if isinstance(grid, str):
-        parts = grid.lower().replace("×", "x").split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"grid '{grid}' must look like '4x4'.")
-        grid = (int(parts[0]), int(parts[1]))
-    elif isinstance(grid, (int, np.integer)):
-        grid = (int(grid), int(grid))
-    grid = tuple(int(g) for g in grid)
-    if len(grid) != 2 or min(grid) < 1:
-        raise ValueError(f"grid {grid} must be two positive ints (rows, columns).")
-    return grid
+    """`(rows, columns)` from a pair of positive ints, an int n or ASCII "4x4" (`keras_patch.grid.check_grid`)."""
+    return check_grid(grid)
 
 
 def default_entry_tensor(model: TFLiteModel) -> int:
@@ -93,7 +85,7 @@ def resolve_split(model: TFLiteModel, split: Union[int, str]) -> int:
             raise UnsupportedModelError(f"split {index} is not an op index (the model has {model.num_ops} ops).")
         return index
     if isinstance(split, str):
-        if split.lstrip("-").isdigit():
+        if split.lstrip("-").isascii() and split.lstrip("-").isdigit():
             return resolve_split(model, int(split))
         producers = model.producers()
         for t, tensor in enumerate(model.subgraph.tensors):
@@ -327,6 +319,38 @@ def rewrite_stage(model: TFLiteModel, plan: StagePlan) -> None:
     model.remove_unused()
 
 
+def resolve_start(model: TFLiteModel, start: Union[int, str]) -> int:
+    """Tensor index of the stage's first tensor from a tensor index (int or ASCII digits) or name.
+
+    Raises:
+        UnsupportedModelError: an index outside `[0, number of tensors)` (a
+            negative one too: it is not counted from the end), an unknown
+            name, or a constant tensor.
+    """
+    if isinstance(start, str) and start.strip().lstrip("+-").isascii() and start.strip().lstrip("+-").isdigit():
+        start = int(start)
+    if isinstance(start, str):
+        entry = model.find_tensor(start)
+    elif isinstance(start, (bool, np.bool_)) or not isinstance(start, (int, np.integer)):
+        raise UnsupportedModelError(
+            f"start must be a tensor index or name, got {start!r} ({type(start).__name__})."
+        )
+    else:
+        entry = int(start)
+        num_tensors = len(model.subgraph.tensors)
+        if not 0 <= entry < num_tensors:
+            raise UnsupportedModelError(
+                f"start {entry} is not a tensor index: the model has {num_tensors} tensors, "
+                f"valid indices are 0 to {num_tensors - 1}."
+            )
+    if model.is_constant(entry):
+        raise UnsupportedModelError(
+            f"start {start!r} is the constant tensor '{model.tensor(entry).name}' (weights); "
+            f"the stage starts at an activation."
+        )
+    return entry
+
+
 def patchify(
     tflite_bytes: ModelSource,
     split: Union[int, str],
@@ -357,12 +381,7 @@ def patchify(
         raise UnsupportedModelError(f"The model has {len(model.model.subgraphs)} subgraphs; keras-patch handles one.")
     split_op = resolve_split(model, split)
     exit_tensor = model.op_outputs(split_op)[0]
-    if start is None:
-        entry = default_entry_tensor(model)
-    elif isinstance(start, str) and not start.lstrip("-").isdigit():
-        entry = model.find_tensor(start)
-    else:
-        entry = int(start)
+    entry = default_entry_tensor(model) if start is None else resolve_start(model, start)
     if model.op_type(split_op) == o.CUSTOM_CODE:
         raise UnsupportedModelError(f"{model.op_label(split_op)} is already a patch stage.")
     ops = stage_ops(model, entry, exit_tensor)

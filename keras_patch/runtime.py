@@ -28,7 +28,7 @@ from keras_patch.patch_op.executor import PreparedStage, prepare_stage, run_stag
 from keras_patch.patch_op.options import CUSTOM_CODE
 from keras_patch.patchify import stage_constants, stage_options
 from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
-from keras_patch.errors import UnsupportedModelError
+from keras_patch.errors import KerasPatchError, UnsupportedModelError
 
 
 def litert_interpreter(model_bytes: bytes):
@@ -194,6 +194,15 @@ def _runner(model_bytes: bytes, executor: str = "reference") -> HostRunner:
     return HostRunner(model_bytes, executor)
 
 
+def _declared_batch(input_details: Sequence) -> int:
+    """The batch size the model's inputs declare: samples per inference (1 unless fixed larger)."""
+    batches = {int(info.shape[0]) if len(info.shape) and int(info.shape[0]) > 0 else 1 for info in input_details}
+    if len(batches) > 1:
+        names = ", ".join(f"'{info.name}' {tuple(int(d) for d in info.shape)}" for info in input_details)
+        raise UnsupportedModelError(f"run_tflite needs one batch size for all inputs, the model declares {names}.")
+    return batches.pop() if batches else 1
+
+
 def run_tflite(
     tflite_bytes: ModelSource,
     inputs: Union[np.ndarray, Sequence[np.ndarray]],
@@ -204,7 +213,8 @@ def run_tflite(
     Args:
         tflite_bytes: model bytes or path.
         inputs: one array per model input (a single array for one input).
-            A leading batch of N > 1 samples runs as N inferences.
+            A leading batch of N > 1 samples runs as N inferences (as N / B
+            for a model whose inputs declare a fixed batch B).
         executor: how KP_PATCH_STAGE ops run: "reference" (the numpy
             reference executor) or "cpp" (the C++ kernel core, built by
             `pip install .`); both give the same bits.
@@ -219,22 +229,34 @@ def run_tflite(
         inputs = [inputs]
     inputs = [np.asarray(x) for x in inputs]
     if len(inputs) != len(runner.inputs):
-        raise ValueError(f"The model has {len(runner.inputs)} inputs, got {len(inputs)} arrays.")
+        raise KerasPatchError(f"The model has {len(runner.inputs)} inputs, got {len(inputs)} arrays.")
+    step = _declared_batch(runner.input_details)
     batch = None
     for x, info in zip(inputs, runner.input_details):
-        expected = tuple(info.shape)
+        expected = tuple(int(d) for d in info.shape)
         if x.dtype != np.dtype(info.dtype):
-            raise ValueError(
+            raise KerasPatchError(
                 f"Input '{info.name}' must be {np.dtype(info.dtype).name}, got {x.dtype}."
             )
-        if tuple(x.shape[1:]) != expected[1:]:
-            raise ValueError(f"Input '{info.name}' must have shape (N, *{expected[1:]}), got {x.shape}.")
+        if x.ndim == 0 or x.ndim != len(expected) or tuple(x.shape[1:]) != expected[1:]:
+            raise KerasPatchError(
+                f"Input '{info.name}' must have shape (N, *{expected[1:]}) (the model's input is {expected}), "
+                f"got {x.shape}."
+            )
+        if x.shape[0] == 0 or x.shape[0] % step:
+            what = "at least one sample" if step == 1 else f"a multiple of {step} samples (the model's fixed batch)"
+            raise KerasPatchError(
+                f"Input '{info.name}' has a batch of {x.shape[0]} (shape {x.shape}); the model's input is "
+                f"{expected}: give {what}."
+            )
         batch = x.shape[0] if batch is None else batch
         if x.shape[0] != batch:
-            raise ValueError("All inputs must have the same batch size.")
+            raise KerasPatchError(
+                f"All inputs must have the same batch size: '{info.name}' has {x.shape[0]}, the first input {batch}."
+            )
     results: List[list] = []
-    for n in range(batch):
-        results.append(runner.run([x[n : n + 1] for x in inputs]))
+    for n in range(0, batch, step):
+        results.append(runner.run([x[n : n + step] for x in inputs]))
     return [np.concatenate([r[k] for r in results], axis=0) for k in range(len(runner.outputs))]
 
 

@@ -246,3 +246,122 @@ def test_demo_end_to_end(tmp_path):
     assert "KP_PATCH_STAGE" in out or "stage #" in out
     assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "mobilenetv2_patched.tflite").exists()
+
+
+def _one_line_error(err: str, *words) -> str:
+    """The CLI's usage and input errors: one line on stderr naming what is wrong, no traceback, no usage dump."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "usage:" not in err, err
+    for word in words:
+        assert word in lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["patchify", "{model}", "{out}/o.tflite", "--split", "0", "--grid", "-2x2"], ["--grid", "n_h=-2"]),
+        (["patchify", "{model}", "{out}/o.tflite", "--split", "0", "--grid", "２x２"], ["--grid", "'２x２'", "ASCII"]),
+        (["patchify", "{model}", "{out}/o.tflite", "--split", "0", "--grid", "0x2"], ["--grid", "n_h=0"]),
+        (["export-arduino", "{model}", "--out", "{out}/S", "--tail-bytes", "-1"], ["--tail-bytes", "-1", "0 or more"]),
+        (["export-arduino", "{model}", "--out", "{out}/S", "--arena-bytes", "0"], ["--arena-bytes", "1 or more"]),
+        (["export-arduino", "{model}", "--out", "{out}/S", "--arena-bytes", "-64"], ["--arena-bytes", "-64"]),
+        (["export-arduino", "{model}", "--out", "{out}/S", "--arena-bytes", "１０"], ["--arena-bytes", "integer"]),
+        (["export-arduino", "{model}", "--out", "{out}/S", "--person-class", "-1"], ["--person-class", "-1"]),
+        (["demo", "--out-dir", "{out}/d", "--images", "0"], ["--images", "1 or more, got 0"]),
+        (["demo", "--out-dir", "{out}/d", "--images", "-2"], ["--images", "got -2"]),
+        (["demo", "--out-dir", "{out}/d", "--grid", "2.5x2"], ["--grid", "'2.5x2'"]),
+        (["patchify", "{model}", "{out}/o.tflite"], ["--split", "required"]),
+    ],
+    ids=["grid-negative", "grid-fullwidth", "grid-zero", "tail-bytes", "arena-zero", "arena-negative",
+         "arena-fullwidth", "person-class", "images-0", "images-negative", "demo-grid", "missing-split"],
+)
+def test_bad_arguments_are_one_line_and_exit_2(capsys, residual_tflite, tmp_path, monkeypatch, argv, words):
+    import keras_patch.demo
+
+    def no_demo(*args, **kwargs):
+        raise AssertionError("the demo must not start with a bad argument")
+
+    monkeypatch.setattr(keras_patch.demo, "run_demo", no_demo)
+    argv = [a.format(model=residual_tflite, out=tmp_path) for a in argv]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    line = _one_line_error(err, *words)
+    assert line.startswith(f"keras-patch {argv[0]}: error: argument") or "required" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("start", ["9999", "-5"])
+def test_patchify_start_out_of_range(capsys, residual_tflite, tmp_path, start):
+    num_tensors = len(TFLiteModel.from_bytes(residual_tflite.read_bytes()).subgraph.tensors)
+    code, _, err = _run(capsys, "patchify", str(residual_tflite), str(tmp_path / "o.tflite"), "--split", "5",
+                        "--start", start)
+    assert code == 2
+    _one_line_error(err, f"start {start}", f"valid indices are 0 to {num_tensors - 1}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _broken_keras_files(tmp_path):
+    import zipfile
+
+    (tmp_path / "empty.keras").write_bytes(b"")
+    (tmp_path / "random.keras").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
+    with zipfile.ZipFile(tmp_path / "noconfig.keras", "w") as z:
+        z.writestr("metadata.json", "{}")
+    return [("empty.keras", "the file is empty"), ("random.keras", "3,000 bytes are not a zip archive"),
+            ("noconfig.keras", "no config.json")]
+
+
+@pytest.mark.parametrize("command", ["profile", "export"])
+def test_broken_keras_file_is_not_a_valid_archive(capsys, tmp_path, command):
+    np.save(tmp_path / "rep.npy", np.zeros((1, 12, 12, 3), np.float32))
+    for name, detail in _broken_keras_files(tmp_path):
+        extra = ["--rep-data", str(tmp_path / "rep.npy"), "--out", str(tmp_path / "o.tflite")] if command == "export" else []
+        code, _, err = _run(capsys, command, str(tmp_path / name), *extra)
+        assert code == 2
+        line = _one_line_error(err, name, "not a valid .keras archive", detail)
+        assert "not found" not in line.lower()
+    assert not (tmp_path / "o.tflite").exists()
+
+
+_CUSTOM_LAYER_MODULE = '''
+import keras
+
+
+@keras.saving.register_keras_serializable(package="kp_cli_test")
+class TimesTwo(keras.layers.Layer):
+    def call(self, x):
+        return x * 2.0
+'''
+
+
+def test_unregistered_custom_layer(capsys, tmp_path):
+    """The class is named with how to register it; `--custom-module` then loads the model."""
+    import importlib.util
+
+    module_path = tmp_path / "kp_cli_custom_layers.py"
+    module_path.write_text(_CUSTOM_LAYER_MODULE)
+    spec = importlib.util.spec_from_file_location("kp_cli_custom_layers", module_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    registry = keras.saving.get_custom_objects()
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), module.TimesTwo()])
+        model.save(tmp_path / "custom.keras")
+        del registry["kp_cli_test>TimesTwo"]  # as in a fresh process that never imported the module
+
+        code, _, err = _run(capsys, "profile", str(tmp_path / "custom.keras"))
+        assert code == 2
+        _one_line_error(err, "'TimesTwo'", "register_keras_serializable(package='kp_cli_test')",
+                        "--custom-module", "custom_objects")
+        code, _, err = _run(capsys, "profile", str(tmp_path / "custom.keras"), "--custom-module", "no_such_module_kp")
+        assert code == 2
+        _one_line_error(err, "--custom-module no_such_module_kp", "No module named")
+
+        code, out, _ = _run(capsys, "profile", str(tmp_path / "custom.keras"), "--custom-module", str(module_path))
+        assert code == 0 and "peak SRAM" in out
+    finally:
+        registry.pop("kp_cli_test>TimesTwo", None)
+        sys.modules.pop("kp_cli_custom_layers", None)

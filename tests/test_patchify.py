@@ -15,6 +15,7 @@ import os
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 import array  # noqa: E402
+import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -28,6 +29,7 @@ from keras_patch.errors import (  # noqa: E402
     KerasPatchError,
     UnsupportedModelError,
 )
+from keras_patch.grid import check_grid  # noqa: E402
 from keras_patch.patch_op import options as o  # noqa: E402
 from keras_patch.patchify import SUPPORTED_STAGE_OPS, find_stages, stage_options  # noqa: E402
 from keras_patch.runtime import run_tflite  # noqa: E402
@@ -337,10 +339,50 @@ def test_error_already_patched(mbv2, patched_add2):
 
 
 def test_error_bad_grid_argument(mbv2):
-    for grid in ["4by4", (0, 2), (2, 2, 2), -1]:
-        with pytest.raises(ValueError) as info:
+    for grid in ["4by4", (0, 2), (2, 2, 2), -1, True, (2.5, 2), (2, False), "２x２", "-2x2", np.array([2.0, 2.0])]:
+        with pytest.raises(KerasPatchError) as info:
             keras_patch.patchify(mbv2["bytes"], mbv2["add2_name"], grid=grid)
         assert "grid" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "grid, expected",
+    [((4, 2), (4, 2)), ([3, 1], (3, 1)), (3, (3, 3)), (np.int64(2), (2, 2)), ((np.int32(2), 5), (2, 5)),
+     (np.array([2, 3]), (2, 3)), ("4x4", (4, 4)), (" 6X2 ", (6, 2)), ("3×4", (3, 4)), ("5", (5, 5))],
+)
+def test_check_grid_accepts(grid, expected):
+    assert check_grid(grid) == expected and all(type(g) is int for g in check_grid(grid))
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [(True, "True (bool)"), ((2.5, 2), "n_h=2.5 (float)"), ((2, np.float32(2)), "(float32)"),
+     ((np.True_, 2), "(bool)"), ("２x２", "ASCII"), ("2x２", "ASCII"), ("-2x2", "n_h=-2"), ("4by4", "'4x4'"),
+     ("", "'4x4'"), ((0, 3), "n_h=0"), ((2,), "1 values"), (None, "NoneType")],
+)
+def test_check_grid_rejects(grid, message):
+    with pytest.raises(KerasPatchError, match=re.escape(message)):
+        check_grid(grid)
+
+
+def test_check_grid_text_only_where_allowed():
+    with pytest.raises(KerasPatchError, match="pair"):
+        check_grid("4x4", allow_string=False)
+
+
+@pytest.mark.parametrize("start", [9999, -5, "-5", "9999", np.int64(-1)])
+def test_error_start_out_of_range(mbv2, start):
+    """A negative start is not counted from the end, and a large one is no IndexError."""
+    num_tensors = len(TFLiteModel.from_bytes(mbv2["bytes"]).subgraph.tensors)
+    message = _error(keras_patch.patchify, mbv2["bytes"], mbv2["add2_name"], grid=(2, 2), start=start)
+    assert f"start {int(start)} is not a tensor index" in message and f"0 to {num_tensors - 1}" in message
+
+
+def test_error_start_is_a_constant(mbv2):
+    m = TFLiteModel.from_bytes(mbv2["bytes"])
+    weights = next(t for t in range(len(m.subgraph.tensors)) if m.is_constant(t))
+    message = _error(keras_patch.patchify, mbv2["bytes"], mbv2["add2_name"], grid=(2, 2), start=weights)
+    assert "constant tensor" in message and m.tensor(weights).name in message
 
 
 @pytest.mark.parametrize(
@@ -521,3 +563,9 @@ def test_options_quantization_disagreeing_with_the_op_tensors(good_entries, patc
     with pytest.raises(InvalidOptionsError) as info:
         run_tflite(with_options(patched_add2, encode_entries(entries)), np.zeros((1, 96, 96, 3), np.float32))
     assert f"'{key}'" in str(info.value)
+
+
+def test_error_split_in_non_ascii_digits(mbv2):
+    """`int()` reads '５' (fullwidth) as 5; an op index is ASCII digits, anything else a tensor name."""
+    message = _error(keras_patch.patchify, mbv2["bytes"], "５", grid=(1, 1))
+    assert "No op writes a tensor named '５'" in message

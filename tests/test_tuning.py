@@ -3,6 +3,7 @@
 import doctest
 import importlib
 import math
+import re
 
 import keras_tuner
 import numpy as np
@@ -42,6 +43,12 @@ def test_spec_errors_name_the_field():
         ArchSpec(resolution=32, stages=TINY_STAGES, patch_stages=2, grid=(9, 9))
     with pytest.raises(KerasPatchError, match="patch_stages=4"):
         ArchSpec(stages=TINY_STAGES, patch_stages=4)
+    for grid, message in [((2.5, 2), "n_h=2.5 (float)"), (True, "bool"), ((2, 0), "n_w=0")]:
+        with pytest.raises(KerasPatchError, match=re.escape(message)):
+            ArchSpec(resolution=32, stages=TINY_STAGES, patch_stages=2, grid=grid)
+    for grids, message in [((2, 2.5), "n_h=2.5 (float)"), ((True,), "bool"), ((0, 2), "n_h=0"), (((2, 2),), "n_h=(2, 2)")]:
+        with pytest.raises(KerasPatchError, match=r"PatchSearchSpace: grids .*" + re.escape(message)):
+            PatchSearchSpace(grids=grids)
 
 
 def test_built_model_trains_with_fit_and_exports_bit_exact():

@@ -41,9 +41,11 @@ Cortex-M4 (QEMU mps2-an386, CMSIS-NN kernels) used 26,036 B of the 32,848 B.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from keras_patch.errors import KerasPatchError
 from keras_patch.patch_op import geometry
 from keras_patch.patchify import find_stages, stage_options
 from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
@@ -127,6 +129,9 @@ def estimate_arena(tflite_bytes: ModelSource, tail_bytes: Optional[int] = None) 
     """
     from keras_patch.profiler import profile
 
+    if tail_bytes is not None and (isinstance(tail_bytes, bool) or not isinstance(tail_bytes, numbers.Integral)
+                                   or tail_bytes < 0):
+        raise KerasPatchError(f"--tail-bytes must be a whole number of bytes, 0 or more, got {tail_bytes!r}.")
     data = read_model_bytes(tflite_bytes)
     summary = profile(data).summary
     model = TFLiteModel.from_bytes(data)

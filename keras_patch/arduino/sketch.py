@@ -457,10 +457,10 @@ def model_label(source: ModelSource) -> str:
 
 def sized_arena(data: bytes, arena_bytes: Optional[int], tail_bytes: Optional[int]) -> ArenaEstimate:
     """`estimate_arena(data)`, or `arena_bytes` (rounded up to 16) when given."""
+    if arena_bytes is not None and arena_bytes <= 0:
+        raise KerasPatchError(f"--arena-bytes must be positive, got {arena_bytes}.")
     arena = estimate_arena(data, tail_bytes=tail_bytes)
     if arena_bytes is not None:
-        if arena_bytes <= 0:
-            raise KerasPatchError(f"--arena-bytes must be positive, got {arena_bytes}.")
         arena.total_bytes = (int(arena_bytes) + 15) // 16 * 16
         arena.tail_source += f"; arena set to {arena.total_bytes:,} B by --arena-bytes"
     return arena

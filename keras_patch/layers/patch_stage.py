@@ -10,10 +10,12 @@ operator that runs the stage patch by patch.
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import keras
 from keras.src.models.functional import Functional
+
+from keras_patch.grid import check_grid
 
 STAGE_SCOPE_PREFIX = "kp_patch_stage__"
 STAGE_SCOPE_SUFFIX = "__"
@@ -95,41 +97,8 @@ def stage_of_tensor_name(tensor_name: str) -> Optional[str]:
 
 
 def _normalize_grid(grid) -> Tuple[int, int]:
-    """Validates `grid` and returns it as a `(n_h, n_w)` tuple of ints."""
-
-    def is_int(value):
-        return isinstance(value, int) or (
-            hasattr(value, "__index__") and not isinstance(value, float)
-        )
-
-    if isinstance(grid, bool):
-        raise ValueError(
-            f"`grid` must be an int or a pair of positive ints, got {grid!r}."
-        )
-    if is_int(grid):
-        grid = (grid, grid)
-    if not isinstance(grid, Sequence) or isinstance(grid, str):
-        raise ValueError(
-            "`grid` must be an int or a pair (n_h, n_w) of positive ints, "
-            f"got {grid!r}."
-        )
-    if len(grid) != 2:
-        raise ValueError(
-            "`grid` must be a pair (n_h, n_w) of positive ints, got "
-            f"{len(grid)} values: {tuple(grid)!r}."
-        )
-    for axis, value in zip(("n_h", "n_w"), grid):
-        if isinstance(value, bool) or not is_int(value):
-            raise ValueError(
-                f"`grid` must hold ints, got {axis}={value!r} "
-                f"({type(value).__name__}) in {tuple(grid)!r}."
-            )
-        if int(value) < 1:
-            raise ValueError(
-                f"`grid` must hold positive ints, got {axis}={int(value)} "
-                f"in {tuple(grid)!r}."
-            )
-    return int(grid[0]), int(grid[1])
+    """Validates `grid` and returns it as a `(n_h, n_w)` tuple of ints (no "4x4" text here)."""
+    return check_grid(grid, allow_string=False)
 
 
 def _activation_name(activation) -> Optional[str]:

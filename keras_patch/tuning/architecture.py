@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from keras_patch.errors import KerasPatchError
+from keras_patch.grid import check_grid
 
 KERNEL_SIZES = (3, 5, 7)
 
@@ -112,14 +113,15 @@ class ArchSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
-        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
         problems = []
+        try:
+            object.__setattr__(self, "grid", check_grid(self.grid, allow_string=False))
+        except KerasPatchError as e:
+            problems.append(f"grid={self.grid!r}: {e}")
         if self.resolution < 8:
             problems.append(f"resolution={self.resolution} must be >= 8")
         if not 0 <= self.patch_stages <= len(self.stages):
             problems.append(f"patch_stages={self.patch_stages} must be in [0, {len(self.stages)}]")
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            problems.append(f"grid={self.grid} must be two positive ints")
         if self.width <= 0:
             problems.append(f"width={self.width} must be > 0")
         if problems:

@@ -28,6 +28,8 @@ import keras
 import keras_tuner
 import numpy as np
 
+from keras_patch.errors import KerasPatchError
+from keras_patch.grid import check_grid
 from keras_patch.tuning.architecture import MOBILENET_V2_STAGES, ArchSpec, StageSpec, build_model
 from keras_patch.tuning.redistribution import redistribute
 
@@ -81,6 +83,11 @@ class PatchSearchSpace:
             if not value:
                 raise ValueError(f"PatchSearchSpace: '{name}' needs at least one option")
             object.__setattr__(self, name, value)
+        for grid in self.grids:
+            try:
+                check_grid((grid, grid), allow_string=False)  # patches per side
+            except KerasPatchError as e:
+                raise KerasPatchError(f"PatchSearchSpace: grids {self.grids}: {e}") from None
         if not 1 <= self.num_stages <= len(self.stages):
             raise ValueError(f"PatchSearchSpace: num_stages={self.num_stages} must be in [1, {len(self.stages)}]")
         if max(self.patch_stages) >= self.num_stages:

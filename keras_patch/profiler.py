@@ -23,10 +23,11 @@ Keras layer name (`keras_patch.schedule.short_tensor_name`), see
 block (`_expand`, `_depthwise`, `_project`, `_add`, `_relu`, `_BN`, ...) are
 dropped, so `block_3_expand_relu` and `block_3_project_BN` are block
 `block_3`, `expanded_conv_depthwise_relu` is `expanded_conv` and `stem_relu`
-is `stem`. The layers inside a patch stage carry no Keras names in the
-`.tflite` and form one block, `stage #<op index>`; an op without a name is
-its own block, `op <index>`. Consecutive ops with the same block name form
-one block.
+is `stem`. An op without a Keras name is its own block, `op <index>`: the
+converter's signature outputs (`StatefulPartitionedCall_1:0`) and the
+layers inside a patch stage, which the `.tflite` does not name (all but its
+last, which writes the stage output). Consecutive ops with the same block
+name form one block.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class BlockProfile:
     macs: int
     layer_by_layer_live_bytes: int  # the largest of its ops'
     patched_live_bytes: int  # the largest of its ops'
-    stage: Optional[int] = None  # the patch stage its ops belong to
+    stage: Optional[int] = None  # the patch stage its first op belongs to
 
 
 @dataclass
@@ -175,8 +176,8 @@ class Profile:
     (1, True)
     >>> prof.mac_overhead > 1.0, prof.summary["mac_overhead"] == prof.mac_overhead
     (True, True)
-    >>> [(b.name, len(b.ops)) for b in prof.blocks()]
-    [('stage #0', 3), ('b2', 1), ('pool', 1), ('op 5', 1)]
+    >>> [(b.name, b.stage) for b in prof.blocks()]
+    [('op 0', 0), ('op 1', 0), ('b1', 0), ('b2', None), ('pool', None), ('op 5', None)]
     """
 
     rows: List[OpProfile]
@@ -510,10 +511,7 @@ def profile(
     rows = []
     for i in range(plain.num_ops):
         layer = layer_name(plain.tensor(plain.op_outputs(i)[0]).name)
-        if plain_stage[i] is not None:
-            block = f"stage #{plain_stage[i]}"
-        else:
-            block = block_name(layer) or f"op {i}"
+        block = block_name(layer) or f"op {i}"
         rows.append(OpProfile(
             index=i,
             op=plain.op_type(i),

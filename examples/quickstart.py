@@ -2,8 +2,9 @@
 
     python examples/quickstart.py [--out-dir quickstart_out]
 
-Runs offline in about 20 s on 2 CPU cores (random weights; train with
-`model.fit` as usual before exporting a real model).
+Runs offline in about 40-100 s on 2 CPU cores (28 s of CPU time; the high end
+on a busy machine; random weights: train with `model.fit` as usual before
+exporting a real model).
 """
 
 import argparse

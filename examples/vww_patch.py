@@ -24,8 +24,9 @@ End to end, offline:
    compared), from `vww_patched.tflite` and `vww.tflite`; README.md files
    already there are kept (`keras_patch.arduino.examples`).
 
-Measured runtime: about 110 s on 2 CPU cores with the defaults (3000 images,
-6 epochs, grid 3x3): float val accuracy 0.972, int8 0.968 (600 val images),
+Runtime: about 2-8 min on 2 CPU cores (110 s of CPU time; 7 min 55 s
+measured on a busy machine). With the defaults (3000 images, 6 epochs,
+grid 3x3): float val accuracy 0.972, int8 0.968 (600 val images),
 patched logits bit-exact; peak SRAM (arena head) 129,024 B layer by layer
 (= TFLM's measured head) vs 46,080 B patched.
 """

@@ -2,7 +2,7 @@
 
     keras-patch demo
     keras-patch --version
-    keras-patch profile model.tflite --plot memory.png
+    keras-patch profile model.tflite --plot memory.png --by block
     keras-patch export model.keras --rep-data samples.npy --out model.tflite
     keras-patch patchify in.tflite out.tflite --split block_5_add --grid 4x4
     keras-patch export-arduino model.tflite --out MySketch --board nano33ble
@@ -135,7 +135,7 @@ def _cmd_profile(args) -> int:
     else:
         print(prof.table())
     if args.plot:
-        written = prof.plot(args.plot)
+        written = prof.plot(args.plot, by=args.by)
         print(f"plot written to {written}")
     return 0
 
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="memory/MAC table of a .tflite or .keras model")
     p.add_argument("model")
     p.add_argument("--plot", help="write the memory plot (PNG) here")
+    p.add_argument("--by", choices=("op", "block"), default="op",
+                   help="--plot: one pair of bars per op (default) or per Keras block (MCUNetV2 Fig. 1)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.add_argument("--kernel", choices=["portable", "cmsis_nn"], default="portable",
                    help="KP_PATCH_STAGE build to predict scratch for (cmsis_nn: -DCMSIS_NN, adds buffer #1)")

@@ -10,14 +10,29 @@ Example:
 
 >>> import keras_patch
 >>> prof = keras_patch.profile("patched.tflite")  # doctest: +SKIP
->>> prof.summary["layer_by_layer_peak_bytes"], prof.summary["patched_peak_bytes"]  # doctest: +SKIP
+>>> prof.layer_by_layer_peak_bytes, prof.patched_peak_bytes  # doctest: +SKIP
 (311040, 90368)
 >>> print(prof.table())  # doctest: +SKIP
->>> prof.plot("memory.png")  # doctest: +SKIP
+>>> prof.plot("memory.png", by="block")  # doctest: +SKIP
+
+Blocks: `Profile.blocks()` and `Profile.plot(by="block")` group the
+layer-by-layer ops into the Keras blocks they come from (MCUNetV2's Fig. 1
+draws one bar per block). An op's block is derived from its output tensor's
+Keras layer name (`keras_patch.schedule.short_tensor_name`), see
+`block_name`: trailing name parts that say what the layer does inside its
+block (`_expand`, `_depthwise`, `_project`, `_add`, `_relu`, `_BN`, ...) are
+dropped, so `block_3_expand_relu` and `block_3_project_BN` are block
+`block_3`, `expanded_conv_depthwise_relu` is `expanded_conv` and `stem_relu`
+is `stem`. An op without a Keras name is its own block, `op <index>`: the
+converter's signature outputs (`StatefulPartitionedCall_1:0`) and the
+layers inside a patch stage, which the `.tflite` does not name (all but its
+last, which writes the stage output). Consecutive ops with the same block
+name form one block.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Union
 
@@ -26,8 +41,54 @@ import numpy as np
 from keras_patch import memory_planner
 from keras_patch.patch_op import geometry
 from keras_patch.patchify import find_stages, stage_options
+from keras_patch.schedule import short_tensor_name
 from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 from keras_patch.unpatchify import unpatchify
+
+#: Trailing parts of a Keras layer name (split at "_", compared in lower
+#: case) that name the layer's role inside its block, not the block:
+#: MobileNetV2 (`block_3_expand_relu`, `expanded_conv_project_BN`), MCUNet
+#: style (`s0_b1_dw_relu`), ResNet/EfficientNet-like activations and
+#: squeeze-excite parts. `block_name` drops them.
+BLOCK_ROLE_WORDS = frozenset({
+    "expand", "depthwise", "dw", "pw", "project", "add", "relu", "relu6", "bn", "batchnorm", "pad",
+    "act", "activation", "se", "squeeze", "excite", "reduce", "mul", "swish", "sigmoid", "dropout",
+})
+
+_UNNAMED_STAGE_LAYER = re.compile(r"/kp_layer_\d+$")
+# Names the converter gives the model's own inputs and outputs: no Keras layer.
+_SIGNATURE_NAME = re.compile(r"^(StatefulPartitionedCall|PartitionedCall|serving_default_)")
+
+
+def layer_name(tensor_name: str) -> str:
+    """The Keras layer name behind a `.tflite` tensor name ("" if it has none).
+
+    The converter's long names become the layer name (`short_tensor_name`);
+    the tensors `unpatchify` creates inside a patch stage
+    (`<stage output>/kp_layer_<l>`) and the converter's signature names
+    (`StatefulPartitionedCall_1:0`) have no Keras layer and give "".
+    """
+    first = tensor_name.split(";")[0]
+    if not first or _UNNAMED_STAGE_LAYER.search(first) or _SIGNATURE_NAME.match(first):
+        return ""
+    return short_tensor_name(tensor_name)
+
+
+def block_name(layer: str) -> str:
+    """The Keras block a layer belongs to, from its name ("" if none).
+
+    Drops the trailing `_`-separated parts of `layer` that are in
+    `BLOCK_ROLE_WORDS` (never the first part):
+
+    >>> block_name("block_3_expand_relu"), block_name("block_2_add"), block_name("Conv1_relu")
+    ('block_3', 'block_2', 'Conv1')
+    >>> block_name("expanded_conv_project_BN"), block_name("s0_b1_dw_relu"), block_name("predictions")
+    ('expanded_conv', 's0_b1', 'predictions')
+    """
+    parts = layer.split("_") if layer else []
+    while len(parts) > 1 and parts[-1].lower() in BLOCK_ROLE_WORDS:
+        parts.pop()
+    return "_".join(parts)
 
 
 @dataclass
@@ -41,6 +102,20 @@ class OpProfile:
     layer_by_layer_live_bytes: int  # activation bytes alive while the op runs
     patched_live_bytes: int  # the same in the patched network (stage ops: within one patch)
     stage: Optional[int] = None  # which patch stage the op belongs to
+    layer: str = ""  # Keras layer name of its output ("" inside a patch stage or when unnamed)
+    block: str = ""  # the block it belongs to (module docstring, "Blocks")
+
+
+@dataclass
+class BlockProfile:
+    """Consecutive ops of one block (module docstring, "Blocks"): their peaks and MACs."""
+
+    name: str
+    ops: List[int]  # op indices (layer by layer) in the block
+    macs: int
+    layer_by_layer_live_bytes: int  # the largest of its ops'
+    patched_live_bytes: int  # the largest of its ops'
+    stage: Optional[int] = None  # the patch stage its first op belongs to
 
 
 @dataclass
@@ -66,23 +141,128 @@ class StageProfile:
 
 @dataclass
 class Profile:
-    """Per-op rows and a summary; `table()` and `plot()` present them."""
+    """What `profile()` returns: per-op rows, patch stages and summary figures.
+
+    Every summary figure is an attribute (and a key of the `summary` dict):
+
+    * `layer_by_layer_peak_bytes`: the TFLM arena head of the network run
+      layer by layer (every patch stage expanded into its layers);
+    * `patched_peak_bytes`: the same with every stage run patch by patch;
+    * `layer_by_layer_peak_bytes_without_input`,
+      `patched_peak_bytes_without_input`: both without the input tensor;
+    * `macs`, `patched_macs` (recomputation included) and `mac_overhead`
+      (`patched_macs / macs`);
+    * `patched_peak_op`: the patched network's op where the head is reached,
+      e.g. `"op 0 (KP_PATCH_STAGE -> block_2_add)"`;
+    * `num_stages`: the number of KP_PATCH_STAGE ops.
+
+    `rows` has one `OpProfile` per layer-by-layer op, `stages` one
+    `StageProfile` per KP_PATCH_STAGE op, `blocks()` groups the rows per
+    Keras block. `table()`, `plot()` and `to_dict()` present them.
+
+    Example:
+
+    >>> import keras, numpy as np, keras_patch
+    >>> inputs = keras.Input((64, 64, 3))
+    >>> x = keras.layers.Conv2D(16, 3, padding="same", name="stem")(inputs)
+    >>> x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", name="b1_dw")(x)
+    >>> x = keras.layers.Conv2D(8, 1, name="b1_project")(x)
+    >>> x = keras.layers.Conv2D(16, 1, name="b2_expand")(x)
+    >>> outputs = keras.layers.Dense(2, name="logits")(keras.layers.GlobalAveragePooling2D(name="pool")(x))
+    >>> data = np.random.default_rng(0).random((4, 64, 64, 3), dtype=np.float32)
+    >>> tflite = keras_patch.export_tflite(keras.Model(inputs, outputs), data)
+    >>> prof = keras_patch.profile(keras_patch.patchify(tflite, 2, (4, 4)))
+    >>> prof.num_stages, prof.patched_peak_bytes < prof.layer_by_layer_peak_bytes
+    (1, True)
+    >>> prof.mac_overhead > 1.0, prof.summary["mac_overhead"] == prof.mac_overhead
+    (True, True)
+    >>> [(b.name, b.stage) for b in prof.blocks()]
+    [('op 0', 0), ('op 1', 0), ('b1', 0), ('b2', None), ('pool', None), ('op 5', None)]
+    """
 
     rows: List[OpProfile]
     stages: List[StageProfile]
     summary: dict = field(default_factory=dict)
 
+    @property
+    def layer_by_layer_peak_bytes(self) -> int:
+        """TFLM arena head of the network run layer by layer (bytes)."""
+        return self.summary["layer_by_layer_peak_bytes"]
+
+    @property
+    def patched_peak_bytes(self) -> int:
+        """TFLM arena head with every patch stage run patch by patch (bytes)."""
+        return self.summary["patched_peak_bytes"]
+
+    @property
+    def layer_by_layer_peak_bytes_without_input(self) -> int:
+        """`layer_by_layer_peak_bytes` without the model's input tensor."""
+        return self.summary["layer_by_layer_peak_bytes_without_input"]
+
+    @property
+    def patched_peak_bytes_without_input(self) -> int:
+        """`patched_peak_bytes` without the model's input tensor."""
+        return self.summary["patched_peak_bytes_without_input"]
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the network run layer by layer."""
+        return self.summary["macs"]
+
+    @property
+    def patched_macs(self) -> int:
+        """Multiply-accumulates with every stage run patch by patch (recomputation included)."""
+        return self.summary["patched_macs"]
+
+    @property
+    def mac_overhead(self) -> float:
+        """`patched_macs / macs` (1.0 without patch stages)."""
+        return self.summary["mac_overhead"]
+
+    @property
+    def patched_peak_op(self) -> str:
+        """The patched network's op at which its arena head is reached."""
+        return self.summary["patched_peak_op"]
+
+    @property
+    def num_stages(self) -> int:
+        """The number of KP_PATCH_STAGE ops."""
+        return self.summary["num_stages"]
+
+    def blocks(self) -> List[BlockProfile]:
+        """The rows grouped per block (module docstring, "Blocks"), in execution order.
+
+        A block's live bytes are the largest of its ops' (its peak), its MACs
+        their sum.
+        """
+        groups: List[List[OpProfile]] = []
+        for r in self.rows:
+            name = r.block or f"op {r.index}"
+            if groups and (groups[-1][0].block or f"op {groups[-1][0].index}") == name:
+                groups[-1].append(r)
+            else:
+                groups.append([r])
+        return [BlockProfile(
+            name=g[0].block or f"op {g[0].index}",
+            ops=[r.index for r in g],
+            macs=sum(r.macs for r in g),
+            layer_by_layer_live_bytes=max(r.layer_by_layer_live_bytes for r in g),
+            patched_live_bytes=max(r.patched_live_bytes for r in g),
+            stage=g[0].stage,
+        ) for g in groups]
+
     def table(self) -> str:
         """A plain-text table of the ops and the summary."""
         lines = [
-            f"{'#':>3}  {'op':<18} {'output':<16} {'MACs':>12} {'layer-by-layer':>15} {'patched':>10}  stage",
+            f"{'#':>3}  {'op':<18} {'output':<16} {'MACs':>12} {'layer-by-layer':>15} {'patched':>10}  "
+            f"{'stage':<6} layer",
         ]
         for r in self.rows:
             shape = "x".join(str(d) for d in r.output_shape[1:]) if len(r.output_shape) > 1 else str(r.output_shape)
             stage = "" if r.stage is None else f"#{r.stage}"
             lines.append(
                 f"{r.index:>3}  {r.op:<18} {shape:<16} {r.macs:>12,} {r.layer_by_layer_live_bytes:>15,} "
-                f"{r.patched_live_bytes:>10,}  {stage}"
+                f"{r.patched_live_bytes:>10,}  {stage:<6} {r.layer or '-'}".rstrip()
             )
         s = self.summary
         lines.append("")
@@ -94,11 +274,16 @@ class Profile:
                 f"patch input {'x'.join(map(str, st.patch_input_shape))}, "
                 f"patch arena {st.patch_arena_bytes:,} B, MAC overhead {st.mac_overhead:.3f}"
             )
-        lines.append(
-            f"peak SRAM (TFLM arena head): layer-by-layer {s['layer_by_layer_peak_bytes']:,} B, "
-            f"patched {s['patched_peak_bytes']:,} B "
-            f"({s['layer_by_layer_peak_bytes'] / max(s['patched_peak_bytes'], 1):.2f}x lower)"
-        )
+        if self.num_stages:
+            lines.append(
+                f"peak SRAM (TFLM arena head): layer-by-layer {s['layer_by_layer_peak_bytes']:,} B, "
+                f"patched {s['patched_peak_bytes']:,} B ({self._comparison()})"
+            )
+        else:
+            lines.append(
+                f"peak SRAM (TFLM arena head): layer-by-layer {s['layer_by_layer_peak_bytes']:,} B; no patch stage, "
+                "nothing to compare (patchify the model to run a stage patch by patch)"
+            )
         lines.append(
             f"without the input tensor: layer-by-layer {s['layer_by_layer_peak_bytes_without_input']:,} B, "
             f"patched {s['patched_peak_bytes_without_input']:,} B"
@@ -109,20 +294,44 @@ class Profile:
         )
         return "\n".join(lines)
 
+    def _comparison(self) -> str:
+        lbl, patched = self.layer_by_layer_peak_bytes, self.patched_peak_bytes
+        if patched < lbl:
+            return f"{lbl / patched:.2f}x lower"
+        if patched == lbl:
+            return "no lower: the head is outside the patch stages"
+        return f"{patched / lbl:.2f}x HIGHER: try a coarser grid or an earlier split"
+
     def to_dict(self) -> dict:
+        """Rows, stages, blocks and summary as plain Python values (JSON with `default=list`).
+
+        `to_dict()["summary"][key]` equals the attribute `key` for every
+        summary figure.
+        """
         return {"rows": [asdict(r) for r in self.rows], "stages": [asdict(s) for s in self.stages],
-                "summary": dict(self.summary)}
+                "blocks": [asdict(b) for b in self.blocks()], "summary": dict(self.summary)}
 
-    def plot(self, path: str, title: Optional[str] = None) -> str:
-        """Per-op activation memory, layer-by-layer vs patch-based (MCUNetV2 Fig. 1).
+    def plot(self, path: str, title: Optional[str] = None, by: str = "op") -> str:
+        """Activation memory, layer-by-layer vs patch-based (MCUNetV2 Fig. 1), as an image.
 
-        Writes exactly `path`, in the format its extension names (PNG without
-        one), and returns it.
+        Args:
+            path: where to write the figure: exactly this path, in the format
+                its extension names (PNG without one).
+            title: the plot title (default: says what is plotted).
+            by: "op" for one pair of bars per layer-by-layer op, labelled with
+                its Keras layer name; "block" for one pair per block
+                (`blocks()`, its peak: the largest live set of its ops).
+
+        Returns:
+            `path`. Memory is in KiB (1 KiB = 1,024 B).
 
         Raises:
             KerasPatchError: `path` is a folder, its folder does not exist, or
                 its extension is not an image format.
+            ValueError: `by` is neither "op" nor "block".
         """
+        if by not in PLOT_BY:
+            raise ValueError(f"by must be one of {PLOT_BY}, not {by!r}")
         from keras_patch.files import figure_format, save_figure
 
         figure_format(path)
@@ -131,23 +340,35 @@ class Profile:
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        x = np.arange(len(self.rows))
-        lbl = np.array([r.layer_by_layer_live_bytes for r in self.rows]) / 1024
-        pat = np.array([r.patched_live_bytes for r in self.rows]) / 1024
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(self.rows) + 2), 4.0))
+        if by == "block":
+            groups = self.blocks()
+            labels = [b.name for b in groups]
+            lbl_bytes = [b.layer_by_layer_live_bytes for b in groups]
+            pat_bytes = [b.patched_live_bytes for b in groups]
+            stages = [b.stage for b in groups]
+        else:
+            labels = [r.layer or f"{r.op} #{r.index}" for r in self.rows]
+            lbl_bytes = [r.layer_by_layer_live_bytes for r in self.rows]
+            pat_bytes = [r.patched_live_bytes for r in self.rows]
+            stages = [r.stage for r in self.rows]
+        x = np.arange(len(labels))
+        lbl = np.array(lbl_bytes) / 1024
+        pat = np.array(pat_bytes) / 1024
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(labels) + 2), 4.8))
         ax.bar(x - 0.2, lbl, width=0.4, label="layer-by-layer", color="#c44e52")
         ax.bar(x + 0.2, pat, width=0.4, label="patch-based", color="#4c72b0")
-        s = self.summary
-        ax.axhline(s["layer_by_layer_peak_bytes"] / 1024, color="#c44e52", ls="--", lw=1,
-                   label=f"layer-by-layer peak {s['layer_by_layer_peak_bytes'] / 1024:.0f} kB")
-        ax.axhline(s["patched_peak_bytes"] / 1024, color="#4c72b0", ls="--", lw=1,
-                   label=f"patched peak {s['patched_peak_bytes'] / 1024:.0f} kB")
-        for st_index in sorted({r.stage for r in self.rows if r.stage is not None}):
-            idx = [i for i, r in enumerate(self.rows) if r.stage == st_index]
+        ax.axhline(self.layer_by_layer_peak_bytes / 1024, color="#c44e52", ls="--", lw=1,
+                   label=f"layer-by-layer peak {self.layer_by_layer_peak_bytes / 1024:.0f} KiB")
+        ax.axhline(self.patched_peak_bytes / 1024, color="#4c72b0", ls="--", lw=1,
+                   label=f"patched peak {self.patched_peak_bytes / 1024:.0f} KiB")
+        for st_index in sorted({st for st in stages if st is not None}):
+            idx = [i for i, st in enumerate(stages) if st == st_index]
             ax.axvspan(min(idx) - 0.5, max(idx) + 0.5, color="#dddddd", zorder=0)
-        ax.set_xlabel("op (layer-by-layer order; shaded: patch stage)")
-        ax.set_ylabel("live activation memory (kB)")
-        ax.set_title(title or "Activation memory per op: layer-by-layer vs patch-based")
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        ax.set_xlabel(f"{by} (layer-by-layer order; shaded: patch stage)")
+        ax.set_ylabel("live activation memory (KiB)")
+        ax.set_title(title or f"Activation memory per {by}: layer-by-layer vs patch-based")
         ax.legend(fontsize=8)
         fig.tight_layout()
         try:
@@ -155,6 +376,17 @@ class Profile:
         finally:
             plt.close(fig)
         return path
+
+
+#: What `Profile.plot(by=...)` accepts.
+PLOT_BY = ("op", "block")
+
+
+def _short_op_label(model: TFLiteModel, op_index: int) -> str:
+    """'op 3 (CONV_2D -> block_1_expand_relu)': `TFLiteModel.op_label` with the Keras layer name."""
+    outs = model.op_outputs(op_index)
+    name = model.tensor(outs[0]).name if outs else ""
+    return f"op {op_index} ({model.op_type(op_index)} -> {layer_name(name) or name or '?'})"
 
 
 def op_macs(model: TFLiteModel, op_index: int) -> int:
@@ -224,10 +456,11 @@ def profile(
             ops keep the reference kernels' scratch requests either way.
 
     Returns:
-        A `Profile`. `summary` holds `layer_by_layer_peak_bytes` (the TFLM arena
-        head of the unpatched network), `patched_peak_bytes` (the same with
-        every stage run patch by patch), both also `..._without_input`,
-        `macs`, `patched_macs`, `mac_overhead` and `patched_peak_op`.
+        A `Profile`. Its attributes (and `summary` keys)
+        `layer_by_layer_peak_bytes` (the TFLM arena head of the unpatched
+        network), `patched_peak_bytes` (the same with every stage run patch
+        by patch), both also `..._without_input`, `macs`, `patched_macs`,
+        `mac_overhead`, `patched_peak_op` and `num_stages`.
     """
     if not isinstance(model_or_tflite, (bytes, bytearray, memoryview, str)) and hasattr(model_or_tflite, "layers"):
         from keras_patch.export import export_tflite
@@ -288,6 +521,8 @@ def profile(
 
     rows = []
     for i in range(plain.num_ops):
+        layer = layer_name(plain.tensor(plain.op_outputs(i)[0]).name)
+        block = block_name(layer) or f"op {i}"
         rows.append(OpProfile(
             index=i,
             op=plain.op_type(i),
@@ -296,6 +531,8 @@ def profile(
             layer_by_layer_live_bytes=_live_bytes(plain_buffers, i),
             patched_live_bytes=patched_live(plain_to_patched[i]),
             stage=plain_stage[i],
+            layer=layer,
+            block=block,
         ))
     macs = sum(r.macs for r in rows)
     patched_macs = macs + sum(s.patched_macs - s.macs for s in stages)
@@ -308,7 +545,7 @@ def profile(
         macs=macs,
         patched_macs=patched_macs,
         mac_overhead=patched_macs / macs if macs else 1.0,
-        patched_peak_op=patched.op_label(peak_op) if patched.num_ops else "",
+        patched_peak_op=_short_op_label(patched, peak_op) if patched.num_ops else "",
         num_stages=len(stages),
     )
     return Profile(rows=rows, stages=stages, summary=summary)

@@ -11,7 +11,7 @@ Example:
 
 >>> from keras_patch.schedule import best_schedule
 >>> best = best_schedule(open("model.tflite", "rb").read(), grids=[(4, 4)])  # doctest: +SKIP
->>> best.split_name, best.patched_peak_bytes, best.mac_overhead  # doctest: +SKIP
+>>> best.split_layer, best.patched_peak_bytes, best.mac_overhead  # doctest: +SKIP
 ('block_5_add', 94208, 1.18)
 """
 
@@ -49,6 +49,11 @@ class ScheduleResult:
     mac_overhead: float  # whole-network patched MACs / layer-by-layer MACs
     receptive_field: tuple
     patch_arena_bytes: int
+
+    @property
+    def split_layer(self) -> str:
+        """The Keras layer name of the split (`short_tensor_name(split_name)`), e.g. 'block_5_add'."""
+        return short_tensor_name(self.split_name)
 
 
 def short_tensor_name(name: str) -> str:

@@ -286,6 +286,47 @@ def test_cli_refusals(capsys, vww, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["rgb.tflite"]
 
 
+def test_memory_report_says_which_model_does_not_fit(vww, tmp_path, monkeypatch):
+    """The unpatched comparison model not fitting is not cured by "a finer grid"."""
+    from keras_patch.arduino import boards, examples
+    from keras_patch.arduino.sketch import BoardBudgetError
+
+    patched, unpatched = vww
+    sizes = export_memory_report(str(patched), str(tmp_path / "Big"), unpatched=str(unpatched), tail_bytes=TAIL)
+    need_patched, need_unpatched = sizes.patched_arena.total_bytes, sizes.unpatched_arena.total_bytes
+    assert need_patched < need_unpatched
+    table = dict(boards.BOARDS)
+    monkeypatch.setattr(boards, "BOARDS", table)
+    monkeypatch.setattr(examples, "BOARDS", table, raising=False)
+
+    def board(key, arena_budget):
+        table[key] = boards.Board(key, f"test board {key}", "x:y:z", "mcu", "cortex-m4", 2_000_000,
+                                  arena_budget + 1000, 0, 1000)
+        return key
+
+    mid = board("mid", (need_patched + need_unpatched) // 2)
+    with pytest.raises(BoardBudgetError) as e:
+        export_memory_report(str(patched), str(tmp_path / "Mid"), unpatched=str(unpatched), board=mid, tail_bytes=TAIL)
+    message = str(e.value)
+    assert "finer grid" not in message
+    assert f"unpatched comparison model ({os.path.basename(unpatched)})" in message
+    assert f"patched model needs {need_patched:,} B and fits" in message
+    assert f"--arena-bytes {need_patched}" in message and "--board nano33ble" in message
+    assert not (tmp_path / "Mid").exists()
+    # As the message says: --arena-bytes builds it.
+    result = export_memory_report(str(patched), str(tmp_path / "Mid"), unpatched=str(unpatched), board=mid,
+                                  tail_bytes=TAIL, arena_bytes=need_patched)
+    assert result.arena.total_bytes == need_patched
+
+    tiny = board("tiny", need_patched // 2)
+    with pytest.raises(BoardBudgetError, match="the patched model does not fit either: try a finer grid"):
+        export_memory_report(str(patched), str(tmp_path / "Tiny"), unpatched=str(unpatched), board=tiny,
+                             tail_bytes=TAIL)
+    with pytest.raises(BoardBudgetError, match="pass a smaller --arena-bytes"):
+        export_memory_report(str(patched), str(tmp_path / "Tiny"), unpatched=str(unpatched), board=tiny,
+                             tail_bytes=TAIL, arena_bytes=need_unpatched)
+
+
 # ------------------------------------------- linked against TFLM, run on the host
 
 def _tflm():

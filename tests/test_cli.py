@@ -57,6 +57,16 @@ def test_profile_table_json_and_plot(capsys, residual_tflite, tmp_path):
     assert summary["patched_peak_bytes"] == summary["layer_by_layer_peak_bytes"] > 0
 
 
+def test_profile_plot_by_block(capsys, residual_tflite, tmp_path):
+    code, out, err = _run(capsys, "profile", str(residual_tflite), "--plot", str(tmp_path / "b.png"), "--by", "block")
+    assert code == 0, err
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "no patch stage, nothing to compare" in out and "x lower" not in out
+    with pytest.raises(SystemExit):
+        main(["profile", str(residual_tflite), "--plot", str(tmp_path / "c.png"), "--by", "layer"])
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_patchify_writes_a_bit_exact_model(capsys, residual_tflite, tmp_path):
     m = TFLiteModel.from_bytes(residual_tflite.read_bytes())
     add = next(i for i in range(m.num_ops) if m.op_type(i) == "ADD")

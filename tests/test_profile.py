@@ -1,5 +1,6 @@
 """keras_patch.profile: predictions checked against TFLM's own planner."""
 
+import dataclasses
 import json
 import os
 
@@ -102,3 +103,135 @@ def test_profile_of_a_keras_model_with_a_patch_stage():
     prof = keras_patch.profile(keras.Model(inputs, outputs))
     assert prof.summary["num_stages"] == 1
     assert prof.stages[0].grid == (2, 2) and prof.stages[0].num_layers == 2
+
+
+# ---------------------------------------------- summary figures as attributes, blocks, plot
+
+SUMMARY_KEYS = ("layer_by_layer_peak_bytes", "patched_peak_bytes", "layer_by_layer_peak_bytes_without_input",
+                "patched_peak_bytes_without_input", "macs", "patched_macs", "mac_overhead", "patched_peak_op",
+                "num_stages")
+
+
+@pytest.fixture(scope="module")
+def mbv2_patched(mbv2_144):
+    return keras_patch.patchify(mbv2_144, 9, (4, 4))  # op 9: block_2_add
+
+
+def test_summary_figures_are_attributes(mbv2_patched):
+    prof = keras_patch.profile(mbv2_patched)
+    assert set(prof.summary) == set(SUMMARY_KEYS)
+    as_dict = prof.to_dict()
+    for key in SUMMARY_KEYS:
+        assert getattr(prof, key) == prof.summary[key] == as_dict["summary"][key], key
+    assert prof.num_stages == 1 and prof.mac_overhead > 1.0
+    assert prof.patched_peak_bytes < prof.layer_by_layer_peak_bytes
+    assert as_dict["blocks"] == [dataclasses.asdict(b) for b in prof.blocks()]
+    json.dumps(as_dict, default=list)
+
+
+def test_profile_class_docstring_example_runs():
+    import doctest
+
+    from keras_patch import profiler
+
+    finder = doctest.DocTestFinder()
+    tests = [t for t in finder.find(profiler) if t.name.endswith((".Profile", ".block_name"))]
+    assert len(tests) == 2 and all(t.examples for t in tests)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for t in tests:
+        runner.run(t)
+    assert runner.summarize(verbose=False).failed == 0
+
+
+def test_blocks_of_mobilenet_v2(mbv2_144, mbv2_patched):
+    prof = keras_patch.profile(mbv2_144)
+    blocks = prof.blocks()
+    names = [b.name for b in blocks]
+    assert names[:4] == ["Conv1", "expanded_conv", "block_1", "block_2"]
+    assert [f"block_{i}" for i in range(1, 17)] == [n for n in names if n.startswith("block_")]
+    assert [b.ops for b in blocks if b.name == "block_2"] == [[6, 7, 8, 9]]  # expand, depthwise, project, add
+    # Every op is in exactly one block, in order; a block's peak is the largest of its ops'.
+    assert [i for b in blocks for i in b.ops] == [r.index for r in prof.rows]
+    for b in blocks:
+        ops = [prof.rows[i] for i in b.ops]
+        assert {r.block for r in ops} == {b.name} or b.name == f"op {b.ops[0]}"
+        assert b.layer_by_layer_live_bytes == max(r.layer_by_layer_live_bytes for r in ops)
+        assert b.patched_live_bytes == max(r.patched_live_bytes for r in ops)
+        assert b.macs == sum(r.macs for r in ops)
+    assert max(b.layer_by_layer_live_bytes for b in blocks) == prof.layer_by_layer_peak_bytes
+    # The classifier's output is the converter's signature tensor: no layer name, its own block.
+    assert prof.rows[-1].layer == "" and names[-1] == f"op {prof.rows[-1].index}"
+
+    # The layers inside a patch stage have no names in the .tflite (but its last: the stage output's).
+    patched = keras_patch.profile(mbv2_patched)
+    assert [b.name for b in patched.blocks()[:13]] == [f"op {i}" for i in range(9)] + ["block_2", "block_3",
+                                                                                     "block_4", "block_5"]
+    assert [b.stage for b in patched.blocks()[8:11]] == [0, 0, None]
+    assert max(b.patched_live_bytes for b in patched.blocks()) == max(r.patched_live_bytes for r in patched.rows)
+
+
+def test_block_name_rule():
+    from keras_patch.profiler import block_name, layer_name
+
+    assert block_name("block_13_depthwise_relu") == "block_13"
+    assert block_name("expanded_conv_depthwise_relu") == "expanded_conv"
+    assert block_name("stem_relu") == "stem" and block_name("s2_b0_expand_relu") == "s2_b0"
+    assert block_name("relu") == "relu" and block_name("") == ""
+    assert layer_name("m/block_2_add_1/Add/kp_layer_3") == ""
+    assert layer_name("StatefulPartitionedCall_1:0") == "" and layer_name("") == ""
+    assert layer_name("mobilenetv2_0.35_144_1/block_3_project_BN_1/FusedBatchNormV3;x") == "block_3_project_BN"
+
+
+def _captured_plot(prof, monkeypatch, tmp_path, **kwargs):
+    """Plots and returns (the figure's text, its x tick labels, the PNG's first bytes)."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+
+    def savefig(fig, *args, **kw):
+        figures.append(fig)
+        return save(fig, *args, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    path = prof.plot(str(tmp_path / "memory.png"), **kwargs)
+    (ax,) = figures[0].axes
+    texts = [ax.get_ylabel(), ax.get_xlabel()] + [t.get_text() for t in ax.get_legend().get_texts()]
+    with open(path, "rb") as f:
+        return texts, [t.get_text() for t in ax.get_xticklabels()], f.read(8)
+
+
+def test_plot_labels_kib_and_keras_layer_names(mbv2_patched, monkeypatch, tmp_path):
+    prof = keras_patch.profile(mbv2_patched)
+    texts, ticks, head = _captured_plot(prof, monkeypatch, tmp_path)
+    assert head == b"\x89PNG\r\n\x1a\n"
+    # Units: the figures are bytes / 1024, so they are KiB, never "kB".
+    assert not [t for t in texts if "kB" in t]
+    assert "live activation memory (KiB)" in texts
+    assert f"layer-by-layer peak {prof.layer_by_layer_peak_bytes / 1024:.0f} KiB" in texts
+    assert len(ticks) == len(prof.rows) and "block_3_expand_relu" in ticks and max(len(t) for t in ticks) < 40
+
+
+def test_plot_by_block(mbv2_patched, monkeypatch, tmp_path):
+    prof = keras_patch.profile(mbv2_patched)
+    texts, ticks, head = _captured_plot(prof, monkeypatch, tmp_path, by="block")
+    assert head == b"\x89PNG\r\n\x1a\n"
+    assert ticks == [b.name for b in prof.blocks()] and ticks[9:11] == ["block_2", "block_3"]
+    assert "live activation memory (KiB)" in texts and "block (layer-by-layer order; shaded: patch stage)" in texts
+    with pytest.raises(ValueError, match="by must be one of"):
+        prof.plot(str(tmp_path / "x.png"), by="layer")
+
+
+def test_table_says_when_there_is_nothing_to_compare(residual, mbv2_patched):
+    table = keras_patch.profile(residual).table()
+    assert "x lower" not in table and "no patch stage, nothing to compare" in table
+    prof = keras_patch.profile(mbv2_patched)
+    assert f"({prof.layer_by_layer_peak_bytes / prof.patched_peak_bytes:.2f}x lower)" in prof.table()
+
+
+def test_table_and_peak_op_show_keras_layer_names(mbv2_patched):
+    prof = keras_patch.profile(mbv2_patched)
+    assert prof.summary["patched_peak_op"] == "op 0 (KP_PATCH_STAGE -> block_2_add)"
+    table = prof.table()
+    assert "block_3_expand_relu" in table and "mobilenet" not in table
+    assert max(len(line) for line in table.splitlines()) < 200

@@ -68,6 +68,9 @@ def test_best_schedule_is_the_lowest_profiled_head(residual):
     assert again["mac_overhead"] == best.mac_overhead
     assert best.patched_peak_bytes < best.layer_by_layer_peak_bytes
     assert best.rest_peak_bytes <= best.patched_peak_bytes
+    # Keras layer names, not the converter's long tensor names.
+    assert best.split_layer == short_tensor_name(best.split_name) and "/" not in best.split_layer
+    assert "/" not in best.patched_peak_op and "residual_1" not in best.patched_peak_op
 
 
 def test_grids_larger_than_every_stage_output_are_an_error(residual):

@@ -44,7 +44,7 @@ import numpy as np
 
 from keras_patch._version import __version__
 from keras_patch.arduino.arena import ArenaEstimate
-from keras_patch.arduino.boards import Board, get_board
+from keras_patch.arduino.boards import BOARDS, Board, get_board
 from keras_patch.arduino.library import TFLM_LIBRARY, TFLM_LIBRARY_HEADER
 from keras_patch.arduino.resolver import ResolverPlan, resolver_calls
 from keras_patch.arduino.sketch import (
@@ -623,6 +623,37 @@ void loop() {{
 """
 
 
+def _memory_report_arena_advice(target: Board, arenas, arena_bytes: Optional[int], labels) -> dict:
+    """`check_budget`'s `arena_what` / `arena_advice` for the MemoryReport's shared arena.
+
+    The shared arena is the larger need, usually the unpatched model's: the
+    message says which model does not fit and what to do about it.
+    """
+    patched, unpatched = arenas[0].total_bytes, arenas[1].total_bytes
+    budget = target.arena_budget_bytes
+    bigger = sorted((b.arena_budget_bytes, b.key) for b in BOARDS.values()
+                    if b.arena_budget_bytes >= max(patched, unpatched))
+    boards = f"e.g. --board {bigger[0][1]}" if bigger else "none of the known boards has enough"
+    if arena_bytes is not None:
+        fits = "fits" if patched <= budget else "does not fit either"
+        return dict(arena_what="the tensor arena given by --arena-bytes",
+                    arena_advice=f"pass a smaller --arena-bytes (the patched model needs {patched:,} B and {fits})")
+    if patched <= budget:
+        return dict(
+            arena_what=f"the tensor arena of the unpatched comparison model ({labels[1]})",
+            arena_advice=(
+                f"the patched model needs {patched:,} B and fits. An unpatched model too big for the board is "
+                f"what the report is meant to show, but the sketch runs both models on one arena: pass "
+                f"--arena-bytes {patched} to build it anyway (on the board the patched model runs and prints its "
+                f"arena, then the unpatched model's AllocateTensors() fails), or pick a board with more RAM "
+                f"({boards})"))
+    return dict(
+        arena_what=(f"the shared tensor arena (the larger of the patched model's {patched:,} B and the "
+                    f"unpatched comparison model's {unpatched:,} B)"),
+        arena_advice=(f"the patched model does not fit either: try a finer grid or an earlier split, or a board "
+                      f"with more RAM ({boards})"))
+
+
 def export_memory_report(
     tflite_bytes: ModelSource,
     out_dir: str,
@@ -674,7 +705,7 @@ def export_memory_report(
         shared.total_bytes = (int(arena_bytes) + 15) // 16 * 16
         shared.tail_source += f"; arena set to {shared.total_bytes:,} B by --arena-bytes"
     flash = flash_estimate(len(data) + len(other), plan)
-    check_budget(target, shared, flash)
+    check_budget(target, shared, flash, **_memory_report_arena_advice(target, arenas, arena_bytes, labels))
     write_sketch_folder(out_dir, {
         f"{name}.ino": memory_report_source(name, target, model, other_model, labels, (len(data), len(other)),
                                             plan, arenas, shared.total_bytes),

@@ -107,16 +107,20 @@ def flash_estimate(model_bytes: int, plan: ResolverPlan) -> FlashEstimate:
 
 
 def check_budget(board: Board, arena: ArenaEstimate, flash: FlashEstimate, extra_ram_bytes: int = 0,
-                 extra_ram_what: str = "") -> None:
+                 extra_ram_what: str = "", arena_what: str = "the tensor arena",
+                 arena_advice: str = "try a finer grid or an earlier split") -> None:
     """Raises `BoardBudgetError` when the arena (plus `extra_ram_bytes`, e.g. a
-    camera frame buffer, described by `extra_ram_what`) or the flash do not fit `board`."""
+    camera frame buffer, described by `extra_ram_what`) or the flash do not fit `board`.
+
+    `arena_what` names the arena in the message and `arena_advice` says what
+    to do when it does not fit."""
     problems = []
     if arena.total_bytes + extra_ram_bytes > board.arena_budget_bytes:
         extra = f" + {extra_ram_what} {extra_ram_bytes:,} B" if extra_ram_bytes else ""
         problems.append(
-            f"the tensor arena{extra} needs {arena.total_bytes + extra_ram_bytes:,} B but only "
+            f"{arena_what}{extra} needs {arena.total_bytes + extra_ram_bytes:,} B but only "
             f"{board.arena_budget_bytes:,} B of RAM are left ({board.ram_bytes:,} B for the sketch minus "
-            f"about {board.core_ram_bytes:,} B for the board core); try a finer grid or an earlier split"
+            f"about {board.core_ram_bytes:,} B for the board core); {arena_advice}"
         )
     if flash.total_bytes > board.model_flash_budget_bytes:
         problems.append(

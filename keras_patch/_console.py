@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from typing import IO, Iterator, Optional
 
@@ -104,7 +105,8 @@ class Progress:
 
     On a terminal each step is a line with a running clock (tqdm) that stays
     with its final time when the step ends; otherwise each step is one plain
-    line when it begins. The clock writes to a copy of the terminal's file
+    line with its time when it ends. A step that fails leaves no line, so
+    that the error is the one line a failed command prints. The clock writes to a copy of the terminal's file
     descriptor, so steps that capture file descriptor 2 (TensorFlow's import,
     the converter) do not freeze it.
 
@@ -126,8 +128,9 @@ class Progress:
             return
         terminal = _terminal_copy(stream)
         if terminal is None:
-            print(f"{message} ...", file=stream, flush=True)
-            yield
+            start = time.monotonic()
+            yield  # a step that fails prints nothing: its error stays the one line
+            print(f"{message} ... {time.monotonic() - start:.1f} s", file=stream, flush=True)
             return
         from tqdm import tqdm
 
@@ -144,6 +147,9 @@ class Progress:
             ticker.start()
             try:
                 yield
+            except BaseException:
+                bar.leave = False  # a failed step's line is cleared: its error stays the one line
+                raise
             finally:
                 stop.set()
                 ticker.join()

@@ -26,9 +26,9 @@ import numpy as np
 
 from keras_patch.patch_op.executor import PreparedStage, prepare_stage, run_stage
 from keras_patch.patch_op.options import CUSTOM_CODE
-from keras_patch.patchify import stage_constants, stage_options
+from keras_patch.patchify import kernel_tensor_view, stage_constants, stage_io_tensors, stage_options
 from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
-from keras_patch.errors import UnsupportedModelError
+from keras_patch.errors import InvalidOptionsError, UnsupportedModelError
 
 
 def litert_interpreter(model_bytes: bytes):
@@ -95,12 +95,22 @@ EXECUTORS = ("reference", "cpp")
 
 
 def _prepare(model: TFLiteModel, op_index: int, executor: str):
+    """The KP_PATCH_STAGE op at `op_index`, prepared with the TFLM kernel's Prepare checks.
+
+    Both executors check the op's form and its input 0 / output 0 against
+    the options (`patchify.stage_io_tensors`, `KpCheckStageIo`), so they
+    accept and reject the same models.
+    """
     if executor == "reference":
         return prepare_stage(stage_options(model, op_index), stage_constants(model, op_index))
     from keras_patch.cpp_executor import CppStage
 
+    io = [kernel_tensor_view(t) for t in stage_io_tensors(model, op_index)]
     options = bytes(np.asarray(model.operator(op_index).customOptions, np.uint8))
-    return CppStage(options, stage_constants(model, op_index))
+    try:
+        return CppStage(options, stage_constants(model, op_index), io=io)
+    except InvalidOptionsError as e:
+        raise InvalidOptionsError(f"{model.op_label(op_index)}: {e}") from None
 
 
 class HostRunner:

@@ -475,5 +475,11 @@ def stage_constants(model: TFLiteModel, op_index: int) -> List[Optional[Constant
     constants: List[Optional[ConstantTensor]] = [None]
     for t in model.op_inputs(op_index)[1:]:
         # An absent input (-1) is None: a layer that names it is rejected ('layer_weights'), as in TFLM.
-        constants.append(None if t < 0 else ConstantTensor(model.constant(t), model.tensor(t).scale))
+        if t < 0:
+            constants.append(None)
+            continue
+        info = model.tensor(t)
+        # TFLM reads a tensor's scales only when it also has zero points (micro_allocator).
+        scales = info.scale if info.zero_point.size else info.scale[:0]
+        constants.append(ConstantTensor(model.constant(t), scales))
     return constants

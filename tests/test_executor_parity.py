@@ -156,9 +156,11 @@ def test_a_claimed_huge_output_is_rejected_at_once(patched_models):
         assert time.perf_counter() - start < 2.0
 
 
-@pytest.mark.parametrize("form", ["two_outputs", "no_stage_input", "no_filter_input", "extra_absent_input"])
+@pytest.mark.parametrize("form", ["two_outputs", "no_stage_input", "no_filter_input", "extra_absent_input",
+                                  "filter_without_zero_points"])
 def test_the_op_form_is_checked_by_both(patched_models, form):
-    """The kernel's Prepare needs one output and a stage input; absent (-1) filters are rejected."""
+    """The kernel's Prepare needs one output and a stage input; absent (-1) filters are rejected,
+    and so are filters without zero points (TFLM then reads no scales either)."""
     m = TFLiteModel.from_bytes(patched_models[0])
     op = m.operator(_stage(m))
     inputs, outputs = [int(i) for i in op.inputs], [int(i) for i in op.outputs]
@@ -168,14 +170,16 @@ def test_the_op_form_is_checked_by_both(patched_models, form):
         op.inputs = np.array([-1] + inputs[1:], np.int32)
     elif form == "no_filter_input":
         op.inputs = np.array([inputs[0], -1] + inputs[2:], np.int32)
-    else:  # an unused optional input changes nothing
+    elif form == "extra_absent_input":  # an unused optional input changes nothing
         op.inputs = np.array(inputs + [-1], np.int32)
+    else:
+        m.subgraph.tensors[inputs[1]].quantization.zeroPoint = np.array([], np.int64)
     data = m.to_bytes()
     outcomes = _outcomes(data, _input(data, 1))
     assert _assert_same_decision(outcomes) == ("accepted" if form == "extra_absent_input" else "rejected")
     if form in ("two_outputs", "no_stage_input"):
         assert isinstance(outcomes["cpp"], UnsupportedModelError)
-    elif form == "no_filter_input":
+    elif form in ("no_filter_input", "filter_without_zero_points"):
         assert "'layer_weights'" in str(outcomes["cpp"]) and "'layer_weights'" in str(outcomes["reference"])
 
 

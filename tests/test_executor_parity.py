@@ -5,7 +5,8 @@ The TFLM kernel's Prepare (tflm_ops/patch_stage.cc) checks the op's form
 (`KpCheckStageIo`: int8, shape, scale, zero point). `run_tflite` makes the
 same checks with `executor="reference"` and `executor="cpp"`. Here valid
 patched models are mutated -- a KP_PATCH_STAGE options key or value, the
-op's input / output tensor, the op's input / output lists -- and both
+op's input / output tensor, a filter or bias, the op's input / output
+lists -- and both
 executors must raise a KerasPatchError or both return identical outputs.
 
 Hypothesis profiles (env var KP_HYPOTHESIS_PROFILE): "ci" (default, 100
@@ -342,12 +343,35 @@ def _mutate_tensor(draw, model: TFLiteModel, role: str) -> None:
     event(f"tensor {role}: {change}")
 
 
+def _mutate_constant(draw, model: TFLiteModel) -> None:
+    """A filter or bias of the op: what the kernel's Prepare checks of it (type, shape, scales)."""
+    op = model.operator(_stage(model))
+    index = int(draw(st.sampled_from([int(i) for i in op.inputs[1:]])))
+    tensor = model.subgraph.tensors[index]
+    q = tensor.quantization
+    change = draw(st.sampled_from(["dtype", "shape", "scales", "bad_scale", "no_zero_point"]))
+    if change == "dtype":  # same byte size, so the buffer still fits
+        tensor.type = {9: 3, 2: 5}.get(int(tensor.type), 9)  # INT8 -> UINT8, INT32 -> UINT32
+    elif change == "shape":  # same element count, other shape
+        shape = [int(d) for d in tensor.shape]
+        tensor.shape = np.array(shape[::-1] if len(shape) > 1 and shape != shape[::-1] else shape + [1], np.int32)
+    elif change == "scales":
+        q.scale = np.concatenate([np.asarray(q.scale, np.float32), np.float32([0.01])])
+    elif change == "bad_scale":
+        scale = np.asarray(q.scale, np.float32).copy()
+        scale[draw(st.integers(0, scale.size - 1))] = draw(st.sampled_from([-1.0, float("nan"), float("inf"), 0.0]))
+        q.scale = scale
+    else:
+        q.zeroPoint = np.array([], np.int64)
+    event(f"constant: {change}")
+
+
 @st.composite
 def mutated_models(draw, models):
     base = draw(st.sampled_from(models))
     model = TFLiteModel.from_bytes(base)
     opts = _options(model)
-    target = draw(st.sampled_from(["option_value", "option_key", "input_tensor", "output_tensor"]))
+    target = draw(st.sampled_from(["option_value", "option_key", "input_tensor", "output_tensor", "constant"]))
     event(target)
     if target == "option_value":
         mutated = draw(_option_value_mutation(opts))
@@ -355,6 +379,8 @@ def mutated_models(draw, models):
         _set_options(model, o.encode_options(mutated))
     elif target == "option_key":
         _set_options(model, draw(_option_key_mutation(opts)))
+    elif target == "constant":
+        _mutate_constant(draw, model)
     else:
         _mutate_tensor(draw, model, target.split("_")[0])
     return model.to_bytes()

@@ -28,9 +28,10 @@ from hypothesis import strategies as st
 import model_zoo
 from keras_patch import cpp_executor
 from keras_patch.errors import InvalidOptionsError, KerasPatchError, UnsupportedModelError
+from keras_patch.patch_op import geometry
 from keras_patch.patch_op import options as o
 from keras_patch.patchify import find_stages, patchify
-from keras_patch.runtime import run_tflite
+from keras_patch.runtime import HOST_MAX_STAGE_OPERATIONS, run_tflite, stage_operations
 from keras_patch.tflite_model import TFLiteModel
 
 pytestmark = [
@@ -155,6 +156,56 @@ def test_a_claimed_huge_output_is_rejected_at_once(patched_models):
         with pytest.raises(InvalidOptionsError, match=r"'tensor_shape'.*3937, 3937"):
             run_tflite(bad, x, executor=executor)
         assert time.perf_counter() - start < 2.0
+
+
+def _inflated(opts: o.StageOptions, size: int) -> o.StageOptions:
+    """The stage + PAD to size x size + 64x64 AVERAGE_POOL_2D + strided MAX_POOL_2D back to the output shape:
+    valid options, the op's tensors unchanged, intermediates far larger than any tensor of the model."""
+    last = opts.num_layers
+    h, w, c = opts.tensor_shapes[last]
+    pooled = size - 63
+    stride = (pooled - 1) // (h - 1)
+    return _replace(
+        opts,
+        tensor_shapes=opts.tensor_shapes + [(size, size, c), (pooled, pooled, c), (h, w, c)],
+        tensor_scales=opts.tensor_scales + [opts.tensor_scales[last]] * 3,
+        tensor_zero_points=opts.tensor_zero_points + [opts.tensor_zero_points[last]] * 3,
+        layers=opts.layers + [
+            o.LayerOptions(op=o.OP_PAD, inputs=(last, -1)),
+            o.LayerOptions(op=o.OP_AVERAGE_POOL_2D, inputs=(last + 1, -1), kernel=(64, 64)),
+            o.LayerOptions(op=o.OP_MAX_POOL_2D, inputs=(last + 2, -1), stride=(stride, stride)),
+        ],
+    )
+
+
+def test_a_stage_too_costly_for_the_host_is_refused_at_once(patched_models):
+    """Was: 7.6e9 operations (about 30 s, deaf to Ctrl-C, in the cpp executor) from a model of 12x12 tensors."""
+    m = TFLiteModel.from_bytes(patched_models[0])
+    inflated = _inflated(_options(m), 600)
+    assert stage_operations(inflated) > HOST_MAX_STAGE_OPERATIONS
+    _set_options(m, o.encode_options(inflated))
+    bad = m.to_bytes()
+    x = _input(bad, 0)
+    for executor in EXECUTORS:
+        start = time.perf_counter()
+        with pytest.raises(UnsupportedModelError, match=r"op \d+ \(KP_PATCH_STAGE -> .*operations"):
+            run_tflite(bad, x, executor=executor)
+        assert time.perf_counter() - start < 2.0
+
+
+def test_a_costly_stage_under_the_bound_still_runs(patched_models):
+    """The bound counts what runs: an inflated stage below it runs, with the same bits in both executors."""
+    m = TFLiteModel.from_bytes(patched_models[0])
+    inflated = _inflated(_options(m), 100)
+    assert 0 < stage_operations(inflated) < HOST_MAX_STAGE_OPERATIONS
+    _set_options(m, o.encode_options(inflated))
+    data = m.to_bytes()
+    assert _assert_same_decision(_outcomes(data, _input(data, 2))) == "accepted"
+
+
+def test_stage_operations_are_the_patched_macs_for_convolutions(patched_models):
+    opts = _options(TFLiteModel.from_bytes(patched_models[0]))  # CONV_2D, DEPTHWISE_CONV_2D
+    assert stage_operations(opts) == geometry.stage_macs(opts)[1] > 0
 
 
 @pytest.mark.parametrize("form", ["two_outputs", "no_stage_input", "no_filter_input", "extra_absent_input",

@@ -73,7 +73,8 @@ def _replace(opts: o.StageOptions, **changes) -> o.StageOptions:
 
 
 def _input(model_bytes: bytes, seed: int) -> np.ndarray:
-    info = TFLiteModel.from_bytes(model_bytes).tensor(TFLiteModel.from_bytes(model_bytes).inputs[0])
+    model = TFLiteModel.from_bytes(model_bytes)
+    info = model.tensor(model.inputs[0])
     return np.random.default_rng(seed).integers(-128, 128, (1, *info.shape[1:])).astype(np.int8)
 
 

@@ -163,12 +163,18 @@ class CppStage:
         op_inputs: as for `executor.prepare_stage`: `op_inputs[0]` stands for
             the stage input (ignored), `op_inputs[i]` for the constant
             filters and biases.
+        io: optional (input 0, output 0) of the op, each with `dtype`,
+            `shape`, `scale` and `zero_point` as the kernel sees them
+            (`patchify.kernel_tensor_view`): checked with `check_io` after
+            the core's Prepare and before the patch arena is allocated, as
+            the TFLM kernel's Prepare does.
 
     Raises:
         InvalidOptionsError: the core's message, naming the options key.
     """
 
-    def __init__(self, options: bytes, op_inputs: Sequence[Optional[ConstantTensor]]):
+    def __init__(self, options: bytes, op_inputs: Sequence[Optional[ConstantTensor]],
+                 io: Optional[Sequence] = None):
         self._lib = load_library()
         self._options = bytes(options)
         n = len(op_inputs)
@@ -200,6 +206,8 @@ class CppStage:
                                       ctypes.byref(arena), err, _ERR_SIZE):
             raise InvalidOptionsError(_error(err))
         self.num_op_inputs = n
+        for is_output, tensor in enumerate(io or ()):
+            self.check_io(bool(is_output), tensor.dtype, tensor.shape, tensor.scale, tensor.zero_point)
         self.arena_bytes = int(arena.value)
         self._arena = np.zeros(max(self.arena_bytes, 1), np.uint8)
         context = ctypes.c_uint32()
@@ -223,11 +231,12 @@ class CppStage:
 
     def check_io(self, is_output: bool, dtype, shape, scale: float, zero_point: int) -> None:
         """The adapter's Prepare check of the op's input / output tensor."""
-        dims = (ctypes.c_int32 * 4)(*[int(d) for d in tuple(shape)[:4]])
+        dims = (ctypes.c_int32 * 4)(*[int(np.int64(d).astype(np.int32)) for d in tuple(shape)[:4]])
+        zero_point = int(np.int64(zero_point).astype(np.int32))  # TfLiteQuantizationParams' int32
         err = ctypes.create_string_buffer(_ERR_SIZE)
         if self._lib.kp_stage_check_io(self._persistent.ctypes.data, int(is_output),
                                        _TYPE_CODES.get(np.dtype(dtype), 0), len(shape), dims,
-                                       float(scale), int(zero_point), err, _ERR_SIZE):
+                                       float(np.float32(scale)), zero_point, err, _ERR_SIZE):
             raise InvalidOptionsError(_error(err))
 
     def run(self, inputs: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from keras_patch.errors import InvalidOptionsError, UnsupportedModelError
 from keras_patch.grid import check_grid
 from keras_patch.patch_op import options as o
 from keras_patch.patch_op.executor import ConstantTensor, prepare_stage
-from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.tflite_model import ModelSource, TensorInfo, TFLiteModel, read_model_bytes
 
 SUPPORTED_STAGE_OPS = {
     "CONV_2D": o.OP_CONV_2D,
@@ -401,7 +401,10 @@ def stage_options(model: TFLiteModel, op_index: int) -> o.StageOptions:
     Raises:
         InvalidOptionsError: undecodable options, or stage tensor 0 / L whose
             shape, scale or zero point (`tensor_shape`, `tensor_scale`,
-            `tensor_zero_point`) differ from the op's input / output tensor.
+            `tensor_zero_point`) differ from the op's input / output tensor
+            (the checks of the kernel's Prepare, `KpCheckStageIo`).
+        UnsupportedModelError: an op without exactly one output and a stage
+            input (`stage_io_tensors`).
     """
     data = model.operator(op_index).customOptions
     options = o.decode_options(bytes(np.asarray(data, np.uint8)))
@@ -409,25 +412,80 @@ def stage_options(model: TFLiteModel, op_index: int) -> o.StageOptions:
     return options
 
 
+@dataclass(frozen=True)
+class KernelTensorView:
+    """An op input / output tensor as the TFLM kernel's Prepare sees it.
+
+    TFLM fills `TfLiteTensor.params` from the first scale and zero point when
+    the tensor has both (the zero point cast to int32), and with (0.0, 0)
+    otherwise; `KpCheckStageIo` compares those with the stage tensor.
+    """
+
+    dtype: type
+    shape: tuple
+    scale: float  # float32 value
+    zero_point: int  # int32 value
+
+
+def kernel_tensor_view(info: TensorInfo) -> KernelTensorView:
+    """`info` reduced to what the kernel's Prepare reads of it (see `KernelTensorView`)."""
+    scale, zero_point = 0.0, 0
+    if info.scale.size and info.zero_point.size:
+        scale = float(np.float32(info.scale[0]))
+        zero_point = int(np.int64(info.zero_point[0]).astype(np.int32))  # static_cast<int32_t>
+    return KernelTensorView(dtype=info.dtype, shape=tuple(info.shape), scale=scale, zero_point=zero_point)
+
+
+def stage_io_tensors(model: TFLiteModel, op_index: int) -> tuple:
+    """(input 0, output 0) of the KP_PATCH_STAGE op, with the kernel's Prepare checks of the op.
+
+    The TFLM kernel's Prepare requires exactly one output and at least one
+    input, and fails when a tensor it reads is absent (index -1). Both host
+    executors (`run_tflite`'s "reference" and "cpp") start from here.
+
+    Raises:
+        UnsupportedModelError: naming the op, when it does not have that form.
+    """
+    inputs, outputs = model.op_inputs(op_index), model.op_outputs(op_index)
+    label = f"op {op_index} ({o.CUSTOM_CODE})"
+    if len(outputs) != 1 or not inputs:
+        raise UnsupportedModelError(
+            f"{label} has {len(inputs)} inputs and {len(outputs)} outputs; the kernel needs at least "
+            f"one input (the stage input first) and exactly one output."
+        )
+    num_tensors = len(model.subgraph.tensors)
+    for role, t in [("input", i) for i in inputs] + [("output", outputs[0])]:
+        if not -1 <= t < num_tensors:
+            raise UnsupportedModelError(f"{label} names {role} tensor {t}; the model has {num_tensors} tensors.")
+    if inputs[0] < 0 or outputs[0] < 0:
+        raise UnsupportedModelError(f"{label} has no stage {'input' if inputs[0] < 0 else 'output'} tensor (index -1).")
+    return model.tensor(inputs[0]), model.tensor(outputs[0])
+
+
 def _check_stage_io(model: TFLiteModel, op_index: int, options: o.StageOptions) -> None:
-    ends = [(0, "input", model.op_inputs(op_index)[0]), (options.num_layers, "output", model.op_outputs(op_index)[0])]
-    for stage_tensor, role, t in ends:
-        info = model.tensor(t)
+    """The kernel's `KpCheckStageIo` (tflm_ops/patch_stage_core.cc) on the op's input 0 and output 0."""
+    tensors = stage_io_tensors(model, op_index)
+    ends = [(0, "input", tensors[0]), (options.num_layers, "output", tensors[1])]
+    for stage_tensor, role, info in ends:
+        view = kernel_tensor_view(info)
         where = f"{model.op_label(op_index)}: stage tensor {stage_tensor} vs the op's {role} '{info.name}'"
-        if info.dtype != np.int8:
-            raise InvalidOptionsError(f"{where}: the {role} is {np.dtype(info.dtype).name}, KP_PATCH_STAGE needs int8.")
-        if tuple(info.shape) != (1, *options.tensor_shapes[stage_tensor]):
+        if view.dtype != np.int8:
+            raise InvalidOptionsError(
+                f"'tensor_shape' {where}: the {role} is {np.dtype(view.dtype).name}, KP_PATCH_STAGE needs int8."
+            )
+        if view.shape != (1, *options.tensor_shapes[stage_tensor]):
             raise InvalidOptionsError(
                 f"'tensor_shape' {where}: options say {options.tensor_shapes[stage_tensor]}, the tensor is {info.shape}."
             )
-        if info.scale.size != 1 or np.float32(options.tensor_scales[stage_tensor]) != info.scale[0]:
+        if np.float32(options.tensor_scales[stage_tensor]) != np.float32(view.scale):
             raise InvalidOptionsError(
-                f"'tensor_scale' {where}: options say {options.tensor_scales[stage_tensor]}, the tensor has {info.scale.tolist()}."
+                f"'tensor_scale' {where}: options say {options.tensor_scales[stage_tensor]}, the tensor has "
+                f"{info.scale.tolist() or 'none'}{' (no zero point)' if info.scale.size and not info.zero_point.size else ''}."
             )
-        if info.zero_point.size != 1 or options.tensor_zero_points[stage_tensor] != info.zero_point[0]:
+        if options.tensor_zero_points[stage_tensor] != view.zero_point:
             raise InvalidOptionsError(
                 f"'tensor_zero_point' {where}: options say {options.tensor_zero_points[stage_tensor]}, "
-                f"the tensor has {info.zero_point.tolist()}."
+                f"the tensor has {info.zero_point.tolist() or 'none'}."
             )
 
 
@@ -435,5 +493,12 @@ def stage_constants(model: TFLiteModel, op_index: int) -> List[Optional[Constant
     """The op's inputs as the executor takes them (None for the stage input)."""
     constants: List[Optional[ConstantTensor]] = [None]
     for t in model.op_inputs(op_index)[1:]:
-        constants.append(ConstantTensor(model.constant(t), model.tensor(t).scale))
+        # An absent input (-1) is None: a layer that names it is rejected ('layer_weights'), as in TFLM.
+        if t < 0:
+            constants.append(None)
+            continue
+        info = model.tensor(t)
+        # TFLM reads a tensor's scales only when it also has zero points (micro_allocator).
+        scales = info.scale if info.zero_point.size else info.scale[:0]
+        constants.append(ConstantTensor(model.constant(t), scales))
     return constants

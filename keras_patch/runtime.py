@@ -26,9 +26,9 @@ import numpy as np
 
 from keras_patch.patch_op.executor import PreparedStage, prepare_stage, run_stage
 from keras_patch.patch_op.options import CUSTOM_CODE
-from keras_patch.patchify import stage_constants, stage_options
+from keras_patch.patchify import kernel_tensor_view, stage_constants, stage_io_tensors, stage_options
 from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
-from keras_patch.errors import KerasPatchError, UnsupportedModelError
+from keras_patch.errors import InvalidOptionsError, KerasPatchError, UnsupportedModelError
 
 
 def litert_interpreter(model_bytes: bytes):
@@ -93,14 +93,76 @@ class _StageSegment:
 
 EXECUTORS = ("reference", "cpp")
 
+#: The most operations (multiply-accumulates, window taps, element copies) one
+#: inference of one KP_PATCH_STAGE may take on the host: 4.3e9, about 15 s of
+#: average pooling in the C++ core and 14x the MACs of a whole MobileNetV2
+#: 1.0@224, far beyond what a microcontroller runs. Options may describe
+#: intermediates much larger than the op's tensors (a PAD followed by a
+#: strided pooling); without a bound such a model runs for hours in either
+#: executor, and the C++ core does not return to Python (nor see Ctrl-C)
+#: until a sample is done.
+HOST_MAX_STAGE_OPERATIONS = 2**32
+
+
+def stage_operations(options) -> int:
+    """Operations one inference of the stage executes, patch by patch (recomputation included).
+
+    Per output pixel of a layer: `kh*kw*C_in*C_out` for CONV_2D, `kh*kw*C` for
+    DEPTHWISE_CONV_2D and the poolings, `C` for PAD, ADD, RELU and RELU6.
+    """
+    from keras_patch.patch_op import geometry
+    from keras_patch.patch_op import options as o
+
+    per_pixel = []
+    for l, layer in enumerate(options.layers):
+        c_out = options.tensor_shapes[l + 1][2]
+        taps = layer.kernel[0] * layer.kernel[1]
+        if layer.op == o.OP_CONV_2D:
+            per_pixel.append(taps * options.tensor_shapes[layer.inputs[0]][2] * c_out)
+        elif layer.op in (o.OP_DEPTHWISE_CONV_2D, o.OP_MAX_POOL_2D, o.OP_AVERAGE_POOL_2D):
+            per_pixel.append(taps * c_out)
+        else:
+            per_pixel.append(c_out)
+    return sum(geometry.region_area(regions[l + 1]) * per_pixel[l]
+               for regions in geometry.all_patch_regions(options) for l in range(options.num_layers))
+
+
+def _check_host_work(model: TFLiteModel, op_index: int, options) -> None:
+    operations = stage_operations(options)
+    if operations > HOST_MAX_STAGE_OPERATIONS:
+        raise UnsupportedModelError(
+            f"{model.op_label(op_index)}: one inference of this stage takes {operations:.3g} operations "
+            f"(its options describe intermediates up to {max(h * w * c for h, w, c in options.tensor_shapes):,} "
+            f"elements); run_tflite runs at most {HOST_MAX_STAGE_OPERATIONS:.3g} per stage."
+        )
+
 
 def _prepare(model: TFLiteModel, op_index: int, executor: str):
+    """The KP_PATCH_STAGE op at `op_index`, prepared with the TFLM kernel's Prepare checks.
+
+    Both executors check the op's form and its input 0 / output 0 against
+    the options (`patchify.stage_io_tensors`, `KpCheckStageIo`), so they
+    accept and reject the same models; both refuse a stage above
+    `HOST_MAX_STAGE_OPERATIONS`.
+
+    Raises:
+        InvalidOptionsError: options the kernel's Prepare rejects (naming the op and the key).
+        UnsupportedModelError: an op of another form, or a stage too costly to run on the host.
+    """
     if executor == "reference":
-        return prepare_stage(stage_options(model, op_index), stage_constants(model, op_index))
+        prepared = prepare_stage(stage_options(model, op_index), stage_constants(model, op_index))
+        _check_host_work(model, op_index, prepared.options)
+        return prepared
     from keras_patch.cpp_executor import CppStage
 
+    io = [kernel_tensor_view(t) for t in stage_io_tensors(model, op_index)]
     options = bytes(np.asarray(model.operator(op_index).customOptions, np.uint8))
-    return CppStage(options, stage_constants(model, op_index))
+    try:
+        stage = CppStage(options, stage_constants(model, op_index), io=io)
+    except InvalidOptionsError as e:
+        raise InvalidOptionsError(f"{model.op_label(op_index)}: {e}") from None
+    _check_host_work(model, op_index, stage.options)
+    return stage
 
 
 class HostRunner:

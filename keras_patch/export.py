@@ -26,6 +26,7 @@ import faulthandler
 import io
 import logging
 import os
+import sys
 import tempfile
 from typing import Callable, Iterable, List, Optional, Sequence, Union
 
@@ -253,12 +254,22 @@ def _captured_output():
         if fault_report is not None:
             faulthandler.disable()
             if was_enabled:
-                faulthandler.enable()
+                _reenable_faulthandler()
             fault_report.close()
         if saved:
             sink.seek(0)
             logger.debug("converter output:\n%s%s", buffer.getvalue(), sink.read())
             sink.close()
+
+
+def _reenable_faulthandler() -> None:
+    """Turns `faulthandler` back on for the caller, who had it on (best effort)."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            faulthandler.enable(file=stream)
+            return
+        except (AttributeError, ValueError, OSError):  # e.g. a stream without fileno()
+            continue
 
 
 def check_calibration_ranges(calibrated: bytes) -> None:

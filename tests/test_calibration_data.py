@@ -177,3 +177,15 @@ def test_a_crash_while_converter_output_is_captured_is_reported(tmp_path):
     )
     assert proc.returncode != 0
     assert "Segmentation fault" in proc.stderr and 'File "<string>", line 4' in proc.stderr
+
+
+def test_capture_keeps_the_callers_faulthandler(capsys):
+    """The crash report is redirected only while the converter runs, even under capsys (no fileno)."""
+    import faulthandler
+
+    from keras_patch.export import _captured_output
+
+    faulthandler.enable(file=sys.__stderr__)
+    with _captured_output():
+        assert faulthandler.is_enabled()
+    assert faulthandler.is_enabled()

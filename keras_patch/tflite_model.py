@@ -438,7 +438,9 @@ def check_unpack_cost(data: bytes, budget: Optional[int] = None) -> int:
     element and per byte of numeric vectors and strings, and stops as soon
     as the count passes `budget`: a model without shared offsets counts at
     most its size in bytes, so the walk costs time proportional to the file.
-    MobileNetV2 0.35@144 (607 KB): about 25 ms, against about 110 ms to unpack.
+    Measured on 2 shared cores: MobileNetV2 0.35@144 (646 KB) walks in
+    17-23 ms against 37-39 ms to unpack; a 24 KB model describing nine
+    million operators is refused after 0.14 s.
 
     Args:
         data: the `.tflite` bytes (identifier already checked).

@@ -122,7 +122,7 @@ def test_the_crafted_builder_makes_a_valid_model():
     "kwargs, where",
     [
         (dict(subgraphs=3000, operators=3000), ".Subgraphs["),  # nine million operators from 24 KB
-        (dict(operators=200_000), ".Subgraphs[0].Operators["),
+        (dict(operators=20_000), ".Subgraphs[0].Operators["),  # 80 KB, 20,000 refs to one operator
         (dict(tensor_refs=4000, shape_rank=4000), ".Subgraphs[0].Tensors["),  # 16M shape entries
     ],
     ids=["subgraphs x operators", "operators", "tensors x shape"],

@@ -39,7 +39,9 @@ def _load_rep_data(path: str) -> np.ndarray:
         if not data.files:
             raise KerasPatchError(f"--rep-data: '{path}' holds no arrays.")
         data = data[data.files[0]]
-    if data.ndim != 4 or len(data) == 0:
+    if data.ndim == 4 and len(data) == 0:
+        raise KerasPatchError(f"--rep-data: '{path}' holds no samples (shape {data.shape}).")
+    if data.ndim != 4:
         raise KerasPatchError(f"--rep-data: expected samples of shape (N, H, W, C), got {data.shape}.")
     return data.astype(np.float32)
 
@@ -141,6 +143,7 @@ def _cmd_profile(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from keras_patch.errors import CalibrationDataError
     from keras_patch.export import export_tflite
     from keras_patch.files import check_output_path
 
@@ -152,7 +155,12 @@ def _cmd_export(args) -> int:
     data = _load_rep_data(args.rep_data)
     with args.progress.step(f"converting to int8, calibrating on {len(data)} samples "
                             "(about a minute for MobileNetV2)"):
-        result = export_tflite(model, data, path=out)
+        try:
+            result = export_tflite(model, data, path=out)
+        except CalibrationDataError as e:
+            raise CalibrationDataError(
+                str(e).replace("representative_dataset", f"--rep-data '{args.rep_data}'", 1)
+            ) from None
     print(f"wrote {out} ({len(result):,} bytes)")
     return 0
 

@@ -27,3 +27,12 @@ class InvalidOptionsError(KerasPatchError):
 
     The message names the offending options key.
     """
+
+
+class CalibrationDataError(KerasPatchError):
+    """A representative (calibration) dataset the int8 converter cannot use.
+
+    Empty data, a sample whose shape does not fit the model input, or values
+    that are NaN/inf (or overflow float32 inside the model).  The message
+    names the sample (index) and the problem.
+    """

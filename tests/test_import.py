@@ -96,9 +96,7 @@ def test_version(capsys):
     from keras_patch import __version__
     from keras_patch.cli import main
 
-    with pytest.raises(SystemExit) as exit_:
-        main(["--version"])
-    assert exit_.value.code == 0
+    assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"keras-patch {__version__}"
 
 

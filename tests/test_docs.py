@@ -59,6 +59,9 @@ def test_python_block_runs(path, line, code, reason, tmp_path):
     assert proc.returncode == 0, (
         f"{path}:{line} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
     )
+    if "print(logits)" in code:  # the README's "Use it": its int8 logits must not all be the same
+        printed = proc.stdout[proc.stdout.rindex("[["):]
+        assert len(set(re.findall(r"-?\d+", printed))) > 1, printed
 
 
 def readme_commands() -> list:

@@ -83,7 +83,7 @@ def _aborts(model_bytes: bytes, tmp_path, runtime: str = "litert", flat: bool = 
 
 @pytest.fixture(scope="module")
 def kernel_zoo() -> bytes:
-    """ADD, SUB, SQUARED_DIFFERENCE on a 4x4x2 input; SOFTMAX over 600 classes, LOG_SOFTMAX over 10."""
+    """ADD, SUB, SQUARED_DIFFERENCE, LESS on a 4x4x2 input; SOFTMAX over 600 classes, LOG_SOFTMAX over 10."""
     import keras
     import tensorflow as tf
 
@@ -100,6 +100,7 @@ def kernel_zoo() -> bytes:
         keras.layers.Lambda(lambda t: tf.math.squared_difference(t[0], t[1]))([image, x]),
         keras.layers.Softmax()(logits),
         keras.layers.Lambda(tf.nn.log_softmax)(logits2),
+        keras.layers.Lambda(lambda t: tf.cast(tf.math.less(t[0], t[1]), tf.float32))([image, x]),
     ]
     rng = np.random.default_rng(0)
     samples = [{"a_image": rng.random((1, 4, 4, 2), dtype=np.float32),
@@ -130,6 +131,7 @@ def _with_scale(model_bytes: bytes, op_type: str, which: str, scale: float):
     ("SOFTMAX", "0", 1e-8, "litert", r"input scale 1e-08 is too small .* must be > 1"),
     ("SOFTMAX", "0", 1e-8, "tflm", r"input scale 1e-08 is too small .* must be > 1"),
     ("LOG_SOFTMAX", "0", 1e-8, "litert", r"input scale 1e-08 is too small .* must be > 1"),
+    ("LESS", "0", 2.0, "tflm", r"input scales \[2\.0, .*\] must be in \(0, 1\)"),
 ])
 def test_prepare_aborts_are_errors(kernel_zoo, tmp_path, op_type, which, scale, runtime, message):
     """Each screened condition really kills the process in the raw interpreter; run_tflite names it."""

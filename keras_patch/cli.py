@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("patchify", help="rewrite the first stage of an int8 .tflite as KP_PATCH_STAGE")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--split", required=True, help="op index or output tensor name of the stage's last op")
+    p.add_argument("--split", required=True, help="op index, output tensor name or Keras layer name of the stage's last op")
     p.add_argument("--grid", type=_grid_arg, default="4x4", help="patches, e.g. 4x4")
     p.add_argument("--start", help="first tensor of the stage (default: the int8 model input)")
     p.set_defaults(func=_cmd_patchify)

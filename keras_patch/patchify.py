@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -78,7 +80,17 @@ def default_entry_tensor(model: TFLiteModel) -> int:
 
 
 def resolve_split(model: TFLiteModel, split: Union[int, str]) -> int:
-    """Op index of the stage's last op from an op index or output-tensor name."""
+    """Op index of the stage's last op from an op index, output-tensor name or Keras layer name.
+
+    A name that is no tensor's full name is taken as a Keras layer name: it
+    matches a tensor when one of the tensor name's `/`-separated components
+    is that name, optionally followed by the `_N` suffix Keras adds
+    (`block_2_add` matches `mobilenetv2_0.35_144_1/block_2_add_1/Add`).
+
+    Raises:
+        UnsupportedModelError: the index is out of range, or the name matches
+            no op output (close names are suggested) or several (listed).
+    """
     if isinstance(split, (int, np.integer)) and not isinstance(split, bool):
         index = int(split)
         if not 0 <= index < model.num_ops:
@@ -92,11 +104,25 @@ def resolve_split(model: TFLiteModel, split: Union[int, str]) -> int:
             name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
             if name == split and t in producers:
                 return producers[t]
-        candidates = [
-            model.tensor(t).name for t in producers if split in model.tensor(t).name
-        ][:5]
-        hint = f" Tensors containing it: {candidates}." if candidates else ""
-        raise UnsupportedModelError(f"No op writes a tensor named '{split}'.{hint}")
+        layer = re.compile(re.escape(split) + r"(_\d+)?")
+        matches = [t for t in sorted(producers)
+                   if any(layer.fullmatch(part) for part in re.split(r"[/;]", model.tensor(t).name))]
+        if len(matches) == 1:
+            return producers[matches[0]]
+        if matches:
+            listed = "; ".join(model.op_label(producers[t]) for t in matches[:10])
+            more = f"; and {len(matches) - 10} more" if len(matches) > 10 else ""
+            raise UnsupportedModelError(
+                f"split '{split}' names the outputs of {len(matches)} ops; give an op index or a full "
+                f"tensor name: {listed}{more}."
+            )
+        candidates = [model.tensor(t).name for t in producers if split in model.tensor(t).name][:5]
+        if not candidates:
+            parts = {part: t for t in producers for part in re.split(r"[/;]", model.tensor(t).name)}
+            close = difflib.get_close_matches(split, list(parts), n=5, cutoff=0.6)
+            candidates = [model.tensor(parts[c]).name for c in close]
+        hint = f" Close matches: {candidates}." if candidates else ""
+        raise UnsupportedModelError(f"No op writes a tensor or Keras layer named '{split}'.{hint}")
     raise TypeError(f"split must be an op index or a tensor name, got {type(split).__name__}.")
 
 
@@ -362,7 +388,8 @@ def patchify(
     Args:
         tflite_bytes: an int8 `.tflite` (bytes or path), e.g. from the standard
             converter; a float input followed by QUANTIZE is fine.
-        split: op index, or output-tensor name, of the stage's last op.
+        split: op index, output-tensor name or Keras layer name (see
+            `resolve_split`) of the stage's last op.
         grid: patches as (rows, columns), an int n for (n, n) or "4x4".
         start: tensor index or name where the stage begins; by default the
             model's int8 input (after its QUANTIZE op, if any).

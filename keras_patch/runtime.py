@@ -19,8 +19,9 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -44,32 +45,171 @@ def litert_interpreter(model_bytes: bytes):
     return interpreter
 
 
+def _quantize_multiplier(multiplier: float) -> tuple:
+    """TFLite's `QuantizeMultiplier`: (significand in [2^30, 2^31), shift) of a double."""
+    if multiplier == 0.0:
+        return 0, 0
+    fraction, shift = math.frexp(multiplier)
+    q_fixed = int(math.floor(abs(fraction) * (1 << 31) + 0.5)) * (1 if fraction > 0 else -1)  # TfLiteRound
+    if q_fixed == 1 << 31:
+        q_fixed //= 2
+        shift += 1
+    return q_fixed, shift
+
+
+def _smaller_than_one_ok(multiplier: float) -> bool:
+    """Whether `QuantizeMultiplierSmallerThanOneExp` accepts it (its CHECKs: 0 < m < 1, shift <= 0)."""
+    return math.isfinite(multiplier) and 0.0 < multiplier < 1.0 and _quantize_multiplier(multiplier)[1] <= 0
+
+
+def _greater_than_one_ok(multiplier: float) -> bool:
+    """Whether `QuantizeMultiplierGreaterThanOne` accepts it (its CHECK: m > 1)."""
+    return math.isfinite(multiplier) and multiplier > 1.0
+
+
+# An int8 SOFTMAX sums exp() of its inputs in Q12.19 and CHECK-fails in Eval
+# (`0 <= exponent <= 31` in reference_ops::Softmax) once that sum reaches 512.
+_SOFTMAX_SUM_LIMIT = 512.0
+# LiteRT's reference kernels and TFLM's: which of them CHECK-fail (abort) on the conditions below.
+_ABORTS_IN = {
+    "ADD": "TFLite's and TFLM's",
+    "SUB": "TFLM's",
+    "ADD_N": "TFLM's",
+    "CUMSUM": "TFLM's",
+    "SQUARED_DIFFERENCE": "TFLite's",
+    "SOFTMAX": "TFLite's and TFLM's",
+    "LOG_SOFTMAX": "TFLite's and TFLM's",
+}
+_COMPARISONS = ("EQUAL", "NOT_EQUAL", "GREATER", "GREATER_EQUAL", "LESS", "LESS_EQUAL")
+
+
+def _scales(model: TFLiteModel, tensors: Sequence[int]) -> Optional[List[float]]:
+    """Per-tensor scales (float32 as stored, as doubles) of int8/uint8 tensors; None if any is not quantized."""
+    infos = [model.tensor(t) for t in tensors]
+    if any(t.dtype not in (np.int8, np.uint8) or t.scale.size == 0 for t in infos):
+        return None
+    return [float(np.float32(t.scale[0])) for t in infos]
+
+
+def _softmax_beta(model: TFLiteModel, op_index: int) -> float:
+    options = model.operator(op_index).builtinOptions
+    return float(np.float32(getattr(options, "beta", 1.0))) if options is not None else 1.0
+
+
+def reference_kernel_problem(model: TFLiteModel, op_index: int) -> Optional[str]:
+    """Why the int8 reference kernel of op `op_index` would abort in Prepare, or None.
+
+    The conditions are the `TFLITE_CHECK`s that LiteRT's reference kernels
+    (`OpResolverType.BUILTIN_REF`) and TFLM's kernels reach through
+    `QuantizeMultiplierSmallerThanOneExp` (multiplier in (0, 1)) and
+    `QuantizeMultiplierGreaterThanOne` (multiplier > 1) while preparing:
+
+    * ADD, SUB (left shift 20), ADD_N, CUMSUM: input multipliers
+      `s_in / (2 max s_in)` and output multiplier `2 max s_in / (2^20 s_out)`.
+    * SQUARED_DIFFERENCE (LiteRT; left shift 7): `(2 max s_in)^2 / (2^14 s_out)`.
+    * SOFTMAX, LOG_SOFTMAX (int8/uint8 input): `min(beta s_in 2^26, 2^31 - 1)` must exceed 1,
+      i.e. an input scale of at least `2^-26 / beta` (about 1.5e-8).
+    * EQUAL ... LESS_EQUAL (TFLM): each input scale in (0, 1).
+
+    Other int8 kernels (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, MUL,
+    MEAN, pooling, QUANTIZE, HARD_SWISH, LOGISTIC, ...) use the unchecked
+    `QuantizeMultiplier` or return an error (a Python exception) instead.
+    """
+    op_type = model.op_type(op_index)
+    inputs = [t for t in model.op_inputs(op_index) if t >= 0]
+    outputs = model.op_outputs(op_index)[:1]
+    where = f"{model.op_label(op_index)}: "
+    if op_type in ("ADD", "SUB", "SQUARED_DIFFERENCE", "ADD_N", "CUMSUM"):
+        ins = inputs[:1] if op_type == "CUMSUM" else inputs if op_type == "ADD_N" else inputs[:2]
+        scales = _scales(model, ins + outputs)
+        if scales is None:
+            return None
+        *s_in, s_out = scales
+        if op_type == "ADD_N":
+            s_in = s_in[:1]  # TFLM rescales every input with the first one's scale
+        if not all(s > 0 and math.isfinite(s) for s in scales):
+            return f"{where}scales {scales} must be positive and finite (input multipliers must be in (0, 1))"
+        twice_max = 2.0 * max(s_in)
+        if op_type == "SQUARED_DIFFERENCE":
+            multiplier = twice_max * twice_max / ((1 << 14) * s_out)
+            formula = "(2 * max input scale)^2 / (2^14 * output scale)"
+        else:
+            multiplier = twice_max / ((1 << 20) * s_out)
+            formula = "2 * max input scale / (2^20 * output scale)"
+        if not _smaller_than_one_ok(multiplier):
+            shown = " and ".join(f"{s:.4g}" for s in s_in)
+            return (f"{where}output scale {s_out:.4g} is too small for input scales {shown} "
+                    f"(output multiplier {formula} = {multiplier:.4g} must be < 1)")
+        return None
+    if op_type in ("SOFTMAX", "LOG_SOFTMAX"):
+        scales = _scales(model, inputs[:1])
+        if scales is None:
+            return None
+        beta = _softmax_beta(model, op_index) if op_type == "SOFTMAX" else 1.0
+        multiplier = min(beta * scales[0] * (1 << 26), (1 << 31) - 1.0)
+        if not _greater_than_one_ok(multiplier):
+            return (f"{where}input scale {scales[0]:.4g} is too small (input multiplier beta * input scale "
+                    f"* 2^26 = {multiplier:.4g} with beta {beta:g} must be > 1; the logits' range has "
+                    f"collapsed, e.g. untrained weights or a calibration set that does not fit)")
+        return None
+    if op_type in _COMPARISONS:
+        scales = _scales(model, inputs[:2])
+        if scales is not None and not all(_smaller_than_one_ok(s) for s in scales):
+            return f"{where}input scales {scales} must be in (0, 1)"
+    return None
+
+
 def check_reference_kernel_limits(model: TFLiteModel) -> None:
     """Rejects int8 ops whose TFLite/TFLM reference kernels abort in Prepare.
 
-    The reference int8 ADD and SUB requantize their output with
-    `QuantizeMultiplierSmallerThanOneExp(2 * max(s_a, s_b) / (2^20 * s_out))`,
-    which CHECK-fails (aborting the process, in LiteRT's reference resolver
-    and in TFLM alike) unless that multiplier is below 1. Converters emit
-    such ops when an activation range collapses to (almost) nothing.
+    Such a kernel CHECK-fails, killing the whole process (in LiteRT's
+    reference resolver and in TFLM alike) instead of returning an error;
+    converters emit such ops when an activation range collapses to (almost)
+    nothing. `reference_kernel_problem` lists the conditions.
 
     Raises:
         UnsupportedModelError: naming the op and the scales at fault.
     """
     for i in range(model.num_ops):
-        if model.op_type(i) not in ("ADD", "SUB"):
-            continue
-        tensors = [model.tensor(t) for t in model.op_inputs(i)[:2] + model.op_outputs(i)[:1]]
-        if any(t.dtype != np.int8 or t.scale.size == 0 for t in tensors):
-            continue
-        s_a, s_b, s_out = (float(t.scale[0]) for t in tensors)
-        multiplier = 2.0 * max(s_a, s_b) / ((1 << 20) * s_out)
-        if not 0.0 < multiplier < 1.0:
+        problem = reference_kernel_problem(model, i)
+        if problem:
+            kernels = _ABORTS_IN.get(model.op_type(i), "TFLM's")
             raise UnsupportedModelError(
-                f"{model.op_label(i)}: output scale {s_out:.4g} is too small for input scales "
-                f"{s_a:.4g} and {s_b:.4g} (output multiplier {multiplier:.4g} must be < 1); "
-                f"TFLite's and TFLM's int8 {model.op_type(i)} kernels abort on this model."
+                f"{problem}; {kernels} int8 {model.op_type(i)} kernels abort on this model."
             )
+
+
+def softmax_sum_guard(model: TFLiteModel, op_index: int):
+    """A check of an int8 SOFTMAX's input that its Eval would not abort on, or None if it never can.
+
+    TFLite's and TFLM's reference int8 SOFTMAX sum `exp(beta * s_in * (x - max))`
+    over the last axis in Q12.19 and CHECK-fail once the sum reaches 512,
+    which softmaxes over 512 or more classes do on flat enough inputs.
+    The returned function raises `UnsupportedModelError` on such an input.
+    """
+    if model.op_type(op_index) != "SOFTMAX":
+        return None
+    t_in, t_out = model.op_inputs(op_index)[0], model.op_outputs(op_index)[0]
+    info_in, info_out = model.tensor(t_in), model.tensor(t_out)
+    if (info_in.dtype not in (np.int8, np.uint8) or info_out.dtype not in (np.int8, np.uint8)
+            or not info_in.scale.size or not info_in.shape or info_in.shape[-1] < _SOFTMAX_SUM_LIMIT):
+        return None
+    scale = _softmax_beta(model, op_index) * float(np.float32(info_in.scale[0]))
+    label = model.op_label(op_index)
+
+    def guard(x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        diff = x - x.max(axis=-1, keepdims=True)
+        total = np.exp(np.maximum(diff * scale, -32.0)).sum(axis=-1).max()
+        if total >= _SOFTMAX_SUM_LIMIT * (1 - 1e-3):
+            raise UnsupportedModelError(
+                f"{label}: the exp() sum of this input, {total:.1f}, reaches the int8 SOFTMAX "
+                f"kernel's limit of 512 (Q12.19 accumulator over {x.shape[-1]} classes); TFLite's and "
+                f"TFLM's reference SOFTMAX abort on it. Its logits are too flat (input scale "
+                f"{scale:.4g}); fewer classes, or an int16 or float softmax, avoid it."
+            )
+
+    return guard
 
 
 @dataclass
@@ -77,6 +217,7 @@ class _BuiltinSegment:
     interpreter: object
     inputs: List[int]  # original tensor indices, in sub-model input order
     outputs: List[int]
+    guard: Optional[Callable[[Dict[int, np.ndarray]], None]] = None  # checks the inputs before invoke
 
 
 @dataclass
@@ -185,8 +326,9 @@ class HostRunner:
         if unknown:
             raise UnsupportedModelError(f"run_tflite cannot run custom ops {unknown}.")
         check_reference_kernel_limits(model)
+        guards = {i: g for i in range(model.num_ops) for g in [softmax_sum_guard(model, i)] if g is not None}
         self.segments: list = []
-        if not stage_ops:
+        if not stage_ops and not guards:
             self.segments.append(_BuiltinSegment(litert_interpreter(model_bytes), model.inputs, model.outputs))
             return
         consumers = model.consumers()
@@ -200,6 +342,14 @@ class HostRunner:
                 self.segments.append(
                     _StageSegment(prepared, model.op_inputs(i)[0], model.op_outputs(i)[0])
                 )
+            elif i in guards:  # its own segment, its input checked before LiteRT runs it
+                if run:
+                    self.segments.append(self._builtin_segment(model_bytes, model, run, consumers))
+                    run = []
+                segment = self._builtin_segment(model_bytes, model, [i], consumers)
+                t_in, guard = model.op_inputs(i)[0], guards[i]
+                segment.guard = lambda env, t_in=t_in, guard=guard: guard(env[t_in])
+                self.segments.append(segment)
             else:
                 run.append(i)
         if run:
@@ -235,6 +385,8 @@ class HostRunner:
             if isinstance(seg, _StageSegment):
                 env[seg.output_tensor] = seg.run(env[seg.input_tensor])
                 continue
+            if seg.guard is not None:
+                seg.guard(env)
             interp = seg.interpreter
             for detail, t in zip(interp.get_input_details(), seg.inputs):
                 interp.set_tensor(detail["index"], np.asarray(env[t], detail["dtype"]).reshape(detail["shape"]))

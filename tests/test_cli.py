@@ -14,6 +14,7 @@ import pytest
 
 import keras
 import model_zoo
+import keras_patch
 from keras_patch import PatchStage
 from keras_patch.cli import main
 from keras_patch.patch_op.options import CUSTOM_CODE
@@ -64,6 +65,20 @@ def test_profile_plot_by_block(capsys, residual_tflite, tmp_path):
     assert "no patch stage, nothing to compare" in out and "x lower" not in out
     assert main(["profile", str(residual_tflite), "--plot", str(tmp_path / "c.png"), "--by", "layer"]) == 2
     assert not (tmp_path / "c.png").exists()
+
+
+def test_patchify_readme_command_takes_a_keras_layer_name(capsys, mbv2_144, tmp_path):
+    """README: `keras-patch patchify IN.tflite OUT.tflite --split block_2_add --grid 4x4`."""
+    src = tmp_path / "IN.tflite"
+    src.write_bytes(mbv2_144)
+    code, out, err = _run(capsys, "patchify", str(src), str(tmp_path / "OUT.tflite"),
+                          "--split", "block_2_add", "--grid", "4x4")
+    assert code == 0, err
+    m = TFLiteModel.from_bytes(mbv2_144)
+    add = next(i for i in range(m.num_ops) if "/block_2_add_1/" in m.tensor(m.op_outputs(i)[0]).name)
+    assert (tmp_path / "OUT.tflite").read_bytes() == keras_patch.patchify(mbv2_144, add, (4, 4))
+    code, _, err = _run(capsys, "patchify", str(src), str(tmp_path / "x.tflite"), "--split", "block_2_ad")
+    assert code == 2 and "block_2_add_1/Add" in err and len(err.strip().splitlines()) == 1
 
 
 def test_patchify_writes_a_bit_exact_model(capsys, residual_tflite, tmp_path):

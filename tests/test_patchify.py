@@ -191,6 +191,24 @@ def test_split_forms_agree(mbv2, tmp_path):
     assert keras_patch.patchify(path, mbv2["add5_name"], grid=(3, 3)) == by_name
 
 
+def test_split_by_keras_layer_name(mbv2):
+    """A Keras layer name (tensor `.../block_2_add_1/Add`) picks the one op it names."""
+    assert "/block_2_add_1/" in mbv2["add2_name"]
+    by_name = keras_patch.patchify(mbv2["bytes"], mbv2["add2_name"], grid=(2, 2))
+    assert keras_patch.patchify(mbv2["bytes"], "block_2_add", grid=(2, 2)) == by_name
+    project = first_op(mbv2["model"], "CONV_2D", "/block_1_project_1/")
+    assert keras_patch.patchify(mbv2["bytes"], "block_1_project", grid=(2, 2)) == \
+        keras_patch.patchify(mbv2["bytes"], project, grid=(2, 2))
+
+
+def test_error_ambiguous_layer_name_lists_candidates(mbv2):
+    m = mbv2["model"]
+    model_name = out_name(m, mbv2["add2"]).split("/")[0]  # e.g. 'mobilenet_v2_0.35_96_1'
+    message = _error(keras_patch.patchify, mbv2["bytes"], model_name.rsplit("_", 1)[0], grid=(2, 2))
+    assert "names the outputs of" in message and "op 1 (CONV_2D" in message and "more." in message
+    assert "\n" not in message
+
+
 def test_unpatchify_round_trip(mbv2, patched_add2, float_images):
     plain = unpatchify(patched_add2)
     pm = TFLiteModel.from_bytes(plain)
@@ -320,8 +338,10 @@ def test_error_dynamic_intermediate_shape(mbv2):
 def test_error_bad_split_names_it(mbv2):
     message = _error(keras_patch.patchify, mbv2["bytes"], "no_such_tensor", grid=(2, 2))
     assert "no_such_tensor" in message
-    message = _error(keras_patch.patchify, mbv2["bytes"], "block_2_add", grid=(2, 2))  # a part of a name
-    assert "block_2_add" in message and mbv2["add2_name"] in message  # suggested
+    message = _error(keras_patch.patchify, mbv2["bytes"], "block_2_ad", grid=(2, 2))  # a part of a name
+    assert "block_2_ad" in message and mbv2["add2_name"] in message  # suggested
+    message = _error(keras_patch.patchify, mbv2["bytes"], "blok_2_add", grid=(2, 2))  # a typo
+    assert "blok_2_add" in message and mbv2["add2_name"] in message  # a close match
     message = _error(keras_patch.patchify, mbv2["bytes"], 999, grid=(2, 2))
     assert "999" in message and str(mbv2["model"].num_ops) in message
     message = _error(keras_patch.patchify, mbv2["bytes"], mbv2["add2_name"], grid=(2, 2), start="nope_tensor")

@@ -39,6 +39,17 @@ def current_umask() -> int:
     return mask
 
 
+def _kept_or_umask_mode(path: PathLike, is_kind, full_mode: int) -> int:
+    """The permission bits of what is at `path` if `is_kind(st_mode)`, else `full_mode & ~umask`."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and is_kind(st.st_mode):
+        return stat.S_IMODE(st.st_mode)
+    return full_mode & ~current_umask()
+
+
 def new_file_mode(path: PathLike) -> int:
     """Mode for a file about to be (re)written at `path`.
 
@@ -46,24 +57,12 @@ def new_file_mode(path: PathLike) -> int:
         The permission bits of the file already at `path`, or those a new
         file gets from the umask (`0o666 & ~umask`, as `open()` creates).
     """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return 0o666 & ~current_umask()
-    if stat.S_ISREG(st.st_mode):
-        return stat.S_IMODE(st.st_mode)
-    return 0o666 & ~current_umask()
+    return _kept_or_umask_mode(path, stat.S_ISREG, 0o666)
 
 
 def new_folder_mode(path: PathLike) -> int:
     """Mode for a folder about to be (re)created at `path` (kept, or `0o777 & ~umask`)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return 0o777 & ~current_umask()
-    if stat.S_ISDIR(st.st_mode):
-        return stat.S_IMODE(st.st_mode)
-    return 0o777 & ~current_umask()
+    return _kept_or_umask_mode(path, stat.S_ISDIR, 0o777)
 
 
 def check_output_path(path: PathLike) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -98,6 +99,10 @@ def import_tensorflow(verbose: bool = False) -> None:
         import keras  # noqa: F401
         import tensorflow  # noqa: F401
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # tf_logging sets its own level on import
+
+
+#: A line `Progress` prints off a terminal when a step ends ("loading m.keras ... 1.2 s").
+PROGRESS_LINE = re.compile(r".* \.\.\. \d+\.\d s")
 
 
 class Progress:

@@ -46,6 +46,17 @@ def _load_rep_data(path: str) -> np.ndarray:
     return data.astype(np.float32)
 
 
+@contextlib.contextmanager
+def _naming_rep_data(path: str):
+    """Calibration-data errors name the `--rep-data` file instead of `representative_dataset`."""
+    from keras_patch.errors import CalibrationDataError
+
+    try:
+        yield
+    except CalibrationDataError as e:
+        raise CalibrationDataError(str(e).replace("representative_dataset", f"--rep-data '{path}'", 1)) from None
+
+
 def _import_custom_modules(names: Optional[List[str]]) -> None:
     """Imports each `--custom-module` (a module name, or a `.py` file) so its Keras classes register."""
     import importlib
@@ -143,24 +154,20 @@ def _cmd_profile(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from keras_patch.errors import CalibrationDataError
-    from keras_patch.export import export_tflite
+    from keras_patch.export import check_finite_samples, export_tflite
     from keras_patch.files import check_output_path
 
     out = args.out if args.out is not None else os.path.splitext(args.model)[0] + ".tflite"
     check_output_path(out)  # before the model is loaded and converted
+    data = _load_rep_data(args.rep_data)
+    with _naming_rep_data(args.rep_data):
+        check_finite_samples(data)  # before TensorFlow is loaded
     _import_tensorflow(args)
     with args.progress.step(f"loading {args.model}"):
         model = _load_keras(args.model, args.custom_module)
-    data = _load_rep_data(args.rep_data)
     with args.progress.step(f"converting to int8, calibrating on {len(data)} samples "
-                            "(about a minute for MobileNetV2)"):
-        try:
-            result = export_tflite(model, data, path=out)
-        except CalibrationDataError as e:
-            raise CalibrationDataError(
-                str(e).replace("representative_dataset", f"--rep-data '{args.rep_data}'", 1)
-            ) from None
+                            "(about a minute for MobileNetV2)"), _naming_rep_data(args.rep_data):
+        result = export_tflite(model, data, path=out)
     print(f"wrote {out} ({len(result):,} bytes)")
     return 0
 

@@ -82,7 +82,7 @@ def _representative_dataset(data: RepresentativeData, model=None) -> Callable[[]
             )
         if len(inputs) == 1:
             _check_shape(samples.shape, inputs[0], "representative_dataset", batched=True)
-        _check_finite_batch(samples)
+        check_finite_samples(samples)
 
         def generate():
             for sample in samples:
@@ -169,7 +169,7 @@ def _nonfinite_problem(sample: np.ndarray) -> str:
     return f"{what} value{'s' if sum(n for n, _ in counts) > 1 else ''} (first at index {first})"
 
 
-def _check_finite_batch(samples: np.ndarray) -> None:
+def check_finite_samples(samples: np.ndarray) -> None:
     """Raises naming the first sample of an (N, ...) float array that holds NaN/inf."""
     if samples.dtype.kind != "f":
         return

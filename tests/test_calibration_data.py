@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import keras
+from keras_patch._console import PROGRESS_LINE
 from keras_patch.cli import main
 from keras_patch.errors import CalibrationDataError
 from keras_patch.export import convert_int8, export_tflite
@@ -158,8 +159,10 @@ def test_cli_export_refuses_bad_rep_data(capsys, tmp_path, tiny_model, data, mes
     out_path = tmp_path / "m.tflite"
     code, out, err = _cli(capsys, "export", str(model_path), "--rep-data", str(rep), "--out", str(out_path))
     assert code == 2 and out == ""
-    assert err.startswith("keras-patch export: error: --rep-data") and message in err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if not PROGRESS_LINE.fullmatch(line)]  # "loading m.keras ... 0.1 s"
+    assert len(errors) == 1 and err.endswith(errors[0] + "\n"), err
+    assert errors[0].startswith("keras-patch export: error: --rep-data") and message in errors[0]
+    assert "Traceback" not in err
     assert not out_path.exists()
 
 

@@ -588,4 +588,4 @@ def test_options_quantization_disagreeing_with_the_op_tensors(good_entries, patc
 def test_error_split_in_non_ascii_digits(mbv2):
     """`int()` reads '５' (fullwidth) as 5; an op index is ASCII digits, anything else a tensor name."""
     message = _error(keras_patch.patchify, mbv2["bytes"], "５", grid=(1, 1))
-    assert "No op writes a tensor named '５'" in message
+    assert "No op writes a tensor or Keras layer named '５'" in message

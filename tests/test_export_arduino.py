@@ -52,9 +52,9 @@ def test_sketch_folder(capsys, models, tmp_path):
     code, out, err = _run(capsys, "export-arduino", patched, "--out", out_dir, "--board", "nano33ble",
                           "--tail-bytes", TAIL)
     assert code == 0, err
-    assert sorted(os.listdir(out_dir)) == ["ResidualPatched.ino", "model_data.cc", "model_data.h"]
+    assert sorted(os.listdir(out_dir)) == ["ResidualPatched.ino", "model_data.cpp", "model_data.h"]
     ino = (out_dir / "ResidualPatched.ino").read_text()
-    cc = (out_dir / "model_data.cc").read_text()
+    cc = (out_dir / "model_data.cpp").read_text()
 
     # Model data: the exact bytes, 16-byte aligned, const.
     assert _model_bytes_from_cc(cc) == patched.read_bytes()
@@ -157,7 +157,7 @@ def test_existing_folder_needs_force(capsys, models, tmp_path):
     assert code == 2 and "not empty" in err and os.listdir(out_dir) == ["notes.txt"]
     code, _, err = _run(capsys, "export-arduino", patched, "--out", out_dir, "--tail-bytes", TAIL, "--force")
     assert code == 0, err
-    assert sorted(os.listdir(out_dir)) == ["Sketch.ino", "model_data.cc", "model_data.h"]
+    assert sorted(os.listdir(out_dir)) == ["Sketch.ino", "model_data.cpp", "model_data.h"]
     assert sorted(os.listdir(tmp_path)) == ["Sketch"]  # no temporary folders left behind
 
 

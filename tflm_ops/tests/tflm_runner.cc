@@ -33,7 +33,8 @@ How to register the op next to the builtins a model needs:
   keras_patch::AddKerasPatchOps(resolver);
 
 Built by `make -C tflm_ops tflm-runner TFLM_DIR=...`; driven by
-tests/test_tflm_ops.py::test_tflm_adapter_end_to_end.
+tests/test_tflm_ops.py (test_tflm_adapter_end_to_end, test_tflm_patched_mobilenet_v2,
+test_tflm_runner_transpose_resize_two_outputs).
 ==============================================================================*/
 #include <stdio.h>
 #include <stdlib.h>

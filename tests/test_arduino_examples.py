@@ -45,10 +45,10 @@ def _read(path):
 
 @pytest.fixture(scope="module")
 def vww(tmp_path_factory):
-    """The committed examples' models, recovered from their model_data.cc, as the files they came from."""
+    """The committed examples' models, recovered from their model_data.cpp, as the files they came from."""
     d = tmp_path_factory.mktemp("vww")
-    report_cc = _read(os.path.join(REPORT, "model_data.cc"))
-    patched = model_bytes_from_source(_read(os.path.join(PERSON, "model_data.cc")))
+    report_cc = _read(os.path.join(REPORT, "model_data.cpp"))
+    patched = model_bytes_from_source(_read(os.path.join(PERSON, "model_data.cpp")))
     assert model_bytes_from_source(report_cc) == patched
     (d / "vww_patched.tflite").write_bytes(patched)
     (d / "vww.tflite").write_bytes(model_bytes_from_source(report_cc, "g_unpatched_model"))
@@ -68,7 +68,7 @@ def test_person_detection_is_generated(vww, tmp_path):
     result = export_person_detection(str(patched), str(tmp_path / "PersonDetectionPatched"), board="nano33ble")
     _assert_same_folder(PERSON, result.out_dir)
     assert sorted(os.listdir(result.out_dir)) == ["PersonDetectionPatched.ino", "image_provider.cpp",
-                                                  "image_provider.h", "model_data.cc", "model_data.h"]
+                                                  "image_provider.h", "model_data.cpp", "model_data.h"]
 
 
 def test_memory_report_is_generated(vww, tmp_path):
@@ -255,14 +255,14 @@ def test_cli_sketch_kinds(capsys, vww, tmp_path):
                           "--compare-with", unpatched, "--tail-bytes", TAIL)
     assert code == 0, err
     assert "patched model:" in out and "unpatched model:" in out and "shared arena" in out
-    assert model_bytes_from_source((tmp_path / "Report" / "model_data.cc").read_text(),
+    assert model_bytes_from_source((tmp_path / "Report" / "model_data.cpp").read_text(),
                                    "g_unpatched_model") == unpatched.read_bytes()
 
     # Without --compare-with, the unpatched model is unpatchify(patched).
     code, _, err = _run(capsys, "export-arduino", patched, "--out", tmp_path / "Report2", "--sketch", "memory-report",
                         "--tail-bytes", TAIL)
     assert code == 0, err
-    cc = (tmp_path / "Report2" / "model_data.cc").read_text()
+    cc = (tmp_path / "Report2" / "model_data.cpp").read_text()
     assert model_bytes_from_source(cc, "g_unpatched_model") == unpatchify(patched.read_bytes())
     assert "keras_patch.unpatchify(patched)" in cc
 

@@ -92,8 +92,8 @@ def test_public_header():
 def test_adapter_includes_resolve_like_the_tflm_arduino_library():
     """Quoted includes are either files of src/ or TFLM headers under tensorflow/ (the
     TFLM Arduino library's src/ layout), or CMSIS-NN's arm_nnfunctions.h in the
-    CMSIS_NN-only fast path (the TFLM Arduino library builds CMSIS-NN with its
-    include path for Cortex-M targets); no flatbuffers/third_party paths."""
+    fast path (which patch_stage_cmsis includes as KP_CMSIS_NN_HEADER, the one
+    patch_stage_cmsis.h found); no flatbuffers/third_party paths."""
     import re
 
     src = os.path.join(LIB, "src")
@@ -132,17 +132,17 @@ def test_version_change_is_caught(monkeypatch):
                     reason=f"Cortex-M C++ toolchain: {toolchain_problem(need_emulator=False)}")
 def test_portable_sources_and_model_data_compile_for_cortex_m4f(tmp_path):
     """Proof of build: the library's sources minus the TFLM adapter, and a
-    generated model_data.cc, with the Arduino mbed core's kind of flags."""
+    generated model_data.cpp, with the Arduino mbed core's kind of flags."""
     from keras_patch.arduino.sketch import model_data_header, model_data_source
 
     (tmp_path / "model_data.h").write_text(model_data_header())
-    (tmp_path / "model_data.cc").write_text(model_data_source(bytes(range(256)) * 3, "test bytes"))
+    (tmp_path / "model_data.cpp").write_text(model_data_source(bytes(range(256)) * 3, "test bytes"))
     src = os.path.join(LIB, "src")
     sources = [os.path.join(src, n) for n in sorted(os.listdir(src))
                if n.endswith(".cpp") and n != "patch_stage.cpp"]
     assert len(sources) == len([n for n in CORE_SOURCES if n.endswith(".cc")])
-    example = os.path.join(LIB, "examples", "TinyPatched", "model_data.cc")
-    for path in sources + [str(tmp_path / "model_data.cc"), example]:
+    example = os.path.join(LIB, "examples", "TinyPatched", "model_data.cpp")
+    for path in sources + [str(tmp_path / "model_data.cpp"), example]:
         obj = tmp_path / (os.path.basename(os.path.dirname(path)) + "_" + os.path.basename(path) + ".o")
         run = subprocess.run(["arm-none-eabi-g++", *ARM_FLAGS, "-Wall", "-Wextra", "-Werror", "-Os",
                               f"-I{src}", f"-I{tmp_path}", path, "-o", str(obj)],
@@ -152,7 +152,7 @@ def test_portable_sources_and_model_data_compile_for_cortex_m4f(tmp_path):
     # g_model really is 16-byte aligned, in a read-only section (flash), in both model_data objects.
     objdump = shutil.which("arm-none-eabi-objdump")
     if objdump:
-        objects = sorted(tmp_path.glob("*_model_data.cc.o"))
+        objects = sorted(tmp_path.glob("*_model_data.cpp.o"))
         assert len(objects) == 2
         for obj in objects:
             out = subprocess.run([objdump, "-h", str(obj)], capture_output=True, text=True).stdout
@@ -179,3 +179,28 @@ def test_adapter_compiles_against_the_tflm_arduino_library(tmp_path):
          "-isystem", os.path.join(third, "ruy"), os.path.join(LIB, "src", "patch_stage.cpp")],
         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_cmsis_nn_fast_path_turns_on_with_the_tflm_arduino_library(tmp_path):
+    """With KP_ARDUINO_TFLM_SRC (Chirale_TensorFlowLite's src/, which ships CMSIS-NN as
+    third_party/cmsis_nn/), the library's patch_stage_cmsis.cpp compiled for the Nano 33 BLE's
+    Cortex-M4 (no -DCMSIS_NN, as the Arduino mbed core compiles it) calls CMSIS-NN and
+    KpCmsisEnabled() returns 1; with -DKP_NO_CMSIS_NN it calls nothing of CMSIS-NN."""
+    src = os.environ.get("KP_ARDUINO_TFLM_SRC")
+    if not src:
+        pytest.skip("set KP_ARDUINO_TFLM_SRC to Chirale_TensorFlowLite's src/ folder")
+    if shutil.which("arm-none-eabi-g++") is None or shutil.which("arm-none-eabi-nm") is None:
+        pytest.skip("arm-none-eabi-g++ not installed (Debian: gcc-arm-none-eabi libnewlib-arm-none-eabi)")
+    flags = ["-mcpu=cortex-m4", "-mfpu=fpv4-sp-d16", "-mfloat-abi=softfp", "-mthumb", "-std=gnu++14",
+             "-fno-exceptions", "-fno-rtti", "-Os", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-c",
+             f"-I{os.path.join(LIB, 'src')}", f"-I{src}"]
+    symbols = {}
+    for name, extra in (("on", []), ("off", ["-DKP_NO_CMSIS_NN"])):
+        obj = tmp_path / f"{name}.o"
+        run = subprocess.run(["arm-none-eabi-g++", *flags, *extra, os.path.join(LIB, "src", "patch_stage_cmsis.cpp"),
+                              "-o", str(obj)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        symbols[name] = subprocess.run(["arm-none-eabi-nm", str(obj)], capture_output=True, text=True).stdout
+    for fn in ("arm_convolve_wrapper_s8", "arm_depthwise_conv_wrapper_s8", "arm_elementwise_add_s8"):
+        assert f" U {fn}\n" in symbols["on"], symbols["on"]
+    assert "arm_" not in symbols["off"].replace("wm4.arm_", "")

@@ -22,7 +22,7 @@ def test_vww_patch_smoke(tmp_path):
     assert result["stock_tflm_head_bytes"] > 0
     assert os.path.isdir(result["sketch_dir"])
     assert os.path.isfile(result["ino_path"])
-    assert os.path.isfile(os.path.join(result["sketch_dir"], "model_data.cc"))
+    assert os.path.isfile(os.path.join(result["sketch_dir"], "model_data.cpp"))
     assert sorted(os.listdir(tmp_path / "examples")) == ["MemoryReport", "PersonDetectionPatched"]
     assert os.path.isfile(os.path.join(result["person_detection_dir"], "image_provider.cpp"))
     assert os.path.isfile(os.path.join(result["memory_report_dir"], "MemoryReport.ino"))

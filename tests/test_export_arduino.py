@@ -53,9 +53,9 @@ def test_sketch_folder(capsys, models, tmp_path):
     code, out, err = _run(capsys, "export-arduino", patched, "--out", out_dir, "--board", "nano33ble",
                           "--tail-bytes", TAIL)
     assert code == 0, err
-    assert sorted(os.listdir(out_dir)) == ["ResidualPatched.ino", "model_data.cc", "model_data.h"]
+    assert sorted(os.listdir(out_dir)) == ["ResidualPatched.ino", "model_data.cpp", "model_data.h"]
     ino = (out_dir / "ResidualPatched.ino").read_text()
-    cc = (out_dir / "model_data.cc").read_text()
+    cc = (out_dir / "model_data.cpp").read_text()
 
     # Model data: the exact bytes, 16-byte aligned, const.
     assert _model_bytes_from_cc(cc) == patched.read_bytes()
@@ -159,7 +159,7 @@ def test_existing_folder_needs_force(capsys, models, tmp_path):
     assert code == 2 and "not empty" in err and "--force" in err
     code, _, err = _run(capsys, "export-arduino", patched, "--out", out_dir, "--tail-bytes", TAIL, "--force")
     assert code == 0, err
-    assert sorted(os.listdir(out_dir)) == ["README.md", "Sketch.ino", "model_data.cc", "model_data.h"]
+    assert sorted(os.listdir(out_dir)) == ["README.md", "Sketch.ino", "model_data.cpp", "model_data.h"]
     assert (out_dir / "README.md").read_text() == "my notes"
     assert sorted(os.listdir(tmp_path)) == ["Sketch"]  # no temporary folders left behind
 
@@ -261,12 +261,12 @@ def test_sketch_files_get_the_umask_and_keep_their_modes(models, tmp_path):
         assert {stat.S_IMODE(p.stat().st_mode) for p in out_dir.iterdir()} == {0o644}
         # Replacing the folder keeps the modes its folder and files had.
         out_dir.chmod(0o750)
-        (out_dir / "model_data.cc").chmod(0o640)
+        (out_dir / "model_data.cpp").chmod(0o640)
         sketch.export_sketch(str(patched), str(out_dir), tail_bytes=TAIL, overwrite=True)
         assert stat.S_IMODE(out_dir.stat().st_mode) == 0o750
-        assert stat.S_IMODE((out_dir / "model_data.cc").stat().st_mode) == 0o640
+        assert stat.S_IMODE((out_dir / "model_data.cpp").stat().st_mode) == 0o640
         assert stat.S_IMODE((out_dir / "Public.ino").stat().st_mode) == 0o644
-        assert _model_bytes_from_cc((out_dir / "model_data.cc").read_text()) == patched.read_bytes()
+        assert _model_bytes_from_cc((out_dir / "model_data.cpp").read_text()) == patched.read_bytes()
     finally:
         os.umask(old_mask)
 

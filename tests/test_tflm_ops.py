@@ -199,7 +199,8 @@ def test_tflm_adapter_end_to_end(tmp_path):
         result = subprocess.run([runner, str(tmp_path / "m.tflite"), str(tmp_path / "x.bin"),
                                  str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
-        got = np.fromfile(tmp_path / "y.bin", np.int8).reshape(want.shape)
+        (got,) = _read_runner_outputs(result.stdout, tmp_path / "y.bin")
+        got = got.reshape(want.shape)
         np.testing.assert_array_equal(got, want, err_msg=f"case {k}: TFLM adapter vs reference")
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD"} <= ops_seen
 
@@ -227,18 +228,56 @@ def _live_mobilenet_v2(size: int, alpha: float, classes: int):
     return model
 
 
+#: TfLiteTypeGetName's spelling -> numpy dtype (the runner's "output I TYPE DIMS BYTES" lines).
+_TFLITE_TYPES = {"FLOAT32": "float32", "FLOAT16": "float16", "FLOAT64": "float64", "INT8": "int8",
+                 "UINT8": "uint8", "INT16": "int16", "UINT16": "uint16", "INT32": "int32", "UINT32": "uint32",
+                 "INT64": "int64", "UINT64": "uint64", "BOOL": "bool"}
+
+
+def _read_runner_outputs(stdout: str, path) -> list:
+    """The runner's OUTPUT_BIN as one array per model output, shaped (runs, *dims).
+
+    The runner prints `output I TYPE DIMS BYTES` for each output and writes, run
+    after run, outputs 0, 1, ... back to back (tests/tflm_runner.cc)."""
+    import numpy as np
+
+    specs = []
+    for index, kind, dims, nbytes in re.findall(r"^output (\d+) (\w+) ([\dx]*) (\d+)$", stdout, re.M):
+        assert int(index) == len(specs), stdout
+        dtype = np.dtype(_TFLITE_TYPES[kind])
+        shape = tuple(int(d) for d in dims.split("x")) if dims else ()
+        assert int(np.prod(shape, dtype=np.int64)) * dtype.itemsize == int(nbytes), (kind, dims, nbytes)
+        specs.append((dtype, shape, int(nbytes)))
+    assert specs, stdout
+    data = open(path, "rb").read()
+    run_bytes = sum(n for _, _, n in specs)
+    assert len(data) % run_bytes == 0, (len(data), run_bytes)
+    runs = len(data) // run_bytes
+    outputs, offset = [[] for _ in specs], 0
+    for _ in range(runs):
+        for k, (dtype, shape, nbytes) in enumerate(specs):
+            outputs[k].append(np.frombuffer(data[offset:offset + nbytes], dtype).reshape(shape))
+            offset += nbytes
+    return [np.stack(o) for o in outputs]
+
+
 def _run_tflm(runner: str, model: bytes, x, tmp_path) -> tuple:
-    """(outputs, {'arena_head_bytes': .., 'arena_tail_bytes': .., 'arena_used_bytes': ..})."""
+    """(one array per model output (runs, *dims), {'arena_head_bytes': .., 'arena_tail_bytes': ..,
+    'arena_used_bytes': ..}). `x`: the input array (runs first), or a list of them, one per input."""
     import numpy as np
 
     (tmp_path / "m.tflite").write_bytes(model)
-    np.ascontiguousarray(x).tofile(tmp_path / "x.bin")
+    xs = x if isinstance(x, (list, tuple)) else [x]
+    with open(tmp_path / "x.bin", "wb") as f:
+        for run in range(len(xs[0])):
+            for array in xs:
+                f.write(np.ascontiguousarray(array[run]).tobytes())
     result = subprocess.run([runner, str(tmp_path / "m.tflite"), str(tmp_path / "x.bin"),
                              str(tmp_path / "y.bin")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     arena = {k: int(v) for k, v in re.findall(r"^(arena_\w+_bytes) (\d+)$", result.stdout, re.M)}
     assert set(arena) == {"arena_head_bytes", "arena_tail_bytes", "arena_used_bytes"}, result.stdout
-    return np.fromfile(tmp_path / "y.bin", np.int8), arena
+    return _read_runner_outputs(result.stdout, tmp_path / "y.bin"), arena
 
 
 def test_tflm_patched_mobilenet_v2(tmp_path):
@@ -269,14 +308,178 @@ def test_tflm_patched_mobilenet_v2(tmp_path):
     want = np.asarray(run_tflite(unpatched, x)[0], np.int8).reshape(-1)
     assert len(np.unique(want)) > 5, "degenerate logits: the comparison would prove nothing"
 
-    got, arena = _run_tflm(runner, unpatched, x, tmp_path)
-    np.testing.assert_array_equal(got, want, err_msg="unpatched: TFLM vs LiteRT")
+    (got,), arena = _run_tflm(runner, unpatched, x, tmp_path)
+    np.testing.assert_array_equal(got.reshape(-1), want, err_msg="unpatched: TFLM vs LiteRT")
     assert arena["arena_head_bytes"] == profile(unpatched).summary["layer_by_layer_peak_bytes"]
     unpatched_head = arena["arena_head_bytes"]
     for split, grid in (("block_2_add", (4, 4)), ("block_5_add", (3, 3))):
         patched = patchify(unpatched, split_at[split], grid)
-        got, arena = _run_tflm(runner, patched, x, tmp_path)
-        np.testing.assert_array_equal(got, want, err_msg=f"{split} {grid}: patched TFLM vs unpatched LiteRT")
+        (got,), arena = _run_tflm(runner, patched, x, tmp_path)
+        np.testing.assert_array_equal(got.reshape(-1), want,
+                                      err_msg=f"{split} {grid}: patched TFLM vs unpatched LiteRT")
         predicted = profile(patched).summary["patched_peak_bytes"]
         assert arena["arena_head_bytes"] == predicted, (split, grid, arena, predicted)
         assert arena["arena_head_bytes"] < unpatched_head
+
+
+# ------------------------------------------------- the runner: every builtin op, every output
+
+
+def _runner_builtin_methods() -> list:
+    """The MicroMutableOpResolver methods AddOps in tests/tflm_runner.cc calls (KP_PATCH_STAGE aside)."""
+    with open(os.path.join(TFLM_OPS, "tests", "tflm_runner.cc"), encoding="utf-8") as f:
+        text = f.read()
+    body = text[text.index("TfLiteStatus AddOps("):]
+    body = body[:body.index("\n}\n")]
+    count = int(re.search(r"kNumBuiltinOps = (\d+);", text).group(1))
+    methods = re.findall(r"\br\.(Add\w+)\(\)", body)
+    assert count == len(methods), "kNumBuiltinOps (the resolver's capacity - 1) != the number of Add calls"
+    return methods
+
+
+def _tflm_builtin_methods(tflm_dir: str) -> dict:
+    """{method: BuiltinOperator name} of every MicroMutableOpResolver method that registers a builtin op."""
+    with open(os.path.join(tflm_dir, "tensorflow/lite/micro/micro_mutable_op_resolver.h"), encoding="utf-8") as f:
+        header = f.read()
+    starts = list(re.finditer(r"TfLiteStatus (Add\w+)\(", header))
+    methods = {}
+    for k, m in enumerate(starts):
+        body = header[m.end():starts[k + 1].start() if k + 1 < len(starts) else len(header)]
+        op = re.search(r"AddBuiltin\(\s*(?:tflite::)?BuiltinOperator_(\w+)", body)
+        if op and m.group(1) != "AddBuiltin":
+            methods[m.group(1)] = op.group(1)
+    return methods
+
+
+def test_runner_registers_every_builtin():
+    """tests/tflm_runner.cc registers each builtin op once; with KP_TFLM_DIR set, exactly the
+    builtin ops that TFLM's micro_mutable_op_resolver.h offers (keep the list in sync)."""
+    methods = _runner_builtin_methods()
+    assert len(methods) == len(set(methods)), "an op is registered twice"
+    assert {"AddTranspose", "AddResizeNearestNeighbor", "AddConv2D", "AddDepthwiseConv2D"} <= set(methods)
+    tflm = os.environ.get("KP_TFLM_DIR")
+    if not tflm:
+        pytest.skip("set KP_TFLM_DIR to compare the runner's ops with TFLM's micro_mutable_op_resolver.h")
+    offered = _tflm_builtin_methods(tflm)
+    assert len(offered) >= 90 and offered["AddTranspose"] == "TRANSPOSE"
+    assert sorted(set(offered) - set(methods)) == [], "builtin ops TFLM offers that the runner does not register"
+    assert sorted(set(methods) - set(offered)) == [], "the runner calls methods TFLM does not have"
+
+
+def _transpose_resize_model(int8_io: bool):
+    """A tiny two-output int8 model with TRANSPOSE and RESIZE_NEAREST_NEIGHBOR (ops of real MCUNet
+    exports that TFLM runs but the runner used not to register): (tflite bytes, op names)."""
+    import contextlib
+    import io
+
+    import keras
+
+    from keras_patch.tflite_model import TFLiteModel
+
+    try:
+        from tests.model_zoo import to_int8_tflite
+    except ImportError:
+        from model_zoo import to_int8_tflite
+
+    keras.utils.set_random_seed(3)
+    layers = keras.layers
+    x = layers.Input((12, 10, 3))
+    y = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    y = layers.DepthwiseConv2D(3, padding="same", activation="relu6")(y)
+    up = layers.Resizing(12, 10, interpolation="nearest")(y)  # RESIZE_NEAREST_NEIGHBOR
+    a = layers.Conv2D(4, 1, name="map_head")(up)
+    t = layers.Permute((2, 1, 3))(y)  # TRANSPOSE
+    t = layers.Conv2D(6, (3, 1), activation="relu")(t)
+    b = layers.Dense(5, name="class_head")(layers.GlobalAveragePooling2D()(t))
+    with contextlib.redirect_stdout(io.StringIO()):
+        tflite = to_int8_tflite(keras.Model(x, [a, b]), int8_io=int8_io, num_samples=8)
+    m = TFLiteModel.from_bytes(tflite)
+    return tflite, {m.op_type(k) for k in range(m.num_ops)}
+
+
+def test_tflm_runner_transpose_resize_two_outputs(tmp_path):
+    """Regression: the runner failed on TRANSPOSE / RESIZE_NEAREST_NEIGHBOR ("Didn't find op for
+    builtin opcode") and wrote output 0 only. A two-output model with both ops (int8 I/O, then
+    patched, then float I/O): every output == LiteRT's, bit for bit."""
+    import numpy as np
+
+    from keras_patch.patchify import patchify
+    from keras_patch.runtime import run_tflite
+    from keras_patch.schedule import candidate_splits
+    from keras_patch.tflite_model import TFLiteModel
+
+    runner = _tflm_runner(tmp_path)
+    model, ops = _transpose_resize_model(int8_io=True)
+    assert {"TRANSPOSE", "RESIZE_NEAREST_NEIGHBOR"} <= ops, ops
+    rng = np.random.default_rng(5)
+    x = rng.integers(-128, 128, (3, 12, 10, 3), dtype=np.int8)
+    want = [np.asarray(w) for w in run_tflite(model, x)]
+    assert len(want) == 2 and all(len(np.unique(w)) > 3 for w in want), "degenerate outputs"
+    got, _ = _run_tflm(runner, model, x, tmp_path)
+    assert [g.shape[2:] for g in got] == [w.shape[1:] for w in want]  # (runs, batch 1, ...)
+    for k, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(g.reshape(w.shape), w, err_msg=f"output {k}: TFLM vs LiteRT")
+
+    patched = patchify(model, candidate_splits(model)[-1], (2, 2))  # KP_PATCH_STAGE + the rest
+    got, _ = _run_tflm(runner, patched, x, tmp_path)
+    for k, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(g.reshape(w.shape), w, err_msg=f"output {k}: patched TFLM vs LiteRT")
+
+    model, _ = _transpose_resize_model(int8_io=False)  # float32 in and out (QUANTIZE ... DEQUANTIZE)
+    m = TFLiteModel.from_bytes(model)
+    (quantize,) = [k for k in range(m.num_ops) if m.op_type(k) == "QUANTIZE"]
+    q = m.tensor(m.op_outputs(quantize)[0])
+    # Inputs on the int8 grid: LiteRT's and TFLM's QUANTIZE may round other floats one step apart.
+    xf = ((rng.integers(-128, 128, (2, 12, 10, 3)) - q.zero_point[0]) * q.scale[0]).astype(np.float32)
+    want = [np.asarray(w) for w in run_tflite(model, xf)]
+    got, _ = _run_tflm(runner, model, xf, tmp_path)
+    assert [g.dtype for g in got] == [np.float32, np.float32]
+    for k, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(g.reshape(w.shape), w, err_msg=f"float output {k}: TFLM vs LiteRT")
+
+
+# ------------------------------------------ CMSIS-NN fast path: on where the build offers it
+
+
+def _cmsis_macros(tmp_path, compiler: list, includes: list, *defines) -> dict:
+    """The KP_CMSIS_NN* macros (and the fake header's marker) after preprocessing
+    tflm_ops/patch_stage_cmsis.cc with `compiler` and `includes`."""
+    result = subprocess.run([*compiler, "-std=c++11", "-E", "-dM", f"-I{TFLM_OPS}",
+                             *[f"-I{d}" for d in includes], *defines, os.path.join(TFLM_OPS, "patch_stage_cmsis.cc")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(re.findall(r"^#define (KP_CMSIS_NN\w*|KP_FAKE_\w+) (.*)$", result.stdout, re.M))
+
+
+def test_cmsis_nn_is_detected_from_the_include_path(tmp_path):
+    """The fast path turns on by itself on an Arm M-profile target whose include path has
+    CMSIS-NN (the TFLM Arduino library's third_party/cmsis_nn/Include/arm_nnfunctions.h, or
+    <arm_nnfunctions.h>), stays off on the host and without CMSIS-NN, and -DKP_NO_CMSIS_NN
+    turns it off. (Fake headers: only the preprocessor's choice is checked here; the real
+    build is test_cmsis_nn.py and, against the Arduino library, test_arduino_library.py.)"""
+    if shutil.which("arm-none-eabi-g++") and _compiles("arm-none-eabi-g++", ["-c", "-mcpu=cortex-m4"], tmp_path):
+        m_profile = ["arm-none-eabi-g++", "-mcpu=cortex-m4", "-mthumb"]
+    elif _compiles(CXX, ["-std=c++11"], tmp_path):
+        m_profile = [CXX, "-D__ARM_ARCH_PROFILE='M'"]  # what an M-profile compiler predefines
+    else:
+        pytest.skip("no C++ compiler")
+    chirale = tmp_path / "chirale_src"  # Chirale_TensorFlowLite's src/ layout
+    (chirale / "third_party" / "cmsis_nn" / "Include").mkdir(parents=True)
+    (chirale / "third_party" / "cmsis_nn" / "Include" / "arm_nnfunctions.h").write_text("#define KP_FAKE_CHIRALE 1\n")
+    plain = tmp_path / "cmsis_nn_include"
+    plain.mkdir()
+    (plain / "arm_nnfunctions.h").write_text("#define KP_FAKE_PLAIN 1\n")
+
+    on = _cmsis_macros(tmp_path, m_profile, [chirale])
+    assert on == {"KP_CMSIS_NN": "1", "KP_CMSIS_NN_HEADER": '"third_party/cmsis_nn/Include/arm_nnfunctions.h"',
+                  "KP_FAKE_CHIRALE": "1"}
+    on = _cmsis_macros(tmp_path, m_profile, [plain])
+    assert on == {"KP_CMSIS_NN": "1", "KP_CMSIS_NN_HEADER": "<arm_nnfunctions.h>", "KP_FAKE_PLAIN": "1"}
+    assert _cmsis_macros(tmp_path, m_profile, []) == {"KP_CMSIS_NN": "0"}
+    assert _cmsis_macros(tmp_path, m_profile, [chirale, plain], "-DKP_NO_CMSIS_NN") == {"KP_CMSIS_NN": "0"}
+    # -DCMSIS_NN (TFLM's cmsis_nn builds, the firmware): on, with CMSIS-NN's Include/ on the path.
+    assert _cmsis_macros(tmp_path, m_profile, [plain], "-DCMSIS_NN")["KP_CMSIS_NN_HEADER"] == '"arm_nnfunctions.h"'
+    if _compiles(CXX, ["-std=c++11"], tmp_path) and "__ARM_ARCH_PROFILE" not in subprocess.run(
+            [CXX, "-E", "-dM", "-x", "c++", "/dev/null"], capture_output=True, text=True).stdout:
+        # The host build (the Python extension, the unit tests) stays portable.
+        assert _cmsis_macros(tmp_path, [CXX], [chirale, plain]) == {"KP_CMSIS_NN": "0"}

@@ -49,6 +49,7 @@ from keras_patch.arduino.library import TFLM_LIBRARY, TFLM_LIBRARY_HEADER
 from keras_patch.arduino.resolver import ResolverPlan, resolver_calls
 from keras_patch.arduino.sketch import (
     ARENA_USED_REPORT,
+    MODEL_DATA_SOURCE,
     SketchResult,
     check_budget,
     flash_estimate,
@@ -407,7 +408,7 @@ def export_person_detection(
     """Writes the PersonDetection sketch folder for a grayscale int8 classifier.
 
     The folder holds `<name>.ino`, `image_provider.h/.cpp` and
-    `model_data.h/.cc`. Arguments, budget check (the arena plus the 25,344 B
+    `model_data.h/.cpp`. Arguments, budget check (the arena plus the 25,344 B
     frame buffer must fit the RAM) and errors are those of
     `keras_patch.arduino.sketch.export_sketch`, plus:
 
@@ -436,7 +437,7 @@ def export_person_detection(
         "image_provider.h": IMAGE_PROVIDER_H,
         "image_provider.cpp": IMAGE_PROVIDER_CPP,
         "model_data.h": model_data_header(),
-        "model_data.cc": model_data_source(data, label),
+        MODEL_DATA_SOURCE: model_data_source(data, label),
     })
     return SketchResult(out_dir=out_dir, ino_path=os.path.join(out_dir, f"{name}.ino"), board=target,
                         arena=arena, flash=flash, resolver=plan)
@@ -713,7 +714,7 @@ def export_memory_report(
             ("g_model", "The patched .tflite model (KP_PATCH_STAGE), 16-byte aligned, const: in flash."),
             ("g_unpatched_model", "The same model without patches (layer by layer), 16-byte aligned, const."),
         ]),
-        "model_data.cc": model_data_sources([("g_model", data), ("g_unpatched_model", other)],
+        MODEL_DATA_SOURCE: model_data_sources([("g_model", data), ("g_unpatched_model", other)],
                                             f"{labels[0]} and {labels[1]}"),
     })
     return MemoryReportResult(out_dir=out_dir, ino_path=os.path.join(out_dir, f"{name}.ino"), board=target,

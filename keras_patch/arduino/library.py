@@ -62,7 +62,7 @@ CORE_SOURCES = (
     "patch_stage_core.h",
     "patch_stage_core.cc",
     "patch_stage_eval.cc",
-    "patch_stage_cmsis.h",  # CMSIS-NN fast path: compiled only with -DCMSIS_NN
+    "patch_stage_cmsis.h",  # CMSIS-NN fast path: on where the TFLM library ships CMSIS-NN
     "patch_stage_cmsis.cc",
     "patch_stage_types.h",
 )

@@ -7,7 +7,9 @@
                            a tensor arena sized by `keras_patch.arduino.arena`,
                            one inference per second on a constant test input
     out_dir/model_data.h   extern const unsigned char g_model[]; g_model_len
-    out_dir/model_data.cc  the model bytes, 16-byte aligned, const (in flash)
+    out_dir/model_data.cpp the model bytes, 16-byte aligned, const (in flash);
+                           `.cpp`, not `.cc`: arduino-cli compiles `.cc` sketch
+                           files only since 2023, older IDEs skip them
 
 where `<name>` is the folder's name (the Arduino IDE wants the `.ino` named
 like its folder). Before writing anything it checks the board's budget
@@ -61,6 +63,11 @@ KP_KERNEL_FLASH_BYTES = 28 * 1024
 
 #: The one file of an existing sketch folder that regenerating it keeps.
 KEPT_FILE = "README.md"
+
+#: The generated model data source. `.cpp`: arduino-cli compiles `.cc` files
+#: of a sketch only since 2023 (Arduino IDE 1.x and older CLIs leave them
+#: out, and the link fails without g_model).
+MODEL_DATA_SOURCE = "model_data.cpp"
 
 _MODEL_COMMENT = "The .tflite model, 16-byte aligned, const: it stays in flash."
 
@@ -154,12 +161,12 @@ def model_data_header(arrays: Sequence[Tuple[str, str]] = (("g_model", _MODEL_CO
 
 
 def model_data_source(data: bytes, label: str) -> str:
-    """Text of `model_data.cc` holding `data` as `g_model`."""
+    """Text of `model_data.cpp` holding `data` as `g_model`."""
     return model_data_sources([("g_model", data)], label)
 
 
 def model_data_sources(arrays: Sequence[Tuple[str, bytes]], label: str) -> str:
-    """Text of `model_data.cc` holding each `(symbol, data)` of `arrays`."""
+    """Text of `model_data.cpp` holding each `(symbol, data)` of `arrays`."""
     defs = "\n".join(f"""alignas(16) const unsigned char {symbol}[] = {{
 {_c_bytes(data)}
 }};
@@ -208,7 +215,7 @@ ARENA_USED_REPORT = """  Serial.print("tensor arena: used ");
 
 
 def model_bytes_from_source(text: str, symbol: str = "g_model") -> bytes:
-    """The bytes of array `symbol` in a generated `model_data.cc` (the inverse
+    """The bytes of array `symbol` in a generated `model_data.cpp` (the inverse
     of `model_data_sources`), e.g. to regenerate a committed example.
 
     Raises:
@@ -217,7 +224,7 @@ def model_bytes_from_source(text: str, symbol: str = "g_model") -> bytes:
     match = re.search(r"const unsigned char " + re.escape(symbol) + r"\[\] = \{(.*?)\};", text, re.S)
     length = re.search(r"const unsigned int " + re.escape(symbol) + r"_len = (\d+);", text)
     if match is None or length is None:
-        raise KerasPatchError(f"no array '{symbol}' in this model_data.cc.")
+        raise KerasPatchError(f"no array '{symbol}' in this model_data.cpp.")
     data = bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", match.group(1)))
     if len(data) != int(length.group(1)):
         raise KerasPatchError(f"'{symbol}' holds {len(data)} bytes but {symbol}_len says {length.group(1)}.")
@@ -513,7 +520,7 @@ def export_sketch(
     write_sketch_folder(out_dir, {
         f"{name}.ino": sketch_source(name, target, model, label, len(data), plan, arena),
         "model_data.h": model_data_header(),
-        "model_data.cc": model_data_source(data, label),
+        MODEL_DATA_SOURCE: model_data_source(data, label),
     })
     return SketchResult(out_dir=out_dir, ino_path=os.path.join(out_dir, f"{name}.ino"), board=target,
                         arena=arena, flash=flash, resolver=plan)

@@ -1,14 +1,23 @@
 /* Copyright 2026 The keras-patch Authors. Licensed under the Apache License 2.0.
 
 Host end-to-end check of the TFLM adapter: runs a .tflite in TFLM's
-MicroInterpreter -- a whole patched model (KP_PATCH_STAGE plus the builtin
-ops of MobileNet-style networks) or its unpatched original -- on the inputs
-read from a file (one or more input tensors back to back), and writes the
-outputs (output 0 of each run, back to back).
+MicroInterpreter -- a whole patched model (KP_PATCH_STAGE plus any builtin
+op of this TFLM) or its unpatched original -- on the inputs read from a file,
+and writes every output of every run.
 
   tflm_runner MODEL INPUT_BIN OUTPUT_BIN [ARENA_BYTES]
 
-It prints the arena as TFLM's allocator sees it after AllocateTensors:
+INPUT_BIN holds one or more runs back to back; a run is the model's input
+tensors 0, 1, ... back to back, each as raw tensor bytes. OUTPUT_BIN gets,
+for each run in turn, the output tensors 0, 1, ... back to back, raw bytes.
+Before the runs it prints one line per input and output tensor,
+
+  input I TYPE DIMS BYTES       e.g.  input 0 INT8 1x96x96x3 27648
+  output I TYPE DIMS BYTES      e.g.  output 1 FLOAT32 1x10 40
+
+(TYPE as TfLiteTypeGetName spells it, DIMS joined by "x", BYTES per run),
+which is how a reader splits OUTPUT_BIN (tests/test_tflm_ops.py's
+_read_runner_outputs). After the runs:
   arena_head_bytes N   the planned, non-persistent part (activations and
                        scratch buffers, the patch arena included) -- what
                        keras_patch.profile() predicts as the peak
@@ -24,7 +33,8 @@ How to register the op next to the builtins a model needs:
   keras_patch::AddKerasPatchOps(resolver);
 
 Built by `make -C tflm_ops tflm-runner TFLM_DIR=...`; driven by
-tests/test_tflm_ops.py::test_tflm_adapter_end_to_end.
+tests/test_tflm_ops.py (test_tflm_adapter_end_to_end, test_tflm_patched_mobilenet_v2,
+test_tflm_runner_transpose_resize_two_outputs).
 ==============================================================================*/
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,30 +66,126 @@ bool ReadFile(const char* path, std::vector<unsigned char>* out) {
   return true;
 }
 
-// The builtin ops of MobileNet-style int8 models (what patchify leaves
-// outside the stage), plus KP_PATCH_STAGE.
-using Resolver = tflite::MicroMutableOpResolver<20>;
+// Every builtin op of the TFLM this runner is built against (each method of
+// tflite::MicroMutableOpResolver that registers a BuiltinOperator: 100 at
+// 90b983c2b, in the header's order), plus KP_PATCH_STAGE, so that any model
+// TFLM can run runs here. tests/test_tflm_ops.py::test_runner_registers_every_builtin
+// checks this list against micro_mutable_op_resolver.h (with KP_TFLM_DIR set).
+constexpr unsigned int kNumBuiltinOps = 100;
+using Resolver = tflite::MicroMutableOpResolver<kNumBuiltinOps + 1>;
 
 TfLiteStatus AddOps(Resolver& r) {
   TF_LITE_ENSURE_STATUS(keras_patch::AddKerasPatchOps(r));
-  TF_LITE_ENSURE_STATUS(r.AddConv2D());
-  TF_LITE_ENSURE_STATUS(r.AddDepthwiseConv2D());
+  TF_LITE_ENSURE_STATUS(r.AddAbs());
   TF_LITE_ENSURE_STATUS(r.AddAdd());
+  TF_LITE_ENSURE_STATUS(r.AddAddN());
+  TF_LITE_ENSURE_STATUS(r.AddArgMax());
+  TF_LITE_ENSURE_STATUS(r.AddArgMin());
+  TF_LITE_ENSURE_STATUS(r.AddAssignVariable());
+  TF_LITE_ENSURE_STATUS(r.AddAveragePool2D());
+  TF_LITE_ENSURE_STATUS(r.AddBatchMatMul());
+  TF_LITE_ENSURE_STATUS(r.AddBatchToSpaceNd());
+  TF_LITE_ENSURE_STATUS(r.AddBroadcastArgs());
+  TF_LITE_ENSURE_STATUS(r.AddBroadcastTo());
+  TF_LITE_ENSURE_STATUS(r.AddCallOnce());
+  TF_LITE_ENSURE_STATUS(r.AddCast());
+  TF_LITE_ENSURE_STATUS(r.AddCeil());
+  TF_LITE_ENSURE_STATUS(r.AddConcatenation());
+  TF_LITE_ENSURE_STATUS(r.AddConv2D());
+  TF_LITE_ENSURE_STATUS(r.AddCos());
+  TF_LITE_ENSURE_STATUS(r.AddCumSum());
+  TF_LITE_ENSURE_STATUS(r.AddDepthToSpace());
+  TF_LITE_ENSURE_STATUS(r.AddDepthwiseConv2D());
+  TF_LITE_ENSURE_STATUS(r.AddDequantize());
+  TF_LITE_ENSURE_STATUS(r.AddDiv());
+  TF_LITE_ENSURE_STATUS(r.AddDynamicUpdateSlice());
+  TF_LITE_ENSURE_STATUS(r.AddEmbeddingLookup());
+  TF_LITE_ENSURE_STATUS(r.AddElu());
+  TF_LITE_ENSURE_STATUS(r.AddEqual());
+  TF_LITE_ENSURE_STATUS(r.AddExp());
+  TF_LITE_ENSURE_STATUS(r.AddExpandDims());
+  TF_LITE_ENSURE_STATUS(r.AddFill());
+  TF_LITE_ENSURE_STATUS(r.AddFloor());
+  TF_LITE_ENSURE_STATUS(r.AddFloorDiv());
+  TF_LITE_ENSURE_STATUS(r.AddFloorMod());
+  TF_LITE_ENSURE_STATUS(r.AddFullyConnected());
+  TF_LITE_ENSURE_STATUS(r.AddGather());
+  TF_LITE_ENSURE_STATUS(r.AddGatherNd());
+  TF_LITE_ENSURE_STATUS(r.AddGreater());
+  TF_LITE_ENSURE_STATUS(r.AddGreaterEqual());
+  TF_LITE_ENSURE_STATUS(r.AddHardSwish());
+  TF_LITE_ENSURE_STATUS(r.AddIf());
+  TF_LITE_ENSURE_STATUS(r.AddL2Normalization());
+  TF_LITE_ENSURE_STATUS(r.AddL2Pool2D());
+  TF_LITE_ENSURE_STATUS(r.AddLeakyRelu());
+  TF_LITE_ENSURE_STATUS(r.AddLess());
+  TF_LITE_ENSURE_STATUS(r.AddLessEqual());
+  TF_LITE_ENSURE_STATUS(r.AddLog());
+  TF_LITE_ENSURE_STATUS(r.AddLogicalAnd());
+  TF_LITE_ENSURE_STATUS(r.AddLogicalNot());
+  TF_LITE_ENSURE_STATUS(r.AddLogicalOr());
+  TF_LITE_ENSURE_STATUS(r.AddLogistic());
+  TF_LITE_ENSURE_STATUS(r.AddLogSoftmax());
+  TF_LITE_ENSURE_STATUS(r.AddMaximum());
+  TF_LITE_ENSURE_STATUS(r.AddMaxPool2D());
+  TF_LITE_ENSURE_STATUS(r.AddMirrorPad());
+  TF_LITE_ENSURE_STATUS(r.AddMean());
+  TF_LITE_ENSURE_STATUS(r.AddMinimum());
+  TF_LITE_ENSURE_STATUS(r.AddMul());
+  TF_LITE_ENSURE_STATUS(r.AddNeg());
+  TF_LITE_ENSURE_STATUS(r.AddNotEqual());
+  TF_LITE_ENSURE_STATUS(r.AddPack());
   TF_LITE_ENSURE_STATUS(r.AddPad());
   TF_LITE_ENSURE_STATUS(r.AddPadV2());
-  TF_LITE_ENSURE_STATUS(r.AddMean());
-  TF_LITE_ENSURE_STATUS(r.AddAveragePool2D());
-  TF_LITE_ENSURE_STATUS(r.AddMaxPool2D());
-  TF_LITE_ENSURE_STATUS(r.AddFullyConnected());
-  TF_LITE_ENSURE_STATUS(r.AddReshape());
+  TF_LITE_ENSURE_STATUS(r.AddPrelu());
   TF_LITE_ENSURE_STATUS(r.AddQuantize());
-  TF_LITE_ENSURE_STATUS(r.AddDequantize());
-  TF_LITE_ENSURE_STATUS(r.AddSoftmax());
+  TF_LITE_ENSURE_STATUS(r.AddReadVariable());
+  TF_LITE_ENSURE_STATUS(r.AddReduceAll());
+  TF_LITE_ENSURE_STATUS(r.AddReduceMax());
+  TF_LITE_ENSURE_STATUS(r.AddReduceMin());
   TF_LITE_ENSURE_STATUS(r.AddRelu());
   TF_LITE_ENSURE_STATUS(r.AddRelu6());
-  TF_LITE_ENSURE_STATUS(r.AddMul());
-  TF_LITE_ENSURE_STATUS(r.AddConcatenation());
+  TF_LITE_ENSURE_STATUS(r.AddReshape());
+  TF_LITE_ENSURE_STATUS(r.AddResizeBilinear());
+  TF_LITE_ENSURE_STATUS(r.AddResizeNearestNeighbor());
+  TF_LITE_ENSURE_STATUS(r.AddReverseV2());
+  TF_LITE_ENSURE_STATUS(r.AddRound());
+  TF_LITE_ENSURE_STATUS(r.AddRsqrt());
+  TF_LITE_ENSURE_STATUS(r.AddSelectV2());
+  TF_LITE_ENSURE_STATUS(r.AddShape());
+  TF_LITE_ENSURE_STATUS(r.AddSin());
+  TF_LITE_ENSURE_STATUS(r.AddSlice());
+  TF_LITE_ENSURE_STATUS(r.AddSoftmax());
+  TF_LITE_ENSURE_STATUS(r.AddSpaceToBatchNd());
+  TF_LITE_ENSURE_STATUS(r.AddSpaceToDepth());
+  TF_LITE_ENSURE_STATUS(r.AddSplit());
+  TF_LITE_ENSURE_STATUS(r.AddSplitV());
+  TF_LITE_ENSURE_STATUS(r.AddSqueeze());
+  TF_LITE_ENSURE_STATUS(r.AddSqrt());
+  TF_LITE_ENSURE_STATUS(r.AddSquare());
+  TF_LITE_ENSURE_STATUS(r.AddSquaredDifference());
+  TF_LITE_ENSURE_STATUS(r.AddStridedSlice());
+  TF_LITE_ENSURE_STATUS(r.AddSub());
+  TF_LITE_ENSURE_STATUS(r.AddSum());
+  TF_LITE_ENSURE_STATUS(r.AddSvdf());
+  TF_LITE_ENSURE_STATUS(r.AddTanh());
+  TF_LITE_ENSURE_STATUS(r.AddTransposeConv());
+  TF_LITE_ENSURE_STATUS(r.AddTranspose());
+  TF_LITE_ENSURE_STATUS(r.AddUnpack());
+  TF_LITE_ENSURE_STATUS(r.AddUnidirectionalSequenceLSTM());
+  TF_LITE_ENSURE_STATUS(r.AddVarHandle());
+  TF_LITE_ENSURE_STATUS(r.AddWhile());
+  TF_LITE_ENSURE_STATUS(r.AddZerosLike());
   return kTfLiteOk;
+}
+
+// "input 0 INT8 1x96x96x3 27648": the line a reader splits the files by.
+void PrintTensor(const char* kind, size_t index, const TfLiteTensor* t) {
+  printf("%s %d %s ", kind, static_cast<int>(index), TfLiteTypeGetName(t->type));
+  for (int d = 0; t->dims != nullptr && d < t->dims->size; ++d) {
+    printf(d == 0 ? "%d" : "x%d", t->dims->data[d]);
+  }
+  printf(" %d\n", static_cast<int>(t->bytes));
 }
 
 }  // namespace
@@ -104,7 +210,10 @@ int main(int argc, char** argv) {
   memcpy(&model_storage[0], &model_bytes[0], model_bytes.size());
   const tflite::Model* model = tflite::GetModel(&model_storage[0]);
   static Resolver resolver;
-  if (AddOps(resolver) != kTfLiteOk) return 3;
+  if (AddOps(resolver) != kTfLiteOk) {
+    fprintf(stderr, "registering the ops failed (resolver capacity %d)\n", static_cast<int>(kNumBuiltinOps + 1));
+    return 3;
+  }
   // What MicroAllocator::Create(arena, size) does, keeping a handle on the
   // arena allocator to read the head and tail sizes.
   uint8_t* aligned_arena = tflite::AlignPointerUp(arena, tflite::MicroArenaBufferAlignment());
@@ -120,25 +229,43 @@ int main(int argc, char** argv) {
     fprintf(stderr, "AllocateTensors failed\n");
     return 4;
   }
-  TfLiteTensor* in = interpreter.input(0);
-  if (in->bytes == 0 || input.size() % in->bytes != 0) {
-    fprintf(stderr, "input file has %d bytes, the model input %d\n", static_cast<int>(input.size()),
-            static_cast<int>(in->bytes));
+  size_t run_bytes = 0;  // all inputs of one run
+  for (size_t i = 0; i < interpreter.inputs_size(); ++i) {
+    PrintTensor("input", i, interpreter.input(i));
+    run_bytes += interpreter.input(i)->bytes;
+  }
+  for (size_t i = 0; i < interpreter.outputs_size(); ++i) {
+    PrintTensor("output", i, interpreter.output(i));
+  }
+  if (run_bytes == 0 || input.size() % run_bytes != 0) {
+    fprintf(stderr, "input file has %d bytes, not a multiple of the %d bytes of the model's %d input(s)\n",
+            static_cast<int>(input.size()), static_cast<int>(run_bytes),
+            static_cast<int>(interpreter.inputs_size()));
     return 5;
   }
   FILE* out = fopen(argv[3], "wb");
   if (out == nullptr) return 2;
-  for (size_t offset = 0; offset < input.size(); offset += in->bytes) {
-    memcpy(in->data.raw, &input[offset], in->bytes);
+  for (size_t offset = 0; offset < input.size();) {
+    for (size_t i = 0; i < interpreter.inputs_size(); ++i) {
+      TfLiteTensor* in = interpreter.input(i);
+      memcpy(in->data.raw, &input[offset], in->bytes);
+      offset += in->bytes;
+    }
     if (interpreter.Invoke() != kTfLiteOk) {
       fprintf(stderr, "Invoke failed\n");
       fclose(out);
       return 6;
     }
-    TfLiteTensor* result = interpreter.output(0);
-    fwrite(result->data.raw, 1, result->bytes, out);
+    for (size_t i = 0; i < interpreter.outputs_size(); ++i) {
+      const TfLiteTensor* result = interpreter.output(i);
+      if (fwrite(result->data.raw, 1, result->bytes, out) != result->bytes) {
+        fprintf(stderr, "cannot write %s\n", argv[3]);
+        fclose(out);
+        return 2;
+      }
+    }
   }
-  fclose(out);
+  if (fclose(out) != 0) return 2;
   printf("arena_head_bytes %d\n", static_cast<int>(memory->GetNonPersistentUsedBytes()));
   printf("arena_tail_bytes %d\n", static_cast<int>(memory->GetPersistentUsedBytes()));
   printf("arena_used_bytes %d\n", static_cast<int>(interpreter.arena_used_bytes()));

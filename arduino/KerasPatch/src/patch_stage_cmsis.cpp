@@ -6,16 +6,16 @@ CMSIS-NN fast path of the KP_PATCH_STAGE core; see patch_stage_cmsis.h.
 ==============================================================================*/
 #include "patch_stage_cmsis.h"
 
-#if defined(CMSIS_NN)
+#if KP_CMSIS_NN
 #include <string.h>
 
-#include "arm_nnfunctions.h"
+#include KP_CMSIS_NN_HEADER
 #include "patch_geometry.h"
 #endif
 
 namespace keras_patch {
 
-#if !defined(CMSIS_NN)
+#if !KP_CMSIS_NN
 
 bool KpCmsisEnabled() { return false; }
 
@@ -30,7 +30,7 @@ bool KpCmsisEvalLayer(const KpStage&, int32_t, const int8_t*, int8_t*, uint8_t*,
   return false;
 }
 
-#else  // CMSIS_NN
+#else  // KP_CMSIS_NN
 
 namespace {
 
@@ -332,6 +332,6 @@ bool KpCmsisEvalLayer(const KpStage& s, int32_t l, const int8_t* input, int8_t* 
   return false;
 }
 
-#endif  // CMSIS_NN
+#endif  // KP_CMSIS_NN
 
 }  // namespace keras_patch

@@ -246,7 +246,7 @@ KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
       const KpRegion& r = s.regions[l + 1];
       if (RegionEmpty(r)) continue;
       const KpLayer& layer = s.layers[l];
-#if defined(CMSIS_NN)
+#if KP_CMSIS_NN
       // CONV_2D, DEPTHWISE_CONV_2D and ADD through CMSIS-NN (patch_stage_cmsis.h);
       // false: this layer of this patch runs the portable kernel below.
       if (KpCmsisEvalLayer(s, l, input, output, arena, context, op_inputs)) continue;

@@ -5,10 +5,12 @@ and scratch buffers) and the *tail* (persistent allocations: TfLiteEvalTensor
 array, node/registration records, each kernel's OpData, quantization
 multipliers...). `estimate_arena` adds:
 
-* **head**: `keras_patch.profile(model).summary["patched_peak_bytes"]`, the
-  replica of TFLM's GreedyMemoryPlanner with KP_PATCH_STAGE's patch arena
-  (equal to TFLM's own plan on every unpatched model tested, for the
-  reference kernels).
+* **head**: `keras_patch.profile(model, kernel="cmsis_nn").patched_peak_bytes`
+  (the larger of the portable and the CMSIS-NN build's heads), the replica
+  of TFLM's GreedyMemoryPlanner with KP_PATCH_STAGE's patch arena (equal to
+  TFLM's own plan on every unpatched model tested, for the reference
+  kernels). The CMSIS-NN build of the kernel is what an Arm board's TFLM
+  library gets by default; its context buffer (scratch #1) is in the head.
 * **tail**: measured. The `tflite-micro` wheel cannot load KP_PATCH_STAGE, so
   the tail of the UNPATCHED model is measured (`measure_tflm_arena(...)
   .tail_bytes`, RecordingMicroAllocator). That is an upper bound for the
@@ -90,7 +92,7 @@ class ArenaEstimate:
         """One line per term, e.g. for the CLI and the sketch's comment."""
         return "\n".join([
             f"tensor arena {self.total_bytes:,} B = align16(",
-            f"  head {self.head_bytes:,} B (keras_patch.profile: patched arena head; "
+            f"  head {self.head_bytes:,} B (keras_patch.profile: patched arena head, CMSIS-NN build; "
             f"layer by layer it would be {self.layer_by_layer_head_bytes:,} B)",
             f"  + tail {self.tail_bytes:,} B ({self.tail_source})",
             f"  + KP_PATCH_STAGE persistent {self.stage_persistent_bytes:,} B "
@@ -133,7 +135,11 @@ def estimate_arena(tflite_bytes: ModelSource, tail_bytes: Optional[int] = None) 
                                    or tail_bytes < 0):
         raise KerasPatchError(f"--tail-bytes must be a whole number of bytes, 0 or more, got {tail_bytes!r}.")
     data = read_model_bytes(tflite_bytes)
+    # The Arm boards' TFLM library ships CMSIS-NN, so the kernel's fast path is on there by
+    # default (-DKP_NO_CMSIS_NN turns it off); its context buffer only adds to the head, and
+    # the larger of the two builds' heads fits either.
     summary = profile(data).summary
+    cmsis_head = profile(data, kernel="cmsis_nn").patched_peak_bytes
     model = TFLiteModel.from_bytes(data)
     parts = [stage_persistent_bytes(model, op) for op in find_stages(model)]
     if tail_bytes is None:
@@ -142,7 +148,7 @@ def estimate_arena(tflite_bytes: ModelSource, tail_bytes: Optional[int] = None) 
     else:
         tail = int(tail_bytes)
         source = "given"
-    head = int(summary["patched_peak_bytes"])
+    head = max(int(summary["patched_peak_bytes"]), int(cmsis_head))
     total = align16(head + tail + sum(parts) + ARENA_MARGIN_BYTES)
     return ArenaEstimate(
         total_bytes=total,

@@ -9,6 +9,15 @@ import pytest
 import model_zoo
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: over ~20 s each on 2 cores (the ci-profile property tests of test_bit_exact, the examples, "
+        "the distributed search, the fuzzer, the demo, the docs' code blocks). The README's test command and "
+        ".ci/run run them; `-m 'not slow'` is a quick run.",
+    )
+
+
 @pytest.fixture(scope="session")
 def residual() -> bytes:
     """model_zoo.residual_model as a full-int8 .tflite (int8 input and output)."""

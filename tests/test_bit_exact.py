@@ -179,6 +179,7 @@ def describe(m: TFLiteModel) -> str:
 # ------------------------------------------------------------------ tests
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(130))
 @given(spec=kps.stage_specs(), data=st.data())
 def test_patched_stage_is_bit_exact(spec, data):
@@ -199,6 +200,7 @@ def test_patched_stage_is_bit_exact(spec, data):
     assert_bit_exact(original, patched, x, op_output_name(m, split))
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(70))
 @given(spec=kps.stage_specs(max_size=32), data=st.data())
 def test_patched_prefix_is_bit_exact(spec, data):
@@ -239,6 +241,7 @@ def tflm_outputs(model_bytes: bytes, x: np.ndarray, num_outputs: int) -> list:
     return [np.concatenate(r, axis=0) for r in results]
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(40))
 @given(spec=kps.stage_specs(max_size=32), data=st.data())
 def test_tflm_matches_litert_on_unpatched_model(spec, data):
@@ -270,6 +273,7 @@ def test_tflm_matches_litert_on_unpatched_model(spec, data):
         )
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(70))
 @given(spec=kps.stage_specs(max_size=32), data=st.data())
 def test_export_patch_stage_is_bit_exact(spec, data):

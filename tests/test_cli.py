@@ -252,6 +252,7 @@ def test_missing_model_file(capsys, tmp_path):
     assert code == 2 and "nope.tflite" in err
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     """`keras-patch demo` as a user runs it: memory table, bit-exactness, plot."""
     proc = subprocess.run(

@@ -48,6 +48,7 @@ def test_blocks_found_and_not_run_markers_have_reasons():
     assert len(not_run) <= len(BLOCKS) // 2, f"most blocks must run: {not_run}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path, line, code, reason", BLOCKS, ids=[f"{p}:{n}" for p, n, _, _ in BLOCKS])
 def test_python_block_runs(path, line, code, reason, tmp_path):
     if reason is not None:

@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import pytest
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
@@ -13,6 +15,7 @@ def _load(name):
     return module
 
 
+@pytest.mark.slow
 def test_vww_patch_smoke(tmp_path):
     vww = _load("vww_patch")
     result = vww.main(["--out-dir", str(tmp_path), "--samples", "200", "--epochs", "1", "--grid", "3",
@@ -42,6 +45,7 @@ def test_person_dataset_is_seeded():
     assert small.shape == (4, 48, 48, 1)
 
 
+@pytest.mark.slow
 def test_tune_vww_small_search_exports_best_model_with_small_int8_drop(tmp_path):
     """examples/tune_vww.py at toy scale (2 trials at 48 px, 1000 images), QAT included.
 

@@ -72,6 +72,7 @@ def test_cpp_unit_tests_under_sanitizers(tmp_path):
     assert passed >= 12
 
 
+@pytest.mark.slow
 def test_fuzz_options(tmp_path):
     _need_make()
     if not _compiles(CLANGXX, ["-fsanitize=fuzzer,address,undefined"], tmp_path):

@@ -72,6 +72,7 @@ def _run_search(directory: str, logs: str) -> None:
             p.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_chief_and_two_workers_run_every_trial_once(tmp_path):
     directory = str(tmp_path / "search")
     logs = str(tmp_path)

@@ -257,15 +257,13 @@ def stage_operations(options) -> int:
     per_pixel = []
     for l, layer in enumerate(options.layers):
         c_out = options.tensor_shapes[l + 1][2]
-        taps = layer.kernel[0] * layer.kernel[1]
-        if layer.op == o.OP_CONV_2D:
-            per_pixel.append(taps * options.tensor_shapes[layer.inputs[0]][2] * c_out)
-        elif layer.op in (o.OP_DEPTHWISE_CONV_2D, o.OP_MAX_POOL_2D, o.OP_AVERAGE_POOL_2D):
-            per_pixel.append(taps * c_out)
+        if layer.op in (o.OP_CONV_2D, o.OP_DEPTHWISE_CONV_2D):
+            per_pixel.append(geometry.layer_macs_per_pixel(options, l))
+        elif layer.op in (o.OP_MAX_POOL_2D, o.OP_AVERAGE_POOL_2D):
+            per_pixel.append(layer.kernel[0] * layer.kernel[1] * c_out)
         else:
             per_pixel.append(c_out)
-    return sum(geometry.region_area(regions[l + 1]) * per_pixel[l]
-               for regions in geometry.all_patch_regions(options) for l in range(options.num_layers))
+    return geometry.patched_pixel_sum(options, per_pixel)
 
 
 def _check_host_work(model: TFLiteModel, op_index: int, options) -> None:

@@ -288,11 +288,14 @@ def stage_macs(options: StageOptions) -> tuple:
     for l in range(options.num_layers):
         h, w, _ = options.tensor_shapes[l + 1]
         full += h * w * layer_macs_per_pixel(options, l)
-    patched = 0
-    for regions in all_patch_regions(options):
-        for l in range(options.num_layers):
-            patched += region_area(regions[l + 1]) * layer_macs_per_pixel(options, l)
+    patched = patched_pixel_sum(options, [layer_macs_per_pixel(options, l) for l in range(options.num_layers)])
     return full, patched
+
+
+def patched_pixel_sum(options: StageOptions, per_pixel) -> int:
+    """Sum over patches and layers of the output pixels each patch computes times `per_pixel[layer]`."""
+    return sum(region_area(regions[l + 1]) * per_pixel[l]
+               for regions in all_patch_regions(options) for l in range(options.num_layers))
 
 
 def receptive_field(options: StageOptions) -> tuple:

@@ -28,7 +28,7 @@ from keras_patch.errors import (
     KerasPatchError,
     UnsupportedModelError,
 )
-from keras_patch.patchify import patchify
+from keras_patch.patchify import patchify, patchify_stages
 from keras_patch.profiler import Profile, profile
 from keras_patch.runtime import run_tflite
 from keras_patch.unpatchify import unpatchify
@@ -119,6 +119,7 @@ __all__ = [
     "UnsupportedModelError",
     "export_tflite",
     "patchify",
+    "patchify_stages",
     "profile",
     "run_tflite",
     "unpatchify",

@@ -267,7 +267,8 @@ def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict,
         if t not in tensor_ids or tensor_ids[t] > position:
             raise UnsupportedModelError(
                 f"The stage is not single-entry: {label} reads tensor '{model.tensor(t).name}', "
-                f"which comes from outside the stage."
+                f"which comes from outside the stage: a residual connection or branch would be cut "
+                f"(start the stage at or before that tensor, or end it before this op)."
             )
         return tensor_ids[t]
 
@@ -323,9 +324,7 @@ def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict,
     return o.LayerOptions(code, (a, -1))  # RELU, RELU6
 
 
-def rewrite_stage(model: TFLiteModel, plan: StagePlan) -> None:
-    """Replaces the plan's ops with one KP_PATCH_STAGE op (in place)."""
-    sg = model.subgraph
+def _stage_operator(model: TFLiteModel, plan: StagePlan) -> schema.OperatorT:
     custom = schema.OperatorT()
     custom.opcodeIndex = model.opcode_index(schema.BuiltinOperator.CUSTOM, o.CUSTOM_CODE)
     custom.inputs = np.array(plan.op_inputs, np.int32)
@@ -333,16 +332,49 @@ def rewrite_stage(model: TFLiteModel, plan: StagePlan) -> None:
     custom.builtinOptionsType = schema.BuiltinOptions.NONE
     custom.customOptions = np.frombuffer(o.encode_options(plan.options), np.uint8)
     custom.customOptionsFormat = schema.CustomOptionsFormat.FLEXBUFFERS
-    last = plan.op_indices[-1]
-    removed = set(plan.op_indices)
-    new_ops = []
-    for i, op in enumerate(sg.operators):
-        if i == last:
-            new_ops.append(custom)
-        elif i not in removed:
-            new_ops.append(op)
-    sg.operators = new_ops
+    return custom
+
+
+def rewrite_stages(model: TFLiteModel, plans: Sequence[StagePlan]) -> None:
+    """Replaces each plan's ops with one KP_PATCH_STAGE op, at its last op's place (in place).
+
+    The plans' op indices refer to `model` as it is now; plans must not share
+    ops (`check_disjoint_stages`).
+    """
+    check_disjoint_stages(model, plans)
+    sg = model.subgraph
+    customs = {plan.op_indices[-1]: _stage_operator(model, plan) for plan in plans}
+    removed = {op for plan in plans for op in plan.op_indices}
+    sg.operators = [customs[i] if i in customs else op
+                    for i, op in enumerate(sg.operators) if i in customs or i not in removed]
     model.remove_unused()
+
+
+def rewrite_stage(model: TFLiteModel, plan: StagePlan) -> None:
+    """Replaces the plan's ops with one KP_PATCH_STAGE op (in place)."""
+    rewrite_stages(model, [plan])
+
+
+def _stage_label(model: TFLiteModel, plan: StagePlan) -> str:
+    return (f"the stage '{model.tensor(plan.entry_tensor).name}' -> '{model.tensor(plan.exit_tensor).name}' "
+            f"(ops {plan.op_indices[0]}..{plan.op_indices[-1]})")
+
+
+def check_disjoint_stages(model: TFLiteModel, plans: Sequence[StagePlan]) -> None:
+    """Raises `UnsupportedModelError` naming two stages that share ops (overlapping or nested)."""
+    owner = {}
+    for k, plan in enumerate(plans):
+        for op in plan.op_indices:
+            if op in owner:
+                other = plans[owner[op]]
+                ops_k, ops_o = set(plan.op_indices), set(other.op_indices)
+                how = "is nested in" if ops_k <= ops_o else "contains" if ops_o <= ops_k else "overlaps"
+                raise UnsupportedModelError(
+                    f"Stage {k}: {_stage_label(model, plan)} {how} stage {owner[op]}: "
+                    f"{_stage_label(model, other)}; both contain {model.op_label(op)}. "
+                    f"Stages must not share ops."
+                )
+            owner[op] = k
 
 
 def resolve_start(model: TFLiteModel, start: Union[int, str]) -> int:
@@ -377,6 +409,10 @@ def resolve_start(model: TFLiteModel, start: Union[int, str]) -> int:
     return entry
 
 
+#: One stage of `patchify_stages`: (start, split, grid); start None is the model's int8 input.
+StageRequest = tuple
+
+
 def patchify(
     tflite_bytes: ModelSource,
     split: Union[int, str],
@@ -403,18 +439,73 @@ def patchify(
             a split that is not single-entry/single-exit or is the model output,
             a grid larger than the stage output.
     """
+    return patchify_stages(tflite_bytes, [(start, split, grid)])
+
+
+def patchify_stages(tflite_bytes: ModelSource, stages: Sequence[StageRequest]) -> bytes:
+    """Rewrites several runs of ops, each as one KP_PATCH_STAGE op.
+
+    Args:
+        tflite_bytes: an int8 `.tflite` (bytes or path).
+        stages: `(start, split, grid)` per stage, as `patchify` takes them:
+            `start` a tensor index or name (None: the model's int8 input),
+            `split` the op index, tensor or Keras layer name of the stage's
+            last op, `grid` its patches. Indices refer to the unpatched model.
+
+    Returns:
+        The patched model's bytes.
+
+    Raises:
+        UnsupportedModelError: what `patchify` raises, prefixed with the
+            stage's number, and stages that overlap or nest.
+
+    Example:
+
+    >>> import keras_patch
+    >>> patched = keras_patch.patchify_stages("mbv2.tflite", [  # doctest: +SKIP
+    ...     (None, "block_2_add", (4, 4)), ("block_2_add", "block_5_add", (2, 2))])
+    """
     model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
     if len(model.model.subgraphs) != 1:
         raise UnsupportedModelError(f"The model has {len(model.model.subgraphs)} subgraphs; keras-patch handles one.")
+    stages = list(stages)
+    if not stages:
+        raise UnsupportedModelError("No stage given: patchify_stages needs at least one (start, split, grid).")
+    plans = []
+    for k, request in enumerate(stages):
+        if not isinstance(request, (tuple, list)) or len(request) != 3:
+            raise UnsupportedModelError(f"Stage {k}: expected (start, split, grid), got {request!r}.")
+        start, split, grid = request
+        try:
+            plans.append(_plan_request(model, start, split, grid))
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"Stage {k} ({start!r} -> {split!r}): {e}" if len(stages) > 1 else str(e)) from None
+    rewrite_stages(model, plans)
+    return model.to_bytes()
+
+
+def _plan_request(model: TFLiteModel, start, split, grid) -> StagePlan:
     split_op = resolve_split(model, split)
-    exit_tensor = model.op_outputs(split_op)[0]
-    entry = default_entry_tensor(model) if start is None else resolve_start(model, start)
     if model.op_type(split_op) == o.CUSTOM_CODE:
         raise UnsupportedModelError(f"{model.op_label(split_op)} is already a patch stage.")
+    exit_tensor = model.op_outputs(split_op)[0]
+    if start is None:
+        entry = default_entry_tensor(model)
+    else:
+        entry = resolve_start(model, start) if not isinstance(start, str) or _is_tensor_name(model, start) \
+            else model.op_outputs(resolve_split(model, start))[0]
     ops = stage_ops(model, entry, exit_tensor)
-    plan = plan_stage(model, ops, entry, exit_tensor, grid)
-    rewrite_stage(model, plan)
-    return model.to_bytes()
+    for op in ops:
+        if model.op_type(op) == o.CUSTOM_CODE:
+            raise UnsupportedModelError(f"{model.op_label(op)} is already a patch stage; stages cannot nest.")
+    return plan_stage(model, ops, entry, exit_tensor, grid)
+
+
+def _is_tensor_name(model: TFLiteModel, name: str) -> bool:
+    """True for digits (a tensor index) and a tensor's full name; False for a Keras layer name."""
+    if name.strip().lstrip("+-").isascii() and name.strip().lstrip("+-").isdigit():
+        return True
+    return any(model.tensor(t).name == name for t in range(len(model.subgraph.tensors)))
 
 
 def find_stages(model: TFLiteModel) -> List[int]:

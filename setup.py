@@ -13,7 +13,7 @@ with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     long_description = f.read()
 
 # The portable C++ core of the KP_PATCH_STAGE kernel (tflm_ops/), built as a
-# plain shared library that keras_patch/cpp_executor.py loads with ctypes
+# plain shared library that keras_patch/runtime/cpp_executor.py loads with ctypes
 # (no Python headers needed; only a C++11 compiler).
 KP_CORE_SOURCES = [
     "tflm_ops/flexbuffer_reader.cc",

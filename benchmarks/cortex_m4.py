@@ -45,7 +45,7 @@ STAGES = {
 
 
 def _tflite(kind: str, alpha: float, size: int) -> bytes:
-    from keras_patch.export import convert_int8
+    from keras_patch.keras.export import convert_int8
 
     if kind == "vww":
         from memory import _vww
@@ -61,8 +61,8 @@ def _tflite(kind: str, alpha: float, size: int) -> bytes:
 
 
 def _split(tflite: bytes, layer: str) -> int:
-    from keras_patch.schedule import candidate_splits, short_tensor_name
-    from keras_patch.tflite_model import TFLiteModel
+    from keras_patch.planner.schedule import candidate_splits, short_tensor_name
+    from keras_patch.graph.tflite_model import TFLiteModel
 
     m = TFLiteModel.from_bytes(tflite)
     for op in candidate_splits(tflite):
@@ -73,7 +73,7 @@ def _split(tflite: bytes, layer: str) -> int:
 
 def measure(cmsis_nn: str, log) -> list:
     from keras_patch import patchify, profile
-    from keras_patch.firmware import run_stage_firmware, stage_vectors_header
+    from keras_patch.runtime.firmware import run_stage_firmware, stage_vectors_header
 
     variants = [("portable", [])]
     if cmsis_nn:

@@ -9,7 +9,7 @@ For each model (random weights, built offline, int8 input and output):
   next to it keras-patch's prediction of the same number, as a check;
 * for each grid, the **best split** (the single-exit point of the first
   stage that gives the lowest patched arena head, searched over every
-  candidate by `keras_patch.schedule`), its predicted patched arena head
+  candidate by `keras_patch.planner.schedule`), its predicted patched arena head
   with and without the input tensor, the ratio to stock TFLM, the
   whole-network MAC overhead, and where the patched network's head lies:
   `stage` when the KP_PATCH_STAGE op sets it, or the later op that does
@@ -69,10 +69,10 @@ def _parse_grids(text: str) -> list:
 
 
 def measure_model(name: str, grids: list, log) -> dict:
-    from keras_patch.export import convert_int8
-    from keras_patch.profiler import profile
-    from keras_patch.schedule import candidate_splits, evaluate_schedules, schedule_rank
-    from keras_patch.tflm_arena import measure_tflm_arena
+    from keras_patch.keras.export import convert_int8
+    from keras_patch.arena.profiler import profile
+    from keras_patch.planner.schedule import candidate_splits, evaluate_schedules, schedule_rank
+    from keras_patch.arena.tflm_arena import measure_tflm_arena
 
     description, build = MODELS[name]
     start = time.perf_counter()
@@ -96,7 +96,7 @@ def measure_model(name: str, grids: list, log) -> dict:
 
 
 def _bound(result) -> str:
-    from keras_patch.schedule import short_tensor_name
+    from keras_patch.planner.schedule import short_tensor_name
 
     label = result.patched_peak_op
     if "KP_PATCH_STAGE" in label:
@@ -106,7 +106,7 @@ def _bound(result) -> str:
 
 
 def render(rows: list, markdown: bool) -> str:
-    from keras_patch.schedule import short_tensor_name
+    from keras_patch.planner.schedule import short_tensor_name
 
     header = ["model", "stock TFLM head (measured)", "predicted", "grid", "best split", "stage out",
               "patched head", "vs stock", "patched w/o input", "MAC overhead", "head set by", "rest-of-net floor"]

@@ -22,7 +22,7 @@ def main() -> None:
     import keras
 
     import keras_patch
-    from keras_patch.export import convert_int8
+    from keras_patch.keras.export import convert_int8
 
     base = keras.applications.MobileNetV2(input_shape=(144, 144, 3), alpha=0.35, weights=None,
                                           include_top=False, pooling="avg")

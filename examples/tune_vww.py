@@ -70,8 +70,8 @@ def main(argv=None) -> dict:
     import keras_patch
     from keras_patch.arduino.sketch import BoardBudgetError, export_sketch
     from keras_patch.datasets import person_dataset
-    from keras_patch.export import convert_int8
-    from keras_patch.runtime import quantize_input
+    from keras_patch.keras.export import convert_int8
+    from keras_patch.runtime.host import quantize_input
     from keras_patch.tuning import PatchHyperModel, PatchRandomSearch, resize_images
 
     resolutions = sorted(int(r) for r in args.resolutions.split(","))
@@ -117,8 +117,8 @@ def main(argv=None) -> dict:
         print(f"QAT: float {qat.float_accuracy:.3f}, PTQ int8 {qat.ptq_int8_accuracy:.3f}, "
               f"QAT int8 {qat.qat_int8_accuracy:.3f} ({qat.seconds:.0f} s)")
     patched_path = os.path.join(args.out_dir, "person_patched.tflite")
-    keras_patch.export.write_atomically(patched_path, patched)
-    keras_patch.export.write_atomically(os.path.join(args.out_dir, "person.tflite"), unpatched)
+    keras_patch.keras.export.write_atomically(patched_path, patched)
+    keras_patch.keras.export.write_atomically(os.path.join(args.out_dir, "person.tflite"), unpatched)
 
     xq = quantize_input(patched, x_val_r)
     logits = keras_patch.run_tflite(patched, xq)[0]

@@ -110,9 +110,9 @@ def main(argv=None) -> dict:
     import keras_patch
     from keras_patch.arduino.sketch import export_sketch
     from keras_patch.datasets import person_dataset
-    from keras_patch.export import convert_int8
-    from keras_patch.runtime import quantize_input
-    from keras_patch.tflm_arena import measure_tflm_arena
+    from keras_patch.keras.export import convert_int8
+    from keras_patch.runtime.host import quantize_input
+    from keras_patch.arena.tflm_arena import measure_tflm_arena
 
     print(f"generating {args.samples} images ...")
     images, labels = person_dataset(args.samples, seed=args.seed, image_size=IMAGE_SIZE)

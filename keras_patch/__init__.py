@@ -28,18 +28,18 @@ from keras_patch.errors import (
     KerasPatchError,
     UnsupportedModelError,
 )
-from keras_patch.patchify import patchify, patchify_stages
-from keras_patch.profiler import Profile, profile
-from keras_patch.runtime import run_tflite
-from keras_patch.unpatchify import unpatchify
+from keras_patch.graph.patchify import patchify, patchify_stages
+from keras_patch.arena.profiler import Profile, profile
+from keras_patch.runtime.host import run_tflite
+from keras_patch.graph.unpatchify import unpatchify
 
 # The Keras-side API imports TensorFlow and Keras (about 10 s): it loads on
 # first access (PEP 562), so that `import keras_patch` and the command line on
 # a `.tflite` stay fast.
 _LAZY = {
-    "PatchStage": "keras_patch.layers.patch_stage",
-    "export_tflite": "keras_patch.export",
-    "wrap_stage": "keras_patch.wrap",
+    "PatchStage": "keras_patch.keras.patch_stage",
+    "export_tflite": "keras_patch.keras.export",
+    "wrap_stage": "keras_patch.keras.wrap",
 }
 
 _PATCH_STAGE_MODULE = _LAZY["PatchStage"]

@@ -129,7 +129,7 @@ def _load_keras(path: str, custom_modules: Optional[List[str]] = None):
 
 
 def _cmd_profile(args) -> int:
-    from keras_patch.profiler import profile
+    from keras_patch.arena.profiler import profile
 
     if args.plot:
         from keras_patch.files import figure_format
@@ -154,7 +154,7 @@ def _cmd_profile(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from keras_patch.export import check_finite_samples, export_tflite
+    from keras_patch.keras.export import check_finite_samples, export_tflite
     from keras_patch.files import check_output_path
 
     out = args.out if args.out is not None else os.path.splitext(args.model)[0] + ".tflite"
@@ -174,7 +174,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_patchify(args) -> int:
     from keras_patch.files import check_output_path, write_atomically
-    from keras_patch.patchify import normalize_grid, patchify
+    from keras_patch.graph.patchify import normalize_grid, patchify
 
     check_output_path(args.output)
     result = patchify(args.input, args.split, normalize_grid(args.grid), start=args.start)
@@ -192,7 +192,7 @@ def _cmd_export_arduino(args) -> int:
             raise KerasPatchError(f"No .tflite model at '{path}'.")
     if args.compare_with and args.sketch != "memory-report":
         raise KerasPatchError("--compare-with is for --sketch memory-report.")
-    from keras_patch.tflm_arena import TFLMError
+    from keras_patch.arena.tflm_arena import TFLMError
 
     common = dict(board=args.board, arena_bytes=args.arena_bytes, tail_bytes=args.tail_bytes, overwrite=args.force)
     try:
@@ -239,7 +239,7 @@ def _cmd_export_arduino(args) -> int:
 
 def _cmd_demo(args) -> int:
     from keras_patch.demo import run_demo
-    from keras_patch.patchify import normalize_grid
+    from keras_patch.graph.patchify import normalize_grid
 
     grid = normalize_grid(args.grid)
     _import_tensorflow(args)

@@ -91,11 +91,11 @@ def run_demo(out_dir: str = "keras_patch_demo", grid=(6, 6), num_images: int = 4
         num_images: random int8 images compared bit for bit.
         progress: optional callable(str) told about each step.
     """
-    from keras_patch.export import convert_int8, export_tflite
-    from keras_patch.profiler import profile
-    from keras_patch.runtime import run_tflite
-    from keras_patch.tflm_arena import measure_tflm_arena
-    from keras_patch.wrap import wrap_stage
+    from keras_patch.keras.export import convert_int8, export_tflite
+    from keras_patch.arena.profiler import profile
+    from keras_patch.runtime.host import run_tflite
+    from keras_patch.arena.tflm_arena import measure_tflm_arena
+    from keras_patch.keras.wrap import wrap_stage
 
     grid = check_grid(grid)
     if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or num_images < 1:
@@ -145,9 +145,9 @@ def run_demo(out_dir: str = "keras_patch_demo", grid=(6, 6), num_images: int = 4
 def _with_stage_output(model_bytes: bytes, stage_tensor: str = None) -> bytes:
     """The model with its stage output appended to its outputs: the KP_PATCH_STAGE
     op's output, or (unpatched) the output of the layer named `stage_tensor`."""
-    from keras_patch.patchify import find_stages
-    from keras_patch.schedule import short_tensor_name
-    from keras_patch.tflite_model import TFLiteModel
+    from keras_patch.graph.patchify import find_stages
+    from keras_patch.planner.schedule import short_tensor_name
+    from keras_patch.graph.tflite_model import TFLiteModel
 
     model = TFLiteModel.from_bytes(model_bytes)
     if stage_tensor is None:

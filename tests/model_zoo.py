@@ -208,7 +208,7 @@ def to_int8_tflite(keras_model, int8_io: bool = True, num_samples: int = 4, seed
     Returns:
         The `.tflite` flatbuffer.
     """
-    from keras_patch.export import convert_int8
+    from keras_patch.keras.export import convert_int8
 
     return bytes(convert_int8(keras_model, representative_samples(keras_model, num_samples, seed), int8_io=int8_io))
 
@@ -232,7 +232,7 @@ def dynamic_input_model(channels: int = 3, num_classes: int = 3, seed: int = 0):
 def to_int8_tflite_dynamic(keras_model, sample_shape=(16, 16, 3), num_samples: int = 3, seed: int = 0) -> bytes:
     """Full-int8 conversion of a model with unknown spatial dims (int8 I/O);
     calibration samples have `sample_shape`."""
-    from keras_patch.export import convert_int8
+    from keras_patch.keras.export import convert_int8
 
     rng = np.random.default_rng(seed)
     samples = [rng.random((1, *sample_shape), dtype=np.float32) for _ in range(num_samples)]

@@ -517,7 +517,7 @@ def build_model(spec: StageSpec, patch_grid=None):
     keras = _keras()
     keras.backend.clear_session()  # hundreds of models per session: reset name counters/state
     if patch_grid is not None:
-        from keras_patch.layers.patch_stage import PatchStage
+        from keras_patch.keras.patch_stage import PatchStage
 
         block = build_stage_block(spec)
         keras.utils.set_random_seed(spec.seed + 1)

@@ -23,13 +23,13 @@ from keras_patch.arduino.examples import (
     preprocess_frame,
 )
 from keras_patch.arduino.library import library_dir
-from keras_patch.firmware import toolchain_problem
+from keras_patch.runtime.firmware import toolchain_problem
 from keras_patch.arduino.resolver import resolver_calls
 from keras_patch.arduino.sketch import KEPT_FILE, model_bytes_from_source
 from keras_patch.cli import main
-from keras_patch.runtime import quantize, quantize_input, run_tflite
-from keras_patch.tflite_model import TFLiteModel
-from keras_patch.unpatchify import unpatchify
+from keras_patch.runtime.host import quantize, quantize_input, run_tflite
+from keras_patch.graph.tflite_model import TFLiteModel
+from keras_patch.graph.unpatchify import unpatchify
 
 EXAMPLES = os.path.join(library_dir(), "examples")
 PERSON = os.path.join(EXAMPLES, "PersonDetectionPatched")

@@ -10,7 +10,7 @@ import pytest
 
 from keras_patch._version import __version__
 from keras_patch.arduino import library
-from keras_patch.firmware import toolchain_problem
+from keras_patch.runtime.firmware import toolchain_problem
 from keras_patch.arduino.library import (
     ADAPTER_SOURCES,
     CORE_SOURCES,

@@ -35,10 +35,10 @@ except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less "prepend
     from model_zoo import representative_samples, to_int8_tflite
 
 from keras_patch.errors import UnsupportedModelError  # noqa: E402
-from keras_patch.patch_op.options import CUSTOM_CODE, LAYER_OP_NAMES  # noqa: E402
-from keras_patch.patchify import patchify, stage_options  # noqa: E402
-from keras_patch.runtime import check_reference_kernel_limits, run_tflite  # noqa: E402
-from keras_patch.tflite_model import TFLiteModel  # noqa: E402
+from keras_patch.stage.options import CUSTOM_CODE, LAYER_OP_NAMES  # noqa: E402
+from keras_patch.graph.patchify import patchify, stage_options  # noqa: E402
+from keras_patch.runtime.host import check_reference_kernel_limits, run_tflite  # noqa: E402
+from keras_patch.graph.tflite_model import TFLiteModel  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs")
 
@@ -278,7 +278,7 @@ def test_tflm_matches_litert_on_unpatched_model(spec, data):
 @given(spec=kps.stage_specs(max_size=32), data=st.data())
 def test_export_patch_stage_is_bit_exact(spec, data):
     """PatchStage(block, grid) + head -> export_tflite == the unpatched int8 conversion."""
-    from keras_patch.export import export_tflite
+    from keras_patch.keras.export import export_tflite
 
     out_h, out_w, _ = kps.stage_output_shape(spec)
     grid = data.draw(kps.grids((out_h, out_w)), label="grid")

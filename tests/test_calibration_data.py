@@ -20,8 +20,8 @@ import keras
 from keras_patch._console import PROGRESS_LINE
 from keras_patch.cli import main
 from keras_patch.errors import CalibrationDataError
-from keras_patch.export import convert_int8, export_tflite
-from keras_patch.tflite_model import TFLiteModel
+from keras_patch.keras.export import convert_int8, export_tflite
+from keras_patch.graph.tflite_model import TFLiteModel
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_a_crash_while_converter_output_is_captured_is_reported(tmp_path):
     """A fatal signal inside the converter printed nothing: its report went to the capture file."""
     code = (
         "import ctypes\n"
-        "from keras_patch.export import _captured_output\n"
+        "from keras_patch.keras.export import _captured_output\n"
         "with _captured_output():\n"
         "    ctypes.string_at(0)\n"
     )
@@ -186,7 +186,7 @@ def test_capture_keeps_the_callers_faulthandler(capsys):
     """The crash report is redirected only while the converter runs, even under capsys (no fileno)."""
     import faulthandler
 
-    from keras_patch.export import _captured_output
+    from keras_patch.keras.export import _captured_output
 
     faulthandler.enable(file=sys.__stderr__)
     with _captured_output():

@@ -17,9 +17,9 @@ import model_zoo
 import keras_patch
 from keras_patch import PatchStage
 from keras_patch.cli import main
-from keras_patch.patch_op.options import CUSTOM_CODE
-from keras_patch.runtime import run_tflite
-from keras_patch.tflite_model import TFLiteModel
+from keras_patch.stage.options import CUSTOM_CODE
+from keras_patch.runtime.host import run_tflite
+from keras_patch.graph.tflite_model import TFLiteModel
 
 
 def _run(capsys, *argv):
@@ -139,7 +139,7 @@ def test_export_unsupported_stage_leaves_no_file(capsys, tmp_path, monkeypatch):
     model_path = tmp_path / "m.keras"
     _keras_with_stage((2, 2)).save(model_path)
     np.save(tmp_path / "rep.npy", np.random.default_rng(0).random((2, 12, 12, 3), dtype=np.float32))
-    from keras_patch import export as export_module
+    from keras_patch.keras import export as export_module
 
     def refuse(*args, **kwargs):
         raise export_module.UnsupportedModelError("op 1 (MEAN -> 'x') cannot run inside a patch stage")
@@ -212,7 +212,7 @@ def test_profile_plot_writes_exactly_the_path_given(capsys, residual_tflite, tmp
     assert code == 0 and b"<svg" in (tmp_path / "memory.svg").read_bytes()[:500]
 
     # Refused before the model is profiled: a folder, a missing folder, an unknown format.
-    from keras_patch import profiler
+    from keras_patch.arena import profiler
 
     monkeypatch.setattr(profiler, "profile", lambda *a, **k: pytest.fail("profiled before checking --plot"))
     (tmp_path / "figs").mkdir()
@@ -228,7 +228,7 @@ def test_profile_plot_writes_exactly_the_path_given(capsys, residual_tflite, tmp
 def test_export_checks_the_output_path_before_converting(capsys, tmp_path, monkeypatch):
     """A bad --out used to fail only after the model was loaded and converted, naming a temp file."""
     from keras_patch import cli
-    from keras_patch import export as export_module
+    from keras_patch.keras import export as export_module
     from keras_patch.errors import KerasPatchError
 
     np.save(tmp_path / "rep.npy", np.zeros((2, 12, 12, 3), np.float32))

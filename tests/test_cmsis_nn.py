@@ -34,15 +34,15 @@ from hypothesis import strategies as st
 
 import keras_patch
 from keras_patch.errors import KerasPatchError
-from keras_patch.firmware import (
+from keras_patch.runtime.firmware import (
     run_stage_firmware,
     stage_vectors_header,
     stage_vectors_header_from_options,
     toolchain_problem,
 )
-from keras_patch.patch_op import geometry
-from keras_patch.patchify import find_stages, stage_options
-from keras_patch.tflite_model import TFLiteModel
+from keras_patch.stage import geometry
+from keras_patch.graph.patchify import find_stages, stage_options
+from keras_patch.graph.tflite_model import TFLiteModel
 
 try:
     from tests import strategies as kps
@@ -92,7 +92,7 @@ def _check(result, opts):
 
 def _is_valid(opts, op_inputs):
     from keras_patch.errors import InvalidOptionsError
-    from keras_patch.patch_op.executor import prepare_stage
+    from keras_patch.stage.executor import prepare_stage
 
     try:
         prepare_stage(opts, op_inputs)

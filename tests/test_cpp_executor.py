@@ -23,11 +23,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
-from keras_patch import cpp_executor
+from keras_patch.runtime import cpp_executor
 from keras_patch.errors import InvalidOptionsError
-from keras_patch.patch_op import geometry
-from keras_patch.patch_op import options as o
-from keras_patch.patch_op.executor import ConstantTensor, prepare_stage, run_stage
+from keras_patch.stage import geometry
+from keras_patch.stage import options as o
+from keras_patch.stage.executor import ConstantTensor, prepare_stage, run_stage
 
 try:
     from tests import test_op_spec as spec_tests
@@ -348,7 +348,7 @@ def test_check_io():
 
 
 def test_arithmetic_helpers_match_python():
-    from keras_patch.patch_op import quantization as q
+    from keras_patch.stage import quantization as q
     import ctypes
 
     lib = cpp_executor.load_library()

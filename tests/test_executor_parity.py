@@ -26,13 +26,13 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 import model_zoo
-from keras_patch import cpp_executor
+from keras_patch.runtime import cpp_executor
 from keras_patch.errors import InvalidOptionsError, KerasPatchError, UnsupportedModelError
-from keras_patch.patch_op import geometry
-from keras_patch.patch_op import options as o
-from keras_patch.patchify import find_stages, patchify
-from keras_patch.runtime import HOST_MAX_STAGE_OPERATIONS, run_tflite, stage_operations
-from keras_patch.tflite_model import TFLiteModel
+from keras_patch.stage import geometry
+from keras_patch.stage import options as o
+from keras_patch.graph.patchify import find_stages, patchify
+from keras_patch.runtime.host import HOST_MAX_STAGE_OPERATIONS, run_tflite, stage_operations
+from keras_patch.graph.tflite_model import TFLiteModel
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Statistics for quantized inputs"),
@@ -238,7 +238,7 @@ def test_the_op_form_is_checked_by_both(patched_models, form):
 
 def test_kernel_tensor_view_is_what_tflm_reads(patched_models):
     """TFLM's params: the first scale and zero point (int32), or (0, 0) without both."""
-    from keras_patch.patchify import kernel_tensor_view
+    from keras_patch.graph.patchify import kernel_tensor_view
 
     m = TFLiteModel.from_bytes(patched_models[0])
     t = m.subgraph.tensors[m.inputs[0]]

@@ -17,9 +17,9 @@ from keras_patch.arduino.resolver import BUILTIN_METHODS, resolver_calls
 from keras_patch.arduino.sketch import BoardBudgetError, FlashEstimate, check_budget, flash_estimate
 from keras_patch.cli import main
 from keras_patch.errors import KerasPatchError, UnsupportedModelError
-from keras_patch.patchify import find_stages, patchify
-from keras_patch.profiler import profile
-from keras_patch.tflite_model import BUILTIN_OPERATOR_NAMES, TFLiteModel
+from keras_patch.graph.patchify import find_stages, patchify
+from keras_patch.arena.profiler import profile
+from keras_patch.graph.tflite_model import BUILTIN_OPERATOR_NAMES, TFLiteModel
 
 TAIL = 9000  # --tail-bytes in tests that need not run the tflite-micro wheel
 
@@ -86,7 +86,7 @@ def test_sketch_folder(capsys, models, tmp_path):
 
 def test_arena_tail_is_measured_with_the_tflm_wheel(models, monkeypatch):
     plain, patched = models
-    from keras_patch.tflm_arena import measure_tflm_arena
+    from keras_patch.arena.tflm_arena import measure_tflm_arena
 
     est = estimate_arena(patched.read_bytes())
     assert est.tail_bytes == measure_tflm_arena(plain.read_bytes()).tail_bytes > 0

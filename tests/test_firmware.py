@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import keras_patch
-from keras_patch.firmware import run_stage_firmware, stage_vectors_header, toolchain_problem
-from keras_patch.runtime import run_tflite
-from keras_patch.tflite_model import TFLiteModel
+from keras_patch.runtime.firmware import run_stage_firmware, stage_vectors_header, toolchain_problem
+from keras_patch.runtime.host import run_tflite
+from keras_patch.graph.tflite_model import TFLiteModel
 
 pytestmark = pytest.mark.skipif(bool(toolchain_problem()), reason=f"Cortex-M firmware: {toolchain_problem()}")
 

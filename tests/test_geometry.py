@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keras_patch.patch_op import geometry
-from keras_patch.patch_op import options as o
-from keras_patch.patch_op import quantization as q
-from keras_patch.patch_op.executor import ConstantTensor, prepare_stage, run_stage
+from keras_patch.stage import geometry
+from keras_patch.stage import options as o
+from keras_patch.stage import quantization as q
+from keras_patch.stage.executor import ConstantTensor, prepare_stage, run_stage
 
 
 @given(size=st.integers(1, 300), parts=st.integers(1, 64))

@@ -116,7 +116,7 @@ def test_lazy_api_and_keras_registration(tmp_path):
         "import tensorflow, keras\n"
         f"model = keras.models.load_model({str(path)!r})\n"
         "from keras_patch import PatchStage, export_tflite, wrap_stage\n"
-        "from keras_patch.layers.patch_stage import PatchStage as Layer\n"
+        "from keras_patch.keras.patch_stage import PatchStage as Layer\n"
         "assert type(model.get_layer('stage')) is PatchStage is Layer is keras_patch.PatchStage\n"
         "assert {'PatchStage', 'export_tflite', 'wrap_stage'} <= set(dir(keras_patch))\n"
         "assert callable(export_tflite) and callable(wrap_stage)\n"

@@ -1,6 +1,6 @@
 """One source of truth for the KP_PATCH_STAGE options (issue 3, point 8).
 
-docs/patch_stage_op.md defines the options; keras_patch.patch_op.options
+docs/patch_stage_op.md defines the options; keras_patch.stage.options
 (OPTION_KEYS, op codes, limits) and the C++ core's table in
 tflm_ops/patch_stage_types.h must say the same.  The header is parsed as
 text (no compiler needed); the built core's runtime table is checked too.
@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from keras_patch.patch_op import options as o
-from keras_patch.patch_op import quantization as q
+from keras_patch.stage import options as o
+from keras_patch.stage import quantization as q
 
 try:
     from tests.test_op_spec import _doc_option_rows
@@ -79,7 +79,7 @@ def test_cpp_limits_match():
 
 
 def test_built_core_reads_the_same_keys():
-    from keras_patch import cpp_executor
+    from keras_patch.runtime import cpp_executor
 
     if not cpp_executor.is_available():
         pytest.skip("keras_patch._kp_core is not built (python setup.py build_ext --inplace)")

@@ -1,4 +1,4 @@
-"""keras_patch.memory_planner against hand-derived layouts and against TFLM.
+"""keras_patch.arena.memory_planner against hand-derived layouts and against TFLM.
 
 The model tests convert Keras models to int8 `.tflite`, predict the TFLM
 arena head with `arena_head_bytes` and measure it with the `tflite_micro`
@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import model_zoo  # noqa: E402
 from keras_patch.errors import UnsupportedModelError  # noqa: E402
-from keras_patch.memory_planner import (  # noqa: E402
+from keras_patch.arena.memory_planner import (  # noqa: E402
     NEVER_SET,
     PlannedBuffer,
     align_up,
@@ -27,8 +27,8 @@ from keras_patch.memory_planner import (  # noqa: E402
     model_buffers,
     plan_greedy,
 )
-from keras_patch.tflite_model import TFLiteModel  # noqa: E402
-from keras_patch.tflm_arena import (  # noqa: E402
+from keras_patch.graph.tflite_model import TFLiteModel  # noqa: E402
+from keras_patch.arena.tflm_arena import (  # noqa: E402
     TFLMError,
     measure_tflm_arena,
     parse_allocation_report,

@@ -20,7 +20,7 @@ from ai_edge_litert import schema_py_generated as schema
 import keras_patch
 from keras_patch.cli import main
 from keras_patch.errors import InvalidModelError
-from keras_patch.tflite_model import TFLiteModel, check_unpack_cost
+from keras_patch.graph.tflite_model import TFLiteModel, check_unpack_cost
 
 REFUSED = "reuse the same tables"
 

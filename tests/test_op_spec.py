@@ -10,7 +10,7 @@ import pytest
 from flatbuffers import flexbuffers
 
 from keras_patch.errors import InvalidOptionsError
-from keras_patch.patch_op import options as o
+from keras_patch.stage import options as o
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "docs", "patch_stage_op.md")
 

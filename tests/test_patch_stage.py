@@ -9,11 +9,11 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
-from keras_patch.layers.patch_stage import STAGE_SCOPE_PREFIX  # noqa: E402
-from keras_patch.layers.patch_stage import PatchStage  # noqa: E402
-from keras_patch.layers.patch_stage import stage_of_tensor_name  # noqa: E402
-from keras_patch.layers.patch_stage import stage_scope_name  # noqa: E402
-from keras_patch.tflite_model import TFLiteModel  # noqa: E402
+from keras_patch.keras.patch_stage import STAGE_SCOPE_PREFIX  # noqa: E402
+from keras_patch.keras.patch_stage import PatchStage  # noqa: E402
+from keras_patch.keras.patch_stage import stage_of_tensor_name  # noqa: E402
+from keras_patch.keras.patch_stage import stage_scope_name  # noqa: E402
+from keras_patch.graph.tflite_model import TFLiteModel  # noqa: E402
 
 layers = keras.layers
 

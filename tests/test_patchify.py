@@ -30,11 +30,11 @@ from keras_patch.errors import (  # noqa: E402
     UnsupportedModelError,
 )
 from keras_patch.grid import check_grid  # noqa: E402
-from keras_patch.patch_op import options as o  # noqa: E402
-from keras_patch.patchify import SUPPORTED_STAGE_OPS, find_stages, stage_options  # noqa: E402
-from keras_patch.runtime import run_tflite  # noqa: E402
-from keras_patch.tflite_model import TFLiteModel  # noqa: E402
-from keras_patch.unpatchify import unpatchify  # noqa: E402
+from keras_patch.stage import options as o  # noqa: E402
+from keras_patch.graph.patchify import SUPPORTED_STAGE_OPS, find_stages, stage_options  # noqa: E402
+from keras_patch.runtime.host import run_tflite  # noqa: E402
+from keras_patch.graph.tflite_model import TFLiteModel  # noqa: E402
+from keras_patch.graph.unpatchify import unpatchify  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs")
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import keras_patch
-from keras_patch.patch_op import geometry
-from keras_patch.patchify import find_stages, stage_options
-from keras_patch.tflite_model import TFLiteModel
-from keras_patch.tflm_arena import measure_tflm_arena
+from keras_patch.stage import geometry
+from keras_patch.graph.patchify import find_stages, stage_options
+from keras_patch.graph.tflite_model import TFLiteModel
+from keras_patch.arena.tflm_arena import measure_tflm_arena
 
 
 def _within(predicted: int, measured: int, tolerance: float = 0.02) -> bool:
@@ -132,7 +132,7 @@ def test_summary_figures_are_attributes(mbv2_patched):
 def test_profile_class_docstring_example_runs():
     import doctest
 
-    from keras_patch import profiler
+    from keras_patch.arena import profiler
 
     finder = doctest.DocTestFinder()
     tests = [t for t in finder.find(profiler) if t.name.endswith((".Profile", ".block_name"))]
@@ -171,7 +171,7 @@ def test_blocks_of_mobilenet_v2(mbv2_144, mbv2_patched):
 
 
 def test_block_name_rule():
-    from keras_patch.profiler import block_name, layer_name
+    from keras_patch.arena.profiler import block_name, layer_name
 
     assert block_name("block_13_depthwise_relu") == "block_13"
     assert block_name("expanded_conv_depthwise_relu") == "expanded_conv"

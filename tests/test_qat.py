@@ -84,8 +84,8 @@ def test_rebuild_is_the_same_model(result):
 def test_patched_qat_model_is_bit_exact(result):
     assert result.bit_exact
     # the stage became one KP_PATCH_STAGE op
-    from keras_patch.patchify import find_stages
-    from keras_patch.tflite_model import TFLiteModel
+    from keras_patch.graph.patchify import find_stages
+    from keras_patch.graph.tflite_model import TFLiteModel
 
     assert len(find_stages(TFLiteModel.from_bytes(result.patched_tflite))) == 1
     assert find_stages(TFLiteModel.from_bytes(result.unpatched_tflite)) == []

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from keras_patch.errors import KerasPatchError, UnsupportedModelError
-from keras_patch.runtime import run_tflite
-from keras_patch.tflite_model import TFLiteModel
+from keras_patch.runtime.host import run_tflite
+from keras_patch.graph.tflite_model import TFLiteModel
 
 
 def test_collapsed_add_is_an_error_not_an_abort(residual):
@@ -51,7 +51,7 @@ def fixed_batch_2():
     """A full-int8 model whose input declares batch 2 (keras.Input(batch_size=2))."""
     import keras
 
-    from keras_patch.export import convert_int8
+    from keras_patch.keras.export import convert_int8
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
@@ -65,7 +65,7 @@ def fixed_batch_2():
 
 
 def test_fixed_batch_model_runs_in_chunks_of_its_batch(fixed_batch_2):
-    from keras_patch.runtime import litert_interpreter
+    from keras_patch.runtime.host import litert_interpreter
 
     m = TFLiteModel.from_bytes(fixed_batch_2)
     assert tuple(m.tensor(m.inputs[0]).shape) == (2, 8, 8, 3)
@@ -133,7 +133,7 @@ def kernel_zoo() -> bytes:
     import keras
     import tensorflow as tf
 
-    from keras_patch.export import convert_int8
+    from keras_patch.keras.export import convert_int8
 
     keras.utils.set_random_seed(0)
     # Named: calibration samples are keyed by input name; the .tflite keeps this input order.
@@ -206,7 +206,7 @@ def test_flat_softmax_over_many_classes_is_an_error(kernel_zoo, tmp_path):
 
 
 def test_multiplier_replica_matches_tflite_rounding():
-    from keras_patch.runtime import _quantize_multiplier, _smaller_than_one_ok
+    from keras_patch.runtime.host import _quantize_multiplier, _smaller_than_one_ok
 
     assert _quantize_multiplier(0.5) == (1 << 30, 0)
     assert _quantize_multiplier(1.0) == (1 << 30, 1)

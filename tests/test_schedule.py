@@ -1,4 +1,4 @@
-"""keras_patch.schedule: candidate splits and the best (split, grid)."""
+"""keras_patch.planner.schedule: candidate splits and the best (split, grid)."""
 
 import os
 
@@ -8,13 +8,13 @@ import pytest
 
 import keras_patch
 from keras_patch.errors import KerasPatchError
-from keras_patch.schedule import (
+from keras_patch.planner.schedule import (
     best_schedule,
     candidate_splits,
     evaluate_schedules,
     short_tensor_name,
 )
-from keras_patch.tflite_model import TFLiteModel
+from keras_patch.graph.tflite_model import TFLiteModel
 
 
 def _ancestors(m: TFLiteModel, op: int) -> set:

@@ -102,7 +102,7 @@ def test_golden_header_is_up_to_date():
 
 
 def test_fuzz_seeds_are_valid_options():
-    from keras_patch.patch_op import options as o
+    from keras_patch.stage import options as o
 
     seeds = sorted(os.listdir(os.path.join(TFLM_OPS, "fuzz", "seeds")))
     assert len(seeds) >= 20
@@ -119,9 +119,9 @@ def _stage_only_model(patched: bytes):
     """The patched model cut to its KP_PATCH_STAGE op: (model bytes, options, constants)."""
     import numpy as np
 
-    from keras_patch.patch_op.options import CUSTOM_CODE
-    from keras_patch.patchify import stage_constants, stage_options
-    from keras_patch.tflite_model import TFLiteModel
+    from keras_patch.stage.options import CUSTOM_CODE
+    from keras_patch.graph.patchify import stage_constants, stage_options
+    from keras_patch.graph.tflite_model import TFLiteModel
 
     m = TFLiteModel.from_bytes(patched)
     i = [k for k in range(m.num_ops) if m.op_type(k) == CUSTOM_CODE][0]
@@ -160,9 +160,9 @@ def test_tflm_adapter_end_to_end(tmp_path):
 
     import numpy as np
 
-    from keras_patch.patch_op.executor import prepare_stage, run_stage
-    from keras_patch.patchify import patchify
-    from keras_patch.tflite_model import TFLiteModel
+    from keras_patch.stage.executor import prepare_stage, run_stage
+    from keras_patch.graph.patchify import patchify
+    from keras_patch.graph.tflite_model import TFLiteModel
 
     try:
         from tests import strategies as kps
@@ -290,12 +290,12 @@ def test_tflm_patched_mobilenet_v2(tmp_path):
 
     import numpy as np
 
-    from keras_patch.export import convert_int8
-    from keras_patch.patchify import patchify
-    from keras_patch.profiler import profile
-    from keras_patch.runtime import run_tflite
-    from keras_patch.schedule import candidate_splits, short_tensor_name
-    from keras_patch.tflite_model import TFLiteModel
+    from keras_patch.keras.export import convert_int8
+    from keras_patch.graph.patchify import patchify
+    from keras_patch.arena.profiler import profile
+    from keras_patch.runtime.host import run_tflite
+    from keras_patch.planner.schedule import candidate_splits, short_tensor_name
+    from keras_patch.graph.tflite_model import TFLiteModel
 
     runner = _tflm_runner(tmp_path)
     size = 96
@@ -375,7 +375,7 @@ def _transpose_resize_model(int8_io: bool):
 
     import keras
 
-    from keras_patch.tflite_model import TFLiteModel
+    from keras_patch.graph.tflite_model import TFLiteModel
 
     try:
         from tests.model_zoo import to_int8_tflite
@@ -404,10 +404,10 @@ def test_tflm_runner_transpose_resize_two_outputs(tmp_path):
     patched, then float I/O): every output == LiteRT's, bit for bit."""
     import numpy as np
 
-    from keras_patch.patchify import patchify
-    from keras_patch.runtime import run_tflite
-    from keras_patch.schedule import candidate_splits
-    from keras_patch.tflite_model import TFLiteModel
+    from keras_patch.graph.patchify import patchify
+    from keras_patch.runtime.host import run_tflite
+    from keras_patch.planner.schedule import candidate_splits
+    from keras_patch.graph.tflite_model import TFLiteModel
 
     runner = _tflm_runner(tmp_path)
     model, ops = _transpose_resize_model(int8_io=True)

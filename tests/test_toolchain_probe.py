@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import keras_patch
-from keras_patch.firmware import run_stage_firmware, toolchain_problem
+from keras_patch.runtime.firmware import run_stage_firmware, toolchain_problem
 
 def _fake_cross_toolchain(bin_dir, link_error: str) -> None:
     """arm-none-eabi-gcc/g++ that compile (touch the object) but fail to link, as a
@@ -34,7 +34,7 @@ def test_toolchain_probe_links_a_cxx_program(tmp_path, monkeypatch):
     problem = toolchain_problem.__wrapped__()
     assert problem is not None
     assert "cannot find -lstdc++" in problem and "libstdc++-arm-none-eabi-newlib" in problem
-    monkeypatch.setattr("keras_patch.firmware.toolchain_problem", lambda need_emulator=True: problem)
+    monkeypatch.setattr("keras_patch.runtime.firmware.toolchain_problem", lambda need_emulator=True: problem)
     with pytest.raises(keras_patch.KerasPatchError, match="cannot compile and link a C\\+\\+ program"):
         run_stage_firmware("", str(tmp_path / "fw"))
 

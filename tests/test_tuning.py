@@ -52,8 +52,8 @@ def test_spec_errors_name_the_field():
 
 
 def test_built_model_trains_with_fit_and_exports_bit_exact():
-    from keras_patch.export import convert_int8, export_tflite
-    from keras_patch.runtime import quantize_input, run_tflite
+    from keras_patch.keras.export import convert_int8, export_tflite
+    from keras_patch.runtime.host import quantize_input, run_tflite
 
     spec = ArchSpec(resolution=32, width=0.25, stages=TINY_STAGES, patch_stages=2, grid=(2, 2))
     model = build_model(spec, seed=1)

@@ -6,8 +6,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import keras  # noqa: E402
-from keras_patch.layers.patch_stage import PatchStage  # noqa: E402
-from keras_patch.wrap import wrap_stage  # noqa: E402
+from keras_patch.keras.patch_stage import PatchStage  # noqa: E402
+from keras_patch.keras.wrap import wrap_stage  # noqa: E402
 
 layers = keras.layers
 

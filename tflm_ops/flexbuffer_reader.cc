@@ -91,7 +91,7 @@ bool GetRootMap(const uint8_t* data, size_t size, Map* map) {
 Status Find(const Map& map, const char* key, Ref* value) {
   const size_t key_length = strlen(key);
   // Scans from the end: with duplicate keys the last one counts, as in the
-  // Python reader (keras_patch.patch_op.options.decode_options).
+  // Python reader (keras_patch.stage.options.decode_options).
   for (uint32_t j = map.length; j > 0; --j) {
     const uint32_t i = j - 1;
     size_t str;

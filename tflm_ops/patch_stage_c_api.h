@@ -1,7 +1,7 @@
 /* Copyright 2026 The keras-patch Authors. Licensed under the Apache License 2.0.
 
 C ABI of the portable KP_PATCH_STAGE core, for the host (Python ctypes,
-keras_patch/cpp_executor.py) and for tests.  Every function returns 0 on
+keras_patch/runtime/cpp_executor.py) and for tests.  Every function returns 0 on
 success; on failure it returns 1 and writes one NUL-terminated message (it
 names the options key at fault) into err[0 .. err_size-1].
 ==============================================================================*/

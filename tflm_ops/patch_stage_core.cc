@@ -1,7 +1,7 @@
 /* Copyright 2026 The keras-patch Authors. Licensed under the Apache License 2.0.
 
 KP_PATCH_STAGE Prepare: options parsing, validation (the same checks, in the
-same order, as keras_patch/patch_op/options.py validate_options and
+same order, as keras_patch/stage/options.py validate_options and
 executor.py prepare_stage) and the precomputed stage.
 ==============================================================================*/
 #include "patch_stage_core.h"

@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from keras_patch.errors import KerasPatchError
-from keras_patch.patch_op import geometry
-from keras_patch.patchify import find_stages, stage_options
-from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.stage import geometry
+from keras_patch.graph.patchify import find_stages, stage_options
+from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 
 #: Extra bytes on top of head + tail (see the module docstring).
 ARENA_MARGIN_BYTES = 1024
@@ -111,8 +111,8 @@ def stage_persistent_bytes(model: TFLiteModel, op_index: int) -> int:
 
 def measure_unpatched_tail(tflite_bytes: ModelSource) -> int:
     """Tail bytes of the unpatched model in the tflite-micro wheel (child process)."""
-    from keras_patch.tflm_arena import measure_tflm_arena
-    from keras_patch.unpatchify import unpatchify
+    from keras_patch.arena.tflm_arena import measure_tflm_arena
+    from keras_patch.graph.unpatchify import unpatchify
 
     return measure_tflm_arena(unpatchify(read_model_bytes(tflite_bytes))).tail_bytes
 
@@ -126,10 +126,10 @@ def estimate_arena(tflite_bytes: ModelSource, tail_bytes: Optional[int] = None) 
             the tflite-micro wheel.
 
     Raises:
-        keras_patch.tflm_arena.TFLMError: the wheel could not run the
+        keras_patch.arena.tflm_arena.TFLMError: the wheel could not run the
             unpatched model (pass `tail_bytes`).
     """
-    from keras_patch.profiler import profile
+    from keras_patch.arena.profiler import profile
 
     if tail_bytes is not None and (isinstance(tail_bytes, bool) or not isinstance(tail_bytes, numbers.Integral)
                                    or tail_bytes < 0):

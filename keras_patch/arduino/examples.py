@@ -64,7 +64,7 @@ from keras_patch.arduino.sketch import (
     write_sketch_folder,
 )
 from keras_patch.errors import KerasPatchError
-from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 
 #: `--sketch` choices of `keras-patch export-arduino`.
 SKETCH_KINDS = ("basic", "person-detection", "memory-report")
@@ -113,7 +113,7 @@ def preprocess_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     Returns:
         float32 `(1, height, width, 1)` in [0, 1]: the centred crop with the
         input's aspect ratio, each output pixel the rounded mean of the frame
-        pixels in its box, divided by 255. `keras_patch.runtime.quantize_input`
+        pixels in its box, divided by 255. `keras_patch.runtime.host.quantize_input`
         of it equals what the sketch writes into the input tensor.
     """
     frame = np.asarray(frame, np.uint8)
@@ -144,7 +144,7 @@ namespace keras_patch_example {
 //     the rounded mean of the frame pixels in its box,
 //  3. maps pixel p to p / 255.0f, the [0, 1] range the model is trained on,
 //  4. quantizes: round(value / scale) + zero_point, rounding half to even
-//     (as numpy, i.e. keras_patch.runtime.quantize_input), clamped to int8.
+//     (as numpy, i.e. keras_patch.runtime.host.quantize_input), clamped to int8.
 // No Arduino or TFLM dependency; keras_patch.arduino.examples.preprocess_frame
 // is the same computation in Python.
 void CropResizeQuantize(const uint8_t* frame, int frame_width, int frame_height, int output_width,
@@ -681,7 +681,7 @@ def export_memory_report(
             type or quantization), or what `export_sketch` raises. Both
             models and the code for their ops must fit the board's flash.
     """
-    from keras_patch.unpatchify import unpatchify
+    from keras_patch.graph.unpatchify import unpatchify
 
     target = get_board(board)
     data = read_model_bytes(tflite_bytes)

@@ -214,7 +214,7 @@ def sync_library(root: Optional[str] = None) -> List[str]:
     Returns:
         The relative paths written or removed.
     """
-    from keras_patch.export import write_atomically
+    from keras_patch.keras.export import write_atomically
 
     lib = library_dir(root)
     changed = []

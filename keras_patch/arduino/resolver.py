@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import List
 
 from keras_patch.errors import UnsupportedModelError
-from keras_patch.patch_op.options import CUSTOM_CODE
-from keras_patch.tflite_model import (
+from keras_patch.stage.options import CUSTOM_CODE
+from keras_patch.graph.tflite_model import (
     BUILTIN_OPERATOR_NAMES,
     ModelSource,
     TFLiteModel,

@@ -47,7 +47,7 @@ from keras_patch.arduino.library import TFLM_LIBRARY, TFLM_LIBRARY_HEADER
 from keras_patch.arduino.resolver import ResolverPlan, resolver_calls
 from keras_patch.errors import KerasPatchError
 from keras_patch.files import new_file_mode, new_folder_mode
-from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 
 #: Flash estimate of the code a sketch adds on top of the board core:
 #: TFLM's interpreter, allocator, planner and flatbuffer parsing; each

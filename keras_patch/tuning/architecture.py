@@ -227,7 +227,7 @@ def build_backbone(spec: ArchSpec, seed: Optional[int] = None):
 
 def build_model(spec: ArchSpec, seed: Optional[int] = None):
     """`build_backbone(spec)` with the stem and first `spec.patch_stages` stages in a `PatchStage`."""
-    from keras_patch.wrap import wrap_stage
+    from keras_patch.keras.wrap import wrap_stage
 
     base = build_backbone(spec, seed=seed)
     if not spec.patch_stages:

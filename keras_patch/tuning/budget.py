@@ -179,8 +179,8 @@ def measure_model(
     """
     from keras_patch.arduino.resolver import resolver_calls
     from keras_patch.arduino.sketch import flash_estimate
-    from keras_patch.export import export_tflite
-    from keras_patch.profiler import profile
+    from keras_patch.keras.export import export_tflite
+    from keras_patch.arena.profiler import profile
 
     start = time.perf_counter()
     if representative_dataset is None:

@@ -199,7 +199,7 @@ def _flatten(model, input_keys: List[str], spec: list, weights: Dict[str, np.nda
 def _flatten_layer(layer, inbound: List[str], spec: list, weights: dict, stages: list) -> List[str]:
     import keras
 
-    from keras_patch.layers.patch_stage import PatchStage
+    from keras_patch.keras.patch_stage import PatchStage
 
     if isinstance(layer, PatchStage):
         first = len(spec)
@@ -358,7 +358,7 @@ def split_op_of_layer(tflite_bytes: bytes, layer_name: str) -> int:
     the TF ops fused into it, joined with ``;``.  The last op whose output
     name has a part under ``/<name>/`` or ``/quant_<name>/`` is taken.
     """
-    from keras_patch.tflite_model import TFLiteModel
+    from keras_patch.graph.tflite_model import TFLiteModel
 
     model = TFLiteModel.from_bytes(tflite_bytes)
     marks = (f"/{layer_name}/", f"/quant_{layer_name}/")
@@ -411,8 +411,8 @@ def quantization_aware_finetune(
         RuntimeError: the QAT worker process failed (its output is in the message).
     """
     import keras_patch
-    from keras_patch.export import patch_stages
-    from keras_patch.runtime import quantize_input
+    from keras_patch.keras.export import patch_stages
+    from keras_patch.runtime.host import quantize_input
 
     t0 = time.time()
     check_dependencies()

@@ -1,7 +1,7 @@
 /* Copyright 2026 The keras-patch Authors. Licensed under the Apache License 2.0.
 
 Bare-metal test of the portable KP_PATCH_STAGE core on a Cortex-M4F (QEMU
-mps2-an386). `stage_vectors.h`, written by keras_patch.firmware from a real
+mps2-an386). `stage_vectors.h`, written by keras_patch.runtime.firmware from a real
 patched model, holds one stage's options, its constant op inputs, an input
 and the output the Python side computed. The firmware prepares the stage,
 runs Eval once (timed with the CMSDK APB timer 0, 25 MHz), compares the

@@ -12,7 +12,7 @@ import sys
 from hypothesis import HealthCheck, given, settings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from keras_patch.patch_op import options as o  # noqa: E402
+from keras_patch.stage import options as o  # noqa: E402
 from tests.test_cpp_executor import stages  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")

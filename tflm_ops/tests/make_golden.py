@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 
-from keras_patch.patch_op import geometry
-from keras_patch.patch_op import options as o
-from keras_patch.patch_op.executor import ConstantTensor, prepare_stage, run_stage
+from keras_patch.stage import geometry
+from keras_patch.stage import options as o
+from keras_patch.stage.executor import ConstantTensor, prepare_stage, run_stage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

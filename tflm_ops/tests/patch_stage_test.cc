@@ -347,7 +347,7 @@ void TestArithmeticKnownValues() {
   QuantizeMultiplier(0.0, &m, &s);
   CHECK_EQ(m, 0);
   CHECK_EQ(s, 0);
-  QuantizeMultiplier(0.0123, &m, &s);  // keras_patch.patch_op.quantization doctest
+  QuantizeMultiplier(0.0123, &m, &s);  // keras_patch.stage.quantization doctest
   CHECK_EQ(m, 1690499128);
   CHECK_EQ(s, -6);
   CHECK_EQ(MultiplyByQuantizedMultiplier(1000, m, s), 12);

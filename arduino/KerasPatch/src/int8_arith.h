@@ -5,7 +5,7 @@
 Fixed-point helpers of TFLite's int8 reference kernels (double rounding, the
 default build without TFLITE_SINGLE_ROUNDING), written out so the portable
 core needs no TFLite headers.  Semantics: docs/patch_stage_op.md, "Int8
-arithmetic"; the Python twin is keras_patch/patch_op/quantization.py.
+arithmetic"; the Python twin is keras_patch/stage/quantization.py.
 ==============================================================================*/
 #ifndef KERAS_PATCH_TFLM_OPS_INT8_ARITH_H_
 #define KERAS_PATCH_TFLM_OPS_INT8_ARITH_H_

@@ -3,7 +3,7 @@
 /* Copyright 2026 The keras-patch Authors. Licensed under the Apache License 2.0.
 
 Patch geometry of KP_PATCH_STAGE (docs/patch_stage_op.md, "Patch geometry"
-and "Scratch buffers"); the Python twin is keras_patch/patch_op/geometry.py.
+and "Scratch buffers"); the Python twin is keras_patch/stage/geometry.py.
 ==============================================================================*/
 #ifndef KERAS_PATCH_TFLM_OPS_PATCH_GEOMETRY_H_
 #define KERAS_PATCH_TFLM_OPS_PATCH_GEOMETRY_H_

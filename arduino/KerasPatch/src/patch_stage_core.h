@@ -41,7 +41,7 @@ struct KpOptionsView {
 KpStatus KpParseOptions(const uint8_t* data, size_t size, const KpReporter& reporter,
                         KpOptionsView* view);
 
-// Checks shapes and parameters (keras_patch.patch_op.options.validate_options).
+// Checks shapes and parameters (keras_patch.stage.options.validate_options).
 // num_op_inputs < 0: the number of op inputs is not known (not checked).
 KpStatus KpValidateOptions(const KpOptionsView& view, int32_t num_op_inputs,
                            const KpReporter& reporter);

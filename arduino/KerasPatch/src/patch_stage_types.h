@@ -51,7 +51,7 @@ enum KpActivation {
 
 // The options keys, in the order of the spec's table.  Key names, types and
 // lengths are written exactly as in docs/patch_stage_op.md and
-// keras_patch.patch_op.options.OPTION_KEYS (tests/test_kernel_keys.py checks
+// keras_patch.stage.options.OPTION_KEYS (tests/test_kernel_keys.py checks
 // the three agree).  The parser looks keys up through this table.
 enum KpOptionKeyIndex {
   kKeyVersion = 0,

@@ -14,7 +14,7 @@ namespace keras_patch_example {
 //     the rounded mean of the frame pixels in its box,
 //  3. maps pixel p to p / 255.0f, the [0, 1] range the model is trained on,
 //  4. quantizes: round(value / scale) + zero_point, rounding half to even
-//     (as numpy, i.e. keras_patch.runtime.quantize_input), clamped to int8.
+//     (as numpy, i.e. keras_patch.runtime.host.quantize_input), clamped to int8.
 // No Arduino or TFLM dependency; keras_patch.arduino.examples.preprocess_frame
 // is the same computation in Python.
 void CropResizeQuantize(const uint8_t* frame, int frame_width, int frame_height, int output_width,

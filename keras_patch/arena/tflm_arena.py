@@ -18,7 +18,7 @@ a failed invoke becomes a `TFLMError` carrying the child's output.
 
 Example:
 
->>> from keras_patch.tflm_arena import measure_tflm_arena
+>>> from keras_patch.arena.tflm_arena import measure_tflm_arena
 >>> report = measure_tflm_arena(open("model.tflite", "rb").read())  # doctest: +SKIP
 >>> report.head_bytes, report.tail_bytes  # doctest: +SKIP
 (83200, 14512)
@@ -38,7 +38,7 @@ from typing import Optional
 from ai_edge_litert import schema_py_generated as schema
 
 from keras_patch.errors import UnsupportedModelError
-from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 
 #: Arena tried first when `arena_size` is None; doubled on "arena too small".
 DEFAULT_ARENA_SIZE = 16 * 1024 * 1024

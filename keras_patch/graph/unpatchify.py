@@ -8,7 +8,7 @@ the options lose nothing (`run_tflite(unpatchify(m)) == run_tflite(m)`).
 
 Example:
 
->>> from keras_patch.unpatchify import unpatchify
+>>> from keras_patch.graph.unpatchify import unpatchify
 >>> plain = unpatchify(open("patched.tflite", "rb").read())  # doctest: +SKIP
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from keras_patch.errors import UnsupportedModelError
-from keras_patch.patch_op import options as o
-from keras_patch.patchify import _same_padding, find_stages, stage_options
-from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.stage import options as o
+from keras_patch.graph.patchify import _same_padding, find_stages, stage_options
+from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 
 # Builtin op versions TFLite uses for int8 per-channel kernels.
 _OP_VERSIONS = {

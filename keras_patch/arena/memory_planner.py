@@ -37,7 +37,7 @@ the ops of called subgraphs too.)
 
 Example:
 
->>> from keras_patch.memory_planner import PlannedBuffer, plan_greedy
+>>> from keras_patch.arena.memory_planner import PlannedBuffer, plan_greedy
 >>> plan = plan_greedy([
 ...     PlannedBuffer(size=100, first_op=0, last_op=1, name="a"),
 ...     PlannedBuffer(size=50, first_op=2, last_op=3, name="b"),
@@ -45,7 +45,7 @@ Example:
 ... ], alignment=1)
 >>> plan.offsets, plan.head_bytes
 ([0, 0, 100], 120)
->>> from keras_patch.tflite_model import TFLiteModel  # doctest: +SKIP
+>>> from keras_patch.graph.tflite_model import TFLiteModel  # doctest: +SKIP
 >>> arena_head_bytes(TFLiteModel.from_bytes("model.tflite"))  # doctest: +SKIP
 83200
 """
@@ -61,7 +61,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from keras_patch.errors import UnsupportedModelError
-from keras_patch.tflite_model import (
+from keras_patch.graph.tflite_model import (
     TFLiteModel,
     decode_name,
     int_list,

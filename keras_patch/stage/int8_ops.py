@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_patch.patch_op import quantization as q
+from keras_patch.stage import quantization as q
 
 Region = tuple  # (y0, y1, x0, x1), half-open, in full-feature-map coordinates
 

@@ -9,7 +9,7 @@ picks the lowest predicted patched arena head (ties: lower MAC overhead).
 
 Example:
 
->>> from keras_patch.schedule import best_schedule
+>>> from keras_patch.planner.schedule import best_schedule
 >>> best = best_schedule(open("model.tflite", "rb").read(), grids=[(4, 4)])  # doctest: +SKIP
 >>> best.split_layer, best.patched_peak_bytes, best.mac_overhead  # doctest: +SKIP
 ('block_5_add', 94208, 1.18)
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence
 
 from keras_patch.errors import KerasPatchError, UnsupportedModelError
-from keras_patch.patch_op import options as o
-from keras_patch.patchify import default_entry_tensor, normalize_grid, patchify
-from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.stage import options as o
+from keras_patch.graph.patchify import default_entry_tensor, normalize_grid, patchify
+from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def evaluate_schedules(
     Returns:
         One `ScheduleResult` per schedule whose grid fits the stage output.
     """
-    from keras_patch.profiler import profile
+    from keras_patch.arena.profiler import profile
 
     data = read_model_bytes(tflite_bytes)
     model = TFLiteModel.from_bytes(data)

@@ -29,7 +29,7 @@ import numpy as np
 from flatbuffers import flexbuffers
 
 from keras_patch.errors import InvalidOptionsError
-from keras_patch.patch_op.quantization import SUPPORTED_ACTIVATIONS
+from keras_patch.stage.quantization import SUPPORTED_ACTIVATIONS
 
 CUSTOM_CODE = "KP_PATCH_STAGE"
 OPTIONS_VERSION = 1

@@ -9,7 +9,7 @@ import keras
 from keras.src.models.functional import Functional
 from keras.src.utils import naming
 
-from keras_patch.layers.patch_stage import PatchStage
+from keras_patch.keras.patch_stage import PatchStage
 
 
 def _producer_node(tensor):
@@ -63,7 +63,7 @@ def wrap_stage(
     Example:
 
     >>> import keras
-    >>> from keras_patch.wrap import wrap_stage
+    >>> from keras_patch.keras.wrap import wrap_stage
     >>> base = keras.applications.MobileNetV2(
     ...     input_shape=(96, 96, 3), alpha=0.35, weights=None)
     >>> model = wrap_stage(base, until="block_5_add", grid=(4, 4), name="stage1")

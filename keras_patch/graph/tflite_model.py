@@ -8,7 +8,7 @@ tensor, shapes, quantization, constant data) and writes the model back with
 
 Example:
 
->>> from keras_patch.tflite_model import TFLiteModel
+>>> from keras_patch.graph.tflite_model import TFLiteModel
 >>> model = TFLiteModel.from_bytes(open("model.tflite", "rb").read())  # doctest: +SKIP
 >>> [model.op_type(i) for i in range(model.num_ops)][:3]  # doctest: +SKIP
 ['CONV_2D', 'DEPTHWISE_CONV_2D', 'CONV_2D']

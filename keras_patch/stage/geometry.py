@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from keras_patch.patch_op.options import (
+from keras_patch.stage.options import (
     OP_CONV_2D,
     OP_DEPTHWISE_CONV_2D,
     StageOptions,

@@ -237,7 +237,7 @@ class PatchStage(keras.layers.Layer):
     Example:
 
     >>> import keras
-    >>> from keras_patch.layers import PatchStage
+    >>> from keras_patch import PatchStage
     >>> block = keras.Sequential([
     ...     keras.Input((32, 32, 3)),
     ...     keras.layers.Conv2D(8, 3, strides=2, padding="same"),

@@ -6,11 +6,11 @@ only glue around it); `setup.py` builds it as the shared library
 the kernel's Prepare does (parse and validate the options bytes, compute the
 requantization parameters, plan the patch arena) and its `run` what Eval
 does, into buffers allocated once here.  Results are bit-identical to the
-reference executor (`keras_patch.patch_op.executor`).
+reference executor (`keras_patch.stage.executor`).
 
 Example:
 
->>> from keras_patch.patch_op import options as o
+>>> from keras_patch.stage import options as o
 >>> opts = o.StageOptions(grid=(2, 2), tensor_shapes=[(6, 6, 1), (6, 6, 1)],
 ...     tensor_scales=[0.1, 0.1], tensor_zero_points=[0, 0],
 ...     layers=[o.LayerOptions(op=o.OP_MAX_POOL_2D, inputs=(0, -1), kernel=(3, 3), pad=(1, 1))])
@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from keras_patch.errors import InvalidOptionsError
-from keras_patch.patch_op.executor import ConstantTensor
+from keras_patch.stage.executor import ConstantTensor
 
 _ERR_SIZE = 1024
 _TYPE_CODES = {np.dtype(np.int8): 1, np.dtype(np.int32): 2}
@@ -58,7 +58,7 @@ def library_path() -> Optional[str]:
     the working directory may shadow the `pip install .`ed package that holds
     the library.
     """
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # keras_patch/
     dirs = [here] + [os.path.join(p or os.getcwd(), "keras_patch") for p in sys.path]
     for d in dirs:
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
@@ -216,7 +216,7 @@ class CppStage:
         #: Scratch buffer #1 (CMSIS-NN context): 0 unless the core was built with -DCMSIS_NN.
         self.context_bytes = int(context.value)
         self._context = np.zeros(max(self.context_bytes // 4 + 1, 1), np.int32)  # 4-byte aligned
-        from keras_patch.patch_op.options import decode_options  # shapes for run()
+        from keras_patch.stage.options import decode_options  # shapes for run()
 
         self.options = decode_options(self._options)
 

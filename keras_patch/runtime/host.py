@@ -1,7 +1,7 @@
 """Running any int8 model, patched or not, on the host.
 
 KP_PATCH_STAGE ops run in the reference executor (patch by patch, numpy),
-or with `executor="cpp"` in the C++ kernel core (`keras_patch.cpp_executor`,
+or with `executor="cpp"` in the C++ kernel core (`keras_patch.runtime.cpp_executor`,
 the code the TFLM kernel runs); every other op runs in the LiteRT interpreter.  The model is cut into
 segments at its KP_PATCH_STAGE ops; each run of builtin ops becomes a small
 `.tflite` of its own, executed by LiteRT with its *reference* kernels
@@ -25,10 +25,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from keras_patch.patch_op.executor import PreparedStage, prepare_stage, run_stage
-from keras_patch.patch_op.options import CUSTOM_CODE
-from keras_patch.patchify import kernel_tensor_view, stage_constants, stage_io_tensors, stage_options
-from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.stage.executor import PreparedStage, prepare_stage, run_stage
+from keras_patch.stage.options import CUSTOM_CODE
+from keras_patch.graph.patchify import kernel_tensor_view, stage_constants, stage_io_tensors, stage_options
+from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 from keras_patch.errors import InvalidOptionsError, KerasPatchError, UnsupportedModelError
 
 
@@ -251,8 +251,8 @@ def stage_operations(options) -> int:
     Per output pixel of a layer: `kh*kw*C_in*C_out` for CONV_2D, `kh*kw*C` for
     DEPTHWISE_CONV_2D and the poolings, `C` for PAD, ADD, RELU and RELU6.
     """
-    from keras_patch.patch_op import geometry
-    from keras_patch.patch_op import options as o
+    from keras_patch.stage import geometry
+    from keras_patch.stage import options as o
 
     per_pixel = []
     for l, layer in enumerate(options.layers):
@@ -292,7 +292,7 @@ def _prepare(model: TFLiteModel, op_index: int, executor: str):
         prepared = prepare_stage(stage_options(model, op_index), stage_constants(model, op_index))
         _check_host_work(model, op_index, prepared.options)
         return prepared
-    from keras_patch.cpp_executor import CppStage
+    from keras_patch.runtime.cpp_executor import CppStage
 
     io = [kernel_tensor_view(t) for t in stage_io_tensors(model, op_index)]
     options = bytes(np.asarray(model.operator(op_index).customOptions, np.uint8))
@@ -396,7 +396,7 @@ class HostRunner:
 
 @functools.lru_cache(maxsize=8)
 def _builtin_names() -> frozenset:
-    from keras_patch.tflite_model import BUILTIN_OPERATOR_NAMES
+    from keras_patch.graph.tflite_model import BUILTIN_OPERATOR_NAMES
 
     return frozenset(BUILTIN_OPERATOR_NAMES.values())
 
@@ -478,7 +478,7 @@ def quantize_input(tflite_bytes: ModelSource, x: np.ndarray, index: int = 0) -> 
     Example:
 
     >>> import numpy as np, keras
-    >>> from keras_patch.export import convert_int8
+    >>> from keras_patch.keras.export import convert_int8
     >>> model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3)])
     >>> data = convert_int8(model, np.random.default_rng(0).random((4, 4, 4, 1), dtype=np.float32))
     >>> quantize_input(data, np.zeros((1, 4, 4, 1), np.float32)).dtype.name

@@ -9,7 +9,7 @@ that patch's intermediates, and write the tile into the output.
 Example:
 
 >>> import numpy as np
->>> from keras_patch.patch_op import options as o
+>>> from keras_patch.stage import options as o
 >>> opts = o.StageOptions(grid=(2, 2), tensor_shapes=[(6, 6, 1), (6, 6, 1)],
 ...     tensor_scales=[0.1, 0.1], tensor_zero_points=[0, 0],
 ...     layers=[o.LayerOptions(op=o.OP_MAX_POOL_2D, inputs=(0, -1), kernel=(3, 3), pad=(1, 1))])
@@ -27,9 +27,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from keras_patch.errors import InvalidOptionsError
-from keras_patch.patch_op import geometry, int8_ops
-from keras_patch.patch_op import options as o
-from keras_patch.patch_op import quantization as q
+from keras_patch.stage import geometry, int8_ops
+from keras_patch.stage import options as o
+from keras_patch.stage import quantization as q
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,11 @@ from ai_edge_litert import schema_py_generated as schema
 
 from keras_patch.errors import CalibrationDataError, UnsupportedModelError
 from keras_patch.files import check_output_path, write_atomically  # noqa: F401  (write_atomically: public here)
-from keras_patch.patchify import plan_stage, rewrite_stage, stage_ops
-from keras_patch.tflite_model import TFLiteModel
+from keras_patch.graph.patchify import plan_stage, rewrite_stage, stage_ops
+from keras_patch.graph.tflite_model import TFLiteModel
 
 if TYPE_CHECKING:  # the layer imports Keras; `write_atomically` must not
-    from keras_patch.layers.patch_stage import PatchStage
+    from keras_patch.keras.patch_stage import PatchStage
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ RepresentativeData = Union[np.ndarray, Callable[[], Iterable], Iterable]
 
 def patch_stages(model) -> List[PatchStage]:
     """The PatchStage layers of a Keras model, outermost first."""
-    from keras_patch.layers.patch_stage import PatchStage
+    from keras_patch.keras.patch_stage import PatchStage
 
     found = []
     for layer in model.layers:
@@ -370,7 +370,7 @@ def convert_int8(model, representative_dataset: RepresentativeData, int8_io: boo
 
 def _stage_op_set(tflite: TFLiteModel, stage: PatchStage) -> tuple:
     """(entry tensor, exit tensor) of the ops the converter made from `stage`."""
-    from keras_patch.layers.patch_stage import stage_of_tensor_name
+    from keras_patch.keras.patch_stage import stage_of_tensor_name
 
     marked = [
         i for i in range(tflite.num_ops)

@@ -18,7 +18,7 @@ Example:
 Blocks: `Profile.blocks()` and `Profile.plot(by="block")` group the
 layer-by-layer ops into the Keras blocks they come from (MCUNetV2's Fig. 1
 draws one bar per block). An op's block is derived from its output tensor's
-Keras layer name (`keras_patch.schedule.short_tensor_name`), see
+Keras layer name (`keras_patch.planner.schedule.short_tensor_name`), see
 `block_name`: trailing name parts that say what the layer does inside its
 block (`_expand`, `_depthwise`, `_project`, `_add`, `_relu`, `_BN`, ...) are
 dropped, so `block_3_expand_relu` and `block_3_project_BN` are block
@@ -38,12 +38,12 @@ from typing import List, Optional, Union
 
 import numpy as np
 
-from keras_patch import memory_planner
-from keras_patch.patch_op import geometry
-from keras_patch.patchify import find_stages, stage_options
-from keras_patch.schedule import short_tensor_name
-from keras_patch.tflite_model import ModelSource, TFLiteModel, read_model_bytes
-from keras_patch.unpatchify import unpatchify
+from keras_patch.arena import memory_planner
+from keras_patch.stage import geometry
+from keras_patch.graph.patchify import find_stages, stage_options
+from keras_patch.planner.schedule import short_tensor_name
+from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.graph.unpatchify import unpatchify
 
 #: Trailing parts of a Keras layer name (split at "_", compared in lower
 #: case) that name the layer's role inside its block, not the block:
@@ -463,7 +463,7 @@ def profile(
         `mac_overhead`, `patched_peak_op` and `num_stages`.
     """
     if not isinstance(model_or_tflite, (bytes, bytearray, memoryview, str)) and hasattr(model_or_tflite, "layers"):
-        from keras_patch.export import export_tflite
+        from keras_patch.keras.export import export_tflite
 
         keras_model = model_or_tflite
         if representative_dataset is None:

@@ -24,9 +24,9 @@ from ai_edge_litert import schema_py_generated as schema
 
 from keras_patch.errors import InvalidOptionsError, UnsupportedModelError
 from keras_patch.grid import check_grid
-from keras_patch.patch_op import options as o
-from keras_patch.patch_op.executor import ConstantTensor, prepare_stage
-from keras_patch.tflite_model import ModelSource, TensorInfo, TFLiteModel, read_model_bytes
+from keras_patch.stage import options as o
+from keras_patch.stage.executor import ConstantTensor, prepare_stage
+from keras_patch.graph.tflite_model import ModelSource, TensorInfo, TFLiteModel, read_model_bytes
 
 SUPPORTED_STAGE_OPS = {
     "CONV_2D": o.OP_CONV_2D,

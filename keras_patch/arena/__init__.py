@@ -1,0 +1,1 @@
+"""The TFLM arena: the byte-exact replica of TFLM's greedy planner (`memory_planner`), the arena of a network with patch stages (`network`, the cost model), measuring real TFLM (`tflm_arena`) and `profile()`."""

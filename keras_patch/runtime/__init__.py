@@ -1,0 +1,1 @@
+"""Running patched models on the host: `host.run_tflite` (LiteRT for built-in ops, the reference or C++ executor for stages), the C++ core (`cpp_executor`) and the Cortex-M4 firmware under QEMU (`firmware`)."""

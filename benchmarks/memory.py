@@ -82,7 +82,7 @@ def measure_model(name: str, grids: list, log) -> dict:
     tflite = convert_int8(model, calibration)
     log(f"{name}: converted in {time.perf_counter() - start:.0f} s")
     stock = measure_tflm_arena(tflite).head_bytes
-    predicted = profile(tflite).summary["layer_by_layer_peak_bytes"]
+    predicted = profile(tflite).layer_by_layer_peak_bytes
     splits = candidate_splits(tflite, min_output_size=2)
     results = evaluate_schedules(tflite, grids, splits)
     best = {}

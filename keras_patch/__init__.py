@@ -29,7 +29,7 @@ from keras_patch.errors import (
     UnsupportedModelError,
 )
 from keras_patch.graph.patchify import patchify, patchify_stages
-from keras_patch.arena.profiler import Profile, profile
+from keras_patch.arena.profiler import Profile, ProfileSummary, profile
 from keras_patch.runtime.host import run_tflite
 from keras_patch.graph.unpatchify import unpatchify
 
@@ -116,6 +116,7 @@ __all__ = [
     "KerasPatchError",
     "PatchStage",
     "Profile",
+    "ProfileSummary",
     "UnsupportedModelError",
     "export_tflite",
     "patchify",

@@ -251,16 +251,15 @@ def _cmd_demo(args) -> int:
 
         result = run_demo(out_dir=args.out_dir, grid=grid, num_images=args.images, progress=say)
     prof = result.profile
-    s = prof.summary
     print()
     print(prof.table())
     print()
-    predicted = s["layer_by_layer_peak_bytes"]
+    predicted = prof.layer_by_layer_peak_bytes
     measured = result.stock_tflm_head_bytes
     print(f"stock TFLM arena head, measured (tflite-micro): {measured:,} B; "
           f"keras-patch prediction {predicted:,} B ({100 * (predicted - measured) / measured:+.2f} %)")
-    print(f"patched arena head (prediction): {s['patched_peak_bytes']:,} B -> "
-          f"{measured / s['patched_peak_bytes']:.2f}x lower than stock TFLM")
+    print(f"patched arena head (prediction): {prof.patched_peak_bytes:,} B -> "
+          f"{measured / prof.patched_peak_bytes:.2f}x lower than stock TFLM")
     print(f"bit-exact vs the unpatched int8 model on {result.num_images} images: "
           f"{'YES' if result.bit_exact else 'NO'} (reference executor), "
           f"{'YES' if result.bit_exact_cpp else 'NO'} (C++ kernel core); compared: the logits "

@@ -24,19 +24,18 @@ def _within(predicted: int, measured: int, tolerance: float = 0.02) -> bool:
 def test_layer_by_layer_peak_equals_tflm_arena_head(name, request):
     model = request.getfixturevalue(name)
     measured = measure_tflm_arena(model).head_bytes
-    summary = keras_patch.profile(model).summary
-    assert _within(summary["layer_by_layer_peak_bytes"], measured)
-    assert summary["layer_by_layer_peak_bytes"] == measured  # in practice it is exact
+    prof = keras_patch.profile(model)
+    assert _within(prof.layer_by_layer_peak_bytes, measured)
+    assert prof.layer_by_layer_peak_bytes == measured  # in practice it is exact
     if name == "mbv2_144":
         assert measured == 311_040  # the figure for int8 input
 
 
 def test_unpatched_model_has_no_stage_and_no_overhead(residual):
     prof = keras_patch.profile(residual)
-    s = prof.summary
-    assert s["num_stages"] == 0 and prof.stages == []
-    assert s["patched_peak_bytes"] == s["layer_by_layer_peak_bytes"]
-    assert s["mac_overhead"] == 1.0
+    assert prof.num_stages == 0 and prof.stages == []
+    assert prof.patched_peak_bytes == prof.layer_by_layer_peak_bytes
+    assert prof.mac_overhead == 1.0
     assert len(prof.rows) == TFLiteModel.from_bytes(residual).num_ops
 
 
@@ -46,13 +45,12 @@ def test_patched_profile(mbv2_144):
                                 if "block_2_add" in tm.tensor(t).name))
     patched = keras_patch.patchify(mbv2_144, tm.tensor(split).name, (4, 4))
     prof = keras_patch.profile(patched)
-    s = prof.summary
-    stock = keras_patch.profile(mbv2_144).summary["layer_by_layer_peak_bytes"]
+    stock = keras_patch.profile(mbv2_144).layer_by_layer_peak_bytes
     # The layer-by-layer view of the patched model is the unpatched network again.
-    assert _within(s["layer_by_layer_peak_bytes"], stock)
-    assert s["patched_peak_bytes"] < stock / 2.5
-    assert s["patched_peak_bytes_without_input"] < s["patched_peak_bytes"]
-    assert s["mac_overhead"] > 1.0
+    assert _within(prof.layer_by_layer_peak_bytes, stock)
+    assert prof.patched_peak_bytes < stock / 2.5
+    assert prof.patched_peak_bytes_without_input < prof.patched_peak_bytes
+    assert prof.mac_overhead > 1.0
     (stage,) = prof.stages
     opts = stage_options(TFLiteModel.from_bytes(patched), find_stages(TFLiteModel.from_bytes(patched))[0])
     arena = geometry.plan_patch_arena(opts).total_bytes
@@ -62,13 +60,13 @@ def test_patched_profile(mbv2_144):
     # At the stage op TFLM holds its input, its output and the patch arena.
     in_bytes = 144 * 144 * 3
     out_bytes = int(np.prod(stage.output_shape))
-    assert s["patched_peak_bytes"] >= in_bytes + out_bytes + arena
+    assert prof.patched_peak_bytes >= in_bytes + out_bytes + arena
     stage_rows = [r for r in prof.rows if r.stage is not None]
     assert len(stage_rows) == stage.num_layers
-    assert max(r.patched_live_bytes for r in stage_rows) <= s["patched_peak_bytes"]
-    assert s["patched_macs"] == s["macs"] - stage.macs + stage.patched_macs
+    assert max(r.patched_live_bytes for r in stage_rows) <= prof.patched_peak_bytes
+    assert prof.patched_macs == prof.macs - stage.macs + stage.patched_macs
     table = prof.table()
-    assert "patched" in table and f"{s['patched_peak_bytes']:,}" in table
+    assert "patched" in table and f"{prof.patched_peak_bytes:,}" in table
     json.dumps(prof.to_dict(), default=list)
 
 
@@ -76,7 +74,7 @@ def test_one_by_one_grid_costs_no_extra_macs(residual):
     tm = TFLiteModel.from_bytes(residual)
     add = next(i for i in range(tm.num_ops) if tm.op_type(i) == "ADD")
     prof = keras_patch.profile(keras_patch.patchify(residual, add, (1, 1)))
-    assert prof.summary["mac_overhead"] == 1.0
+    assert prof.mac_overhead == 1.0
 
 
 def test_plot_writes_a_png(residual, tmp_path):
@@ -101,7 +99,7 @@ def test_profile_of_a_keras_model_with_a_patch_stage():
     x = keras.layers.Conv2D(16, 1)(x)
     outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
     prof = keras_patch.profile(keras.Model(inputs, outputs))
-    assert prof.summary["num_stages"] == 1
+    assert prof.num_stages == 1
     assert prof.stages[0].grid == (2, 2) and prof.stages[0].num_layers == 2
 
 
@@ -119,10 +117,14 @@ def mbv2_patched(mbv2_144):
 
 def test_summary_figures_are_attributes(mbv2_patched):
     prof = keras_patch.profile(mbv2_patched)
-    assert set(prof.summary) == set(SUMMARY_KEYS)
+    assert isinstance(prof.summary, keras_patch.ProfileSummary)
+    assert tuple(f.name for f in dataclasses.fields(prof.summary)) == SUMMARY_KEYS
     as_dict = prof.to_dict()
+    assert tuple(as_dict["summary"]) == SUMMARY_KEYS  # the --json "summary" object keeps its keys and order
     for key in SUMMARY_KEYS:
-        assert getattr(prof, key) == prof.summary[key] == as_dict["summary"][key], key
+        assert getattr(prof, key) == getattr(prof.summary, key) == as_dict["summary"][key], key
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prof.summary.patched_peak_bytes = 0
     assert prof.num_stages == 1 and prof.mac_overhead > 1.0
     assert prof.patched_peak_bytes < prof.layer_by_layer_peak_bytes
     assert as_dict["blocks"] == [dataclasses.asdict(b) for b in prof.blocks()]
@@ -231,7 +233,7 @@ def test_table_says_when_there_is_nothing_to_compare(residual, mbv2_patched):
 
 def test_table_and_peak_op_show_keras_layer_names(mbv2_patched):
     prof = keras_patch.profile(mbv2_patched)
-    assert prof.summary["patched_peak_op"] == "op 0 (KP_PATCH_STAGE -> block_2_add)"
+    assert prof.patched_peak_op == "op 0 (KP_PATCH_STAGE -> block_2_add)"
     table = prof.table()
     assert "block_3_expand_relu" in table and "mobilenet" not in table
     assert max(len(line) for line in table.splitlines()) < 200

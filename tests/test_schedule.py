@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest
 
 import keras_patch
-from keras_patch.errors import KerasPatchError
+from keras_patch.errors import KerasPatchError, UnsupportedModelError
 from keras_patch.planner.schedule import (
     best_schedule,
     candidate_splits,
@@ -63,9 +63,9 @@ def test_best_schedule_is_the_lowest_profiled_head(residual):
     assert {r.grid for r in results} == set(grids)
     best = best_schedule(residual, grids)
     assert best.patched_peak_bytes == min(r.patched_peak_bytes for r in results)
-    again = keras_patch.profile(keras_patch.patchify(residual, best.split, best.grid)).summary
-    assert again["patched_peak_bytes"] == best.patched_peak_bytes
-    assert again["mac_overhead"] == best.mac_overhead
+    again = keras_patch.profile(keras_patch.patchify(residual, best.split, best.grid))
+    assert again.patched_peak_bytes == best.patched_peak_bytes
+    assert again.mac_overhead == best.mac_overhead
     assert best.patched_peak_bytes < best.layer_by_layer_peak_bytes
     assert best.rest_peak_bytes <= best.patched_peak_bytes
     # Keras layer names, not the converter's long tensor names.
@@ -76,6 +76,27 @@ def test_best_schedule_is_the_lowest_profiled_head(residual):
 def test_grids_larger_than_every_stage_output_are_an_error(residual):
     with pytest.raises(KerasPatchError, match="No split"):
         best_schedule(residual, [(64, 64)])
+
+
+def test_schedule_fields_are_typed_plain_values(residual):
+    (result, *_) = evaluate_schedules(residual, ["2x2"])
+    assert result.grid == (2, 2) and len(result.stage_output_shape) == 3 and len(result.receptive_field) == 2
+    for value in (*result.grid, *result.stage_output_shape, *result.receptive_field, result.patched_peak_bytes):
+        assert type(value) is int
+
+
+@pytest.mark.parametrize("where", ["from the input", "in the middle"])
+def test_an_already_patched_model_is_a_clear_error(residual, where):
+    m = TFLiteModel.from_bytes(residual)
+    splits = candidate_splits(residual)
+    if where == "from the input":
+        patched = keras_patch.patchify(residual, splits[-1], (2, 2))
+    else:  # a stage after the first split: the schedules from the input could still end before it
+        start = m.tensor(m.op_outputs(splits[0])[0]).name
+        patched = keras_patch.patchify(residual, splits[-1], (2, 2), start=start)
+    for call in (evaluate_schedules, best_schedule):
+        with pytest.raises(UnsupportedModelError, match=r"already patched \(1 KP_PATCH_STAGE op: op \d+ .*unpatchify"):
+            call(patched, [(2, 2)], splits=[splits[0]])
 
 
 def test_short_tensor_name():

@@ -311,14 +311,14 @@ def test_tflm_patched_mobilenet_v2(tmp_path):
 
     (got,), arena = _run_tflm(runner, unpatched, x, tmp_path)
     np.testing.assert_array_equal(got.reshape(-1), want, err_msg="unpatched: TFLM vs LiteRT")
-    assert arena["arena_head_bytes"] == profile(unpatched).summary["layer_by_layer_peak_bytes"]
+    assert arena["arena_head_bytes"] == profile(unpatched).layer_by_layer_peak_bytes
     unpatched_head = arena["arena_head_bytes"]
     for split, grid in (("block_2_add", (4, 4)), ("block_5_add", (3, 3))):
         patched = patchify(unpatched, split_at[split], grid)
         (got,), arena = _run_tflm(runner, patched, x, tmp_path)
         np.testing.assert_array_equal(got.reshape(-1), want,
                                       err_msg=f"{split} {grid}: patched TFLM vs unpatched LiteRT")
-        predicted = profile(patched).summary["patched_peak_bytes"]
+        predicted = profile(patched).patched_peak_bytes
         assert arena["arena_head_bytes"] == predicted, (split, grid, arena, predicted)
         assert arena["arena_head_bytes"] < unpatched_head
 

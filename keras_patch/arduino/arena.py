@@ -138,7 +138,7 @@ def estimate_arena(tflite_bytes: ModelSource, tail_bytes: Optional[int] = None) 
     # The Arm boards' TFLM library ships CMSIS-NN, so the kernel's fast path is on there by
     # default (-DKP_NO_CMSIS_NN turns it off); its context buffer only adds to the head, and
     # the larger of the two builds' heads fits either.
-    summary = profile(data).summary
+    prof = profile(data)
     cmsis_head = profile(data, kernel="cmsis_nn").patched_peak_bytes
     model = TFLiteModel.from_bytes(data)
     parts = [stage_persistent_bytes(model, op) for op in find_stages(model)]
@@ -148,7 +148,7 @@ def estimate_arena(tflite_bytes: ModelSource, tail_bytes: Optional[int] = None) 
     else:
         tail = int(tail_bytes)
         source = "given"
-    head = max(int(summary["patched_peak_bytes"]), int(cmsis_head))
+    head = max(prof.patched_peak_bytes, int(cmsis_head))
     total = align16(head + tail + sum(parts) + ARENA_MARGIN_BYTES)
     return ArenaEstimate(
         total_bytes=total,
@@ -157,6 +157,6 @@ def estimate_arena(tflite_bytes: ModelSource, tail_bytes: Optional[int] = None) 
         stage_persistent_bytes=sum(parts),
         margin_bytes=ARENA_MARGIN_BYTES,
         tail_source=source,
-        layer_by_layer_head_bytes=int(summary["layer_by_layer_peak_bytes"]),
+        layer_by_layer_head_bytes=prof.layer_by_layer_peak_bytes,
         stage_persistent_parts=parts,
     )

@@ -33,7 +33,7 @@ name form one block.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import List, Optional, Union
 
 import numpy as np
@@ -139,11 +139,36 @@ class StageProfile:
         return self.patched_macs / self.macs if self.macs else 1.0
 
 
+@dataclass(frozen=True)
+class ProfileSummary:
+    """The whole-network figures of a `Profile` (`Profile.summary`).
+
+    Each field is also an attribute of the `Profile` itself (`Profile`
+    documents them); `to_dict()` gives them as a plain dict, the `"summary"`
+    object of `keras-patch profile --json`.
+    """
+
+    layer_by_layer_peak_bytes: int
+    patched_peak_bytes: int
+    layer_by_layer_peak_bytes_without_input: int
+    patched_peak_bytes_without_input: int
+    macs: int
+    patched_macs: int
+    mac_overhead: float
+    patched_peak_op: str
+    num_stages: int
+
+    def to_dict(self) -> dict:
+        """The fields as a dict, in declaration order."""
+        return asdict(self)
+
+
 @dataclass
 class Profile:
     """What `profile()` returns: per-op rows, patch stages and summary figures.
 
-    Every summary figure is an attribute (and a key of the `summary` dict):
+    Every summary figure is an attribute (and a field of `summary`, a
+    `ProfileSummary`):
 
     * `layer_by_layer_peak_bytes`: the TFLM arena head of the network run
       layer by layer (every patch stage expanded into its layers);
@@ -174,7 +199,7 @@ class Profile:
     >>> prof = keras_patch.profile(keras_patch.patchify(tflite, 2, (4, 4)))
     >>> prof.num_stages, prof.patched_peak_bytes < prof.layer_by_layer_peak_bytes
     (1, True)
-    >>> prof.mac_overhead > 1.0, prof.summary["mac_overhead"] == prof.mac_overhead
+    >>> prof.mac_overhead > 1.0, prof.summary.mac_overhead == prof.mac_overhead
     (True, True)
     >>> [(b.name, b.stage) for b in prof.blocks()]
     [('op 0', 0), ('op 1', 0), ('b1', 0), ('b2', None), ('pool', None), ('op 5', None)]
@@ -182,52 +207,52 @@ class Profile:
 
     rows: List[OpProfile]
     stages: List[StageProfile]
-    summary: dict = field(default_factory=dict)
+    summary: ProfileSummary
 
     @property
     def layer_by_layer_peak_bytes(self) -> int:
         """TFLM arena head of the network run layer by layer (bytes)."""
-        return self.summary["layer_by_layer_peak_bytes"]
+        return self.summary.layer_by_layer_peak_bytes
 
     @property
     def patched_peak_bytes(self) -> int:
         """TFLM arena head with every patch stage run patch by patch (bytes)."""
-        return self.summary["patched_peak_bytes"]
+        return self.summary.patched_peak_bytes
 
     @property
     def layer_by_layer_peak_bytes_without_input(self) -> int:
         """`layer_by_layer_peak_bytes` without the model's input tensor."""
-        return self.summary["layer_by_layer_peak_bytes_without_input"]
+        return self.summary.layer_by_layer_peak_bytes_without_input
 
     @property
     def patched_peak_bytes_without_input(self) -> int:
         """`patched_peak_bytes` without the model's input tensor."""
-        return self.summary["patched_peak_bytes_without_input"]
+        return self.summary.patched_peak_bytes_without_input
 
     @property
     def macs(self) -> int:
         """Multiply-accumulates of the network run layer by layer."""
-        return self.summary["macs"]
+        return self.summary.macs
 
     @property
     def patched_macs(self) -> int:
         """Multiply-accumulates with every stage run patch by patch (recomputation included)."""
-        return self.summary["patched_macs"]
+        return self.summary.patched_macs
 
     @property
     def mac_overhead(self) -> float:
         """`patched_macs / macs` (1.0 without patch stages)."""
-        return self.summary["mac_overhead"]
+        return self.summary.mac_overhead
 
     @property
     def patched_peak_op(self) -> str:
         """The patched network's op at which its arena head is reached."""
-        return self.summary["patched_peak_op"]
+        return self.summary.patched_peak_op
 
     @property
     def num_stages(self) -> int:
         """The number of KP_PATCH_STAGE ops."""
-        return self.summary["num_stages"]
+        return self.summary.num_stages
 
     def blocks(self) -> List[BlockProfile]:
         """The rows grouped per block (module docstring, "Blocks"), in execution order.
@@ -276,21 +301,21 @@ class Profile:
             )
         if self.num_stages:
             lines.append(
-                f"peak SRAM (TFLM arena head): layer-by-layer {s['layer_by_layer_peak_bytes']:,} B, "
-                f"patched {s['patched_peak_bytes']:,} B ({self._comparison()})"
+                f"peak SRAM (TFLM arena head): layer-by-layer {s.layer_by_layer_peak_bytes:,} B, "
+                f"patched {s.patched_peak_bytes:,} B ({self._comparison()})"
             )
         else:
             lines.append(
-                f"peak SRAM (TFLM arena head): layer-by-layer {s['layer_by_layer_peak_bytes']:,} B; no patch stage, "
+                f"peak SRAM (TFLM arena head): layer-by-layer {s.layer_by_layer_peak_bytes:,} B; no patch stage, "
                 "nothing to compare (patchify the model to run a stage patch by patch)"
             )
         lines.append(
-            f"without the input tensor: layer-by-layer {s['layer_by_layer_peak_bytes_without_input']:,} B, "
-            f"patched {s['patched_peak_bytes_without_input']:,} B"
+            f"without the input tensor: layer-by-layer {s.layer_by_layer_peak_bytes_without_input:,} B, "
+            f"patched {s.patched_peak_bytes_without_input:,} B"
         )
         lines.append(
-            f"MACs: {s['macs']:,} layer-by-layer, {s['patched_macs']:,} patched "
-            f"(overhead {s['mac_overhead']:.3f}); patched peak at {s['patched_peak_op']}"
+            f"MACs: {s.macs:,} layer-by-layer, {s.patched_macs:,} patched "
+            f"(overhead {s.mac_overhead:.3f}); patched peak at {s.patched_peak_op}"
         )
         return "\n".join(lines)
 
@@ -306,10 +331,10 @@ class Profile:
         """Rows, stages, blocks and summary as plain Python values (JSON with `default=list`).
 
         `to_dict()["summary"][key]` equals the attribute `key` for every
-        summary figure.
+        summary figure (`ProfileSummary.to_dict`).
         """
         return {"rows": [asdict(r) for r in self.rows], "stages": [asdict(s) for s in self.stages],
-                "blocks": [asdict(b) for b in self.blocks()], "summary": dict(self.summary)}
+                "blocks": [asdict(b) for b in self.blocks()], "summary": self.summary.to_dict()}
 
     def plot(self, path: str, title: Optional[str] = None, by: str = "op") -> str:
         """Activation memory, layer-by-layer vs patch-based (MCUNetV2 Fig. 1), as an image.
@@ -456,7 +481,7 @@ def profile(
             ops keep the reference kernels' scratch requests either way.
 
     Returns:
-        A `Profile`. Its attributes (and `summary` keys)
+        A `Profile`. Its attributes (and `summary` fields)
         `layer_by_layer_peak_bytes` (the TFLM arena head of the unpatched
         network), `patched_peak_bytes` (the same with every stage run patch
         by patch), both also `..._without_input`, `macs`, `patched_macs`,
@@ -537,7 +562,7 @@ def profile(
     macs = sum(r.macs for r in rows)
     patched_macs = macs + sum(s.patched_macs - s.macs for s in stages)
     peak_op = max(range(patched.num_ops), key=lambda p: _live_bytes(patched_buffers, p), default=0)
-    summary = dict(
+    summary = ProfileSummary(
         layer_by_layer_peak_bytes=lbl_peak,
         patched_peak_bytes=patched_peak,
         layer_by_layer_peak_bytes_without_input=lbl_peak_no_input,

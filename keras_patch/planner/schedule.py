@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from keras_patch.errors import KerasPatchError, UnsupportedModelError
 from keras_patch.stage import options as o
-from keras_patch.graph.patchify import default_entry_tensor, normalize_grid, patchify
+from keras_patch.graph.patchify import default_entry_tensor, find_stages, normalize_grid, patchify
 from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 
 logger = logging.getLogger(__name__)
@@ -35,19 +35,23 @@ STAGE_OP_NAMES = frozenset(o.LAYER_OP_NAMES.values())
 
 @dataclass(frozen=True)
 class ScheduleResult:
-    """The predicted memory and compute of one (split, grid) schedule."""
+    """The predicted memory and compute of one (split, grid) schedule.
 
-    split: int  # op index of the stage's last op
+    The schedule is the model with one patch stage, from the model input to
+    op `split`; the figures are those of `keras_patch.profile` of it.
+    """
+
+    split: int  # op index of the stage's last op (in the unpatched model)
     split_name: str  # that op's output tensor name
-    grid: tuple
-    stage_output_shape: tuple  # (h, w, c)
+    grid: Tuple[int, int]  # (rows, columns)
+    stage_output_shape: Tuple[int, int, int]  # (h, w, c)
     layer_by_layer_peak_bytes: int
     patched_peak_bytes: int
     patched_peak_bytes_without_input: int
     patched_peak_op: str  # where the patched network's arena head is reached
     rest_peak_bytes: int  # largest live set of an op outside the stage: the floor of any grid
     mac_overhead: float  # whole-network patched MACs / layer-by-layer MACs
-    receptive_field: tuple
+    receptive_field: Tuple[int, int]  # (h, w) input pixels behind one stage output pixel
     patch_arena_bytes: int
 
     @property
@@ -124,16 +128,27 @@ def evaluate_schedules(
 
     Returns:
         One `ScheduleResult` per schedule whose grid fits the stage output.
+
+    Raises:
+        UnsupportedModelError: the model already holds KP_PATCH_STAGE ops
+            (a schedule is one stage of an unpatched model).
     """
     from keras_patch.arena.profiler import profile
 
     data = read_model_bytes(tflite_bytes)
     model = TFLiteModel.from_bytes(data)
+    existing = find_stages(model)
+    if existing:
+        listed = ", ".join(model.op_label(op) for op in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise UnsupportedModelError(
+            f"The model is already patched ({len(existing)} KP_PATCH_STAGE op{'s' * (len(existing) > 1)}: "
+            f"{listed}); schedules are evaluated on the unpatched model: keras_patch.unpatchify() it first."
+        )
     grids = [normalize_grid(g) for g in grids]
     splits = candidate_splits(data) if splits is None else list(splits)
     work = []
     for split in splits:
-        h, w, c = model.tensor(model.op_outputs(split)[0]).shape[1:]
+        h, w, c = (int(d) for d in model.tensor(model.op_outputs(split)[0]).shape[1:])
         work.extend((split, (h, w, c), g) for g in grids if g[0] <= h and g[1] <= w)
     results = []
     for split, out_shape, grid in (progress or (lambda x: x))(work):
@@ -142,21 +157,20 @@ def evaluate_schedules(
         except UnsupportedModelError as e:
             logger.debug("schedule split=%d grid=%s skipped: %s", split, grid, e)
             continue
-        s = prof.summary
-        (stage,) = prof.stages
+        (stage,) = prof.stages  # the input has none (checked above): the schedule's own
         rest = [r.patched_live_bytes for r in prof.rows if r.stage is None]
         results.append(ScheduleResult(
             split=split,
             split_name=model.tensor(model.op_outputs(split)[0]).name,
             grid=grid,
             stage_output_shape=out_shape,
-            layer_by_layer_peak_bytes=s["layer_by_layer_peak_bytes"],
-            patched_peak_bytes=s["patched_peak_bytes"],
-            patched_peak_bytes_without_input=s["patched_peak_bytes_without_input"],
-            patched_peak_op=s["patched_peak_op"],
+            layer_by_layer_peak_bytes=prof.layer_by_layer_peak_bytes,
+            patched_peak_bytes=prof.patched_peak_bytes,
+            patched_peak_bytes_without_input=prof.patched_peak_bytes_without_input,
+            patched_peak_op=prof.patched_peak_op,
             rest_peak_bytes=max(rest, default=0),
-            mac_overhead=s["mac_overhead"],
-            receptive_field=stage.receptive_field,
+            mac_overhead=prof.mac_overhead,
+            receptive_field=tuple(stage.receptive_field),
             patch_arena_bytes=stage.patch_arena_bytes,
         ))
     return results
@@ -177,6 +191,7 @@ def best_schedule(
 
     Raises:
         KerasPatchError: no split x grid can be patched.
+        UnsupportedModelError: the model is already patched (`evaluate_schedules`).
     """
     results = evaluate_schedules(tflite_bytes, grids, splits, progress)
     if not results:

@@ -48,7 +48,7 @@ class BudgetReport:
     """A model's device costs and whether they fit the budgets.
 
     Attributes:
-        peak_sram_bytes: patched arena head (`profile(...).summary["patched_peak_bytes"]`).
+        peak_sram_bytes: patched arena head (`profile(...).patched_peak_bytes`).
         layer_by_layer_sram_bytes: the same without patching.
         model_bytes: size of the int8 `.tflite`.
         flash_bytes: `model_bytes` plus the TFLM code estimate.
@@ -187,7 +187,7 @@ def measure_model(
         shape = tuple(int(d) for d in model.inputs[0].shape[1:])
         representative_dataset = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
     tflite = export_tflite(model, representative_dataset)
-    summary = profile(tflite, kernel=kernel).summary
+    prof = profile(tflite, kernel=kernel)
     flash = flash_estimate(len(tflite), resolver_calls(tflite))
     board_limits = {}
     if board is not None:
@@ -195,12 +195,12 @@ def measure_model(
 
         board_limits = _board_limits(board, estimate_arena(tflite).total_bytes)
     return BudgetReport(
-        peak_sram_bytes=int(summary["patched_peak_bytes"]),
-        layer_by_layer_sram_bytes=int(summary["layer_by_layer_peak_bytes"]),
+        peak_sram_bytes=prof.patched_peak_bytes,
+        layer_by_layer_sram_bytes=prof.layer_by_layer_peak_bytes,
         model_bytes=len(tflite),
         flash_bytes=flash.total_bytes,
-        macs=int(summary["macs"]),
-        patched_macs=int(summary["patched_macs"]),
+        macs=prof.macs,
+        patched_macs=prof.patched_macs,
         sram_budget_bytes=sram_bytes,
         flash_budget_bytes=flash_bytes,
         seconds=time.perf_counter() - start,

@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import inspect
 import math
 import re
 
@@ -13,7 +14,10 @@ from keras_patch.datasets import person_dataset
 from keras_patch.errors import KerasPatchError
 from keras_patch.tuning import (
     ArchSpec,
+    BudgetMixin,
     BudgetReport,
+    PatchBayesianOptimization,
+    PatchHyperband,
     PatchHyperModel,
     PatchRandomSearch,
     PatchSearchSpace,
@@ -171,7 +175,9 @@ def test_no_over_budget_trial_reaches_fit(search):
         assert r.peak_sram_bytes == sizes[key]  # measured numbers recorded for every trial
         if r.status == "over budget":
             assert r.objective is None and r.peak_sram_bytes > budget and r.metrics["feasible"] == 0.0
-            assert "over budget, not trained" in tuner.oracle.trials[r.trial_id].message
+            message = tuner.oracle.trials[r.trial_id].message
+            assert message.startswith("over budget, not trained: peak SRAM") and "\n" not in message, message
+            assert tuner.oracle.trials[r.trial_id].status == keras_tuner.engine.trial.TrialStatus.FAILED
         else:
             assert 0.0 <= r.objective <= 1.0 and r.metrics["feasible"] == 1.0
             assert r.flash_bytes > r.metrics["model_bytes"] > 0 and r.metrics["macs"] > 0
@@ -203,6 +209,26 @@ def test_pareto_front_drops_dominated_trials():
     results = [trained(0, 0.80, 100), trained(1, 0.85, 90), trained(2, 0.90, 200), trained(3, 0.88, 300),
                TrialResult("4", "over budget", None, {"peak_sram_bytes": 50.0, "feasible": 0.0})]
     assert [r.trial_id for r in pareto_front(results)] == ["1", "2"]
+
+
+@pytest.mark.parametrize("tuner_class", [PatchRandomSearch, PatchBayesianOptimization, PatchHyperband])
+def test_budget_gate_overrides_nothing_private_of_keras_tuner(tuner_class, tmp_path):
+    """The gate goes through keras-tuner's public route (run_trial, FailedTrialError, oracle.update_trial)."""
+    mro = tuner_class.__mro__
+    base = mro[mro.index(BudgetMixin) + 1]
+    assert base.__module__.startswith("keras_tuner")
+    ours = {name for cls in mro[:mro.index(BudgetMixin) + 1] for name in vars(cls)}
+    private = {name for name in ours if name.startswith("_") and not name.endswith("__")}
+    assert not private & set(dir(base)), "overrides keras-tuner's private " + str(sorted(private & set(dir(base))))
+    # nor a private attribute a keras-tuner tuner keeps on itself
+    attributes = set(re.findall(r"self\.(_\w+)\s*=", inspect.getsource(BudgetMixin)))
+    assert attributes
+    size = {"max_epochs": 2} if base is keras_tuner.Hyperband else {"max_trials": 1}
+    # BayesianOptimization's oracle needs scikit-learn; its Tuner part is RandomSearch's.
+    plain_class = keras_tuner.RandomSearch if base is keras_tuner.BayesianOptimization else base
+    plain = plain_class(PatchHyperModel(SEARCH_SPACE), objective="val_accuracy", directory=str(tmp_path), **size)
+    assert not attributes & set(vars(plain)), sorted(attributes & set(vars(plain)))
+    assert not attributes & set(dir(base))
 
 
 def test_budgets_must_be_positive(tmp_path):

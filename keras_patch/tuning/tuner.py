@@ -3,9 +3,10 @@
 `BudgetMixin` goes in front of any keras-tuner `Tuner` class. Before a trial
 trains, it builds the trial's model, converts it to int8 with its patch
 stage and measures peak SRAM, flash and MACs (`measure_model`, seconds). A
-trial over budget never reaches `fit`: it ends as a failed trial whose
-metrics hold its numbers (`feasible` = 0), like keras-tuner's own
-`max_model_size` check. Trained trials report the same numbers next to
+trial over budget never reaches `fit`: `run_trial` records its numbers with
+`oracle.update_trial` (`feasible` = 0) and raises keras-tuner's
+`FailedTrialError`, the public route keras-tuner's own `max_model_size`
+check takes. Trained trials report the same numbers next to
 their accuracy, so `results_table()` and `plot_pareto()` can show them.
 
 `PatchRandomSearch`, `PatchBayesianOptimization` and `PatchHyperband` are the
@@ -96,7 +97,7 @@ class BudgetMixin:
         self._bar = None
         self._counts = {STATUS_TRAINED: 0, STATUS_OVER_BUDGET: 0, STATUS_FAILED: 0}
         self._over_budget = set()
-        self._reports = {}  # trial id -> BudgetReport while the trial trains
+        self._messages = {}  # trial id -> why it failed, one line (keras-tuner records a traceback)
         super().__init__(hypermodel, **kwargs)
 
     # ------------------------------------------------------------------ budget
@@ -107,36 +108,36 @@ class BudgetMixin:
         model = self.hypermodel.build(hp)
         return measure_model(model, self.sram_bytes, self.flash_bytes, kernel=self.kernel, board=self.board)
 
-    def _try_run_and_update_trial(self, trial, *fit_args, **fit_kwargs):
-        # Measured before keras-tuner's own try/except, so that an over-budget
-        # trial ends with a one-line message instead of a printed traceback.
+    def run_trial(self, trial, *args, **kwargs):
+        """Measures the trial's model against the budgets, then trains it (keras-tuner's `run_trial`).
+
+        Over budget, the trial's measured numbers go to the oracle
+        (`oracle.update_trial`, the objective NaN as nothing was trained) and
+        `keras_tuner.errors.FailedTrialError` ends it as FAILED before `fit`,
+        as keras-tuner's own `max_model_size` check does. A trained trial's
+        results get the same budget metrics next to its accuracy.
+
+        Raises:
+            keras_tuner.errors.FailedTrialError: the model is over budget or
+                cannot be measured (converted, patched, profiled).
+        """
         try:
             report = self.measure(trial.hyperparameters)
         except KerasPatchError as e:
-            trial.status = keras_tuner.engine.trial.TrialStatus.FAILED
-            trial.message = f"could not be measured: {e}"
-            logger.warning("trial %s %s", trial.trial_id, trial.message)
-            return
+            message = self._messages[trial.trial_id] = f"could not be measured: {e}"
+            logger.warning("trial %s %s", trial.trial_id, message)
+            raise keras_tuner.errors.FailedTrialError(message) from e
         if not report.fits:
             self._over_budget.add(trial.trial_id)
             # keras-tuner wants the objective in every report: NaN, as nothing was trained.
             missing = {name: math.nan for name in self._objective_names()}
             self.oracle.update_trial(trial.trial_id, {**missing, **report.metrics()})
-            trial.status = keras_tuner.engine.trial.TrialStatus.FAILED
-            trial.message = f"over budget, not trained: {report.reason}"
-            logger.info("trial %s (%.1f s) %s", trial.trial_id, report.seconds, trial.message)
-            return
-        self._reports[trial.trial_id] = report
-        try:
-            super()._try_run_and_update_trial(trial, *fit_args, **fit_kwargs)
-        finally:
-            self._reports.pop(trial.trial_id, None)
-
-    def run_trial(self, trial, *args, **kwargs):
-        """Trains the trial (keras-tuner's `run_trial`) and adds its budget metrics to the results."""
+            message = self._messages[trial.trial_id] = f"over budget, not trained: {report.reason}"
+            logger.info("trial %s (%.1f s) %s", trial.trial_id, report.seconds, message)
+            raise keras_tuner.errors.FailedTrialError(message)
         histories = super().run_trial(trial, *args, **kwargs)
         results = dict(tuner_utils.convert_to_metrics_dict(histories, self.oracle.objective))
-        results.update(self._reports[trial.trial_id].metrics())
+        results.update(report.metrics())
         return results
 
     def _objective_names(self) -> List[str]:
@@ -156,6 +157,8 @@ class BudgetMixin:
             self._bar = tqdm(total=total, initial=done, desc="patch search", unit="trial")
 
     def on_trial_end(self, trial):
+        if trial.trial_id in self._messages:  # before the oracle records the trial (in super())
+            trial.message = self._messages.pop(trial.trial_id)
         super().on_trial_end(trial)
         if trial.trial_id in self._over_budget:
             status = STATUS_OVER_BUDGET

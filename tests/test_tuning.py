@@ -211,6 +211,25 @@ def test_pareto_front_drops_dominated_trials():
     assert [r.trial_id for r in pareto_front(results)] == ["1", "2"]
 
 
+def test_a_trial_that_cannot_be_measured_fails_in_one_line_without_fit(tmp_path, monkeypatch):
+    class Unmeasurable(PatchRandomSearch):
+        def measure(self, hp):
+            raise KerasPatchError("op 3 (FOO) is not supported")
+
+    fitted = []
+    monkeypatch.setattr(PatchHyperModel, "fit", lambda self, hp, model, *a, **k: fitted.append(hp) or {})
+    tuner = Unmeasurable(PatchHyperModel(SEARCH_SPACE), max_trials=2, max_consecutive_failed_trials=5, seed=0,
+                         directory=str(tmp_path), progress=False)
+    x, y = person_dataset(8, image_size=32)
+    tuner.search(x, y, validation_data=(x, y), epochs=1, verbose=0)
+    results = tuner.results()
+    assert fitted == [] and [r.status for r in results] == ["failed", "failed"]
+    for r in results:
+        assert tuner.oracle.trials[r.trial_id].status == keras_tuner.engine.trial.TrialStatus.FAILED
+        assert tuner.oracle.trials[r.trial_id].message == "could not be measured: op 3 (FOO) is not supported"
+        assert r.message == "could not be measured: op 3 (FOO) is not supported"
+
+
 @pytest.mark.parametrize("tuner_class", [PatchRandomSearch, PatchBayesianOptimization, PatchHyperband])
 def test_budget_gate_overrides_nothing_private_of_keras_tuner(tuner_class, tmp_path):
     """The gate goes through keras-tuner's public route (run_trial, FailedTrialError, oracle.update_trial)."""

@@ -111,6 +111,24 @@ def test_unpatchify_expands_every_stage(residual, three_stages, images):
         [stage_options(TFLiteModel.from_bytes(three_stages), op) for op in find_stages(TFLiteModel.from_bytes(three_stages))]
 
 
+def test_unpatchify_a_pool_whose_axes_agree_only_on_valid():
+    """Was: a 2x2 pool with strides (2, 1), VALID, on an even height is also SAME along the height
+    (nothing padded), so unpatchify saw 'SAME' there, 'VALID' along the width, and refused the stage."""
+    spec = kps.StageSpec((12, 9, 2), (kps.Conv(4, (3, 3), (1, 1), "same", act="relu"),
+                                      kps.Pool("max", (2, 2), (2, 1), "valid"),
+                                      kps.Conv(3, (1, 1), (1, 1), "same")), seed=5)
+    original = _convert(spec)
+    m = TFLiteModel.from_bytes(original)
+    pool = next(i for i in range(m.num_ops) if m.op_type(i) == "MAX_POOL_2D")
+    patched = patchify_stages(original, [(None, pool + 1, (2, 2))])
+    plain = unpatchify(patched)
+    u = TFLiteModel.from_bytes(plain)
+    assert [u.op_type(i) for i in range(u.num_ops)] == [m.op_type(i) for i in range(m.num_ops)]
+    assert u.operator(pool).builtinOptions.padding == m.operator(pool).builtinOptions.padding
+    x = np.random.default_rng(0).integers(-128, 128, (2, 12, 9, 2), dtype=np.int8)
+    np.testing.assert_array_equal(run_tflite(plain, x)[0], run_tflite(original, x)[0])
+
+
 def test_patching_a_patched_model_again_adds_a_stage(residual, three_stages, images):
     """`patchify` on a model that has stages: a fourth stage between two of them."""
     four = keras_patch.patchify(three_stages, "b3_project", (2, 2), start="b2_add")
@@ -342,3 +360,217 @@ def test_error_full_tensor_names_are_shortened_in_the_stage_prefix(residual):
     m = TFLiteModel.from_bytes(residual)
     message = _stages_error(residual, [(None, 3, 2), (_out_name(m, 13), _out_name(m, 10), 2)])
     assert message.startswith("Stage 1 (b3_project -> b2_add): ")
+
+
+# ------------------------------------------------------ property tests
+#
+# Random networks with two or more stages placed anywhere: the patched model's outputs and every
+# stage's output equal the unpatched int8 model's, run by the reference kernels (LiteRT
+# BUILTIN_REF, the arithmetic TFLM runs), bit for bit, with both KP_PATCH_STAGE executors.
+# Converting a Keras model takes seconds, so a few networks are converted once and the examples
+# draw many stage placements, grids and inputs on them; `test_random_networks_with_n_stages`
+# draws whole architectures too, with several placements each.
+
+from hypothesis import HealthCheck, given, note, reject, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+try:
+    from tests import strategies as kps
+    from tests.model_zoo import to_int8_tflite
+except ImportError:  # tests/ itself on sys.path
+    import strategies as kps
+    from model_zoo import to_int8_tflite
+
+from keras_patch.graph.patchify import SUPPORTED_STAGE_OPS, default_entry_tensor  # noqa: E402
+from keras_patch.runtime.host import check_reference_kernel_limits  # noqa: E402
+
+PROFILE = os.environ.get("KP_HYPOTHESIS_PROFILE", "ci")
+_SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=PROFILE == "ci",
+                 database=None, print_blob=True)
+
+
+def _examples(n_ci: int) -> int:
+    return n_ci if PROFILE == "ci" else max(2, n_ci // 10)
+
+
+#: Fixed architectures (odd sizes, residual blocks, strides 1-2, kernels 1-7, PAD, pools); random weights.
+NETWORKS = (
+    kps.StageSpec((23, 19, 3), (
+        kps.Pad(((1, 2), (0, 1))),
+        kps.Conv(8, (3, 3), (2, 2), "valid", use_bias=False, bn=True, act="relu6", act_mode="relu_layer"),
+        kps.InvertedResidual(expand_channels=16, dw_kernel=(5, 5), bn=True),
+        kps.Pool("max", (3, 3), (2, 2), "same"),
+        kps.InvertedResidual(expand_channels=None, dw_kernel=(3, 7), bn=False, post_act="relu"),
+        kps.Conv(6, (1, 1), (1, 1), "same", act="relu"),
+    ), seed=11),
+    kps.StageSpec((31, 31, 4), (
+        kps.Conv(8, (7, 7), (2, 2), "same", act="relu"),
+        kps.TwoBranchAdd(8, 1, kps.Branch("dwpw", (5, 5), "relu6"), kps.Branch("identity"), post_act="relu6"),
+        kps.Pool("avg", (2, 2), (2, 2), "valid"),
+        kps.DWConv((3, 3), (1, 2), "same", depth_multiplier=2, bn=True, act="relu", act_mode="act_layer"),
+        kps.TwoBranchAdd(12, 2, kps.Branch("conv", (3, 3)), kps.Branch("dwpw", (3, 3), "relu")),
+        kps.InvertedResidual(expand_channels=16, dw_kernel=(3, 3), bn=True),
+    ), seed=12),
+    kps.StageSpec((17, 26, 2), (
+        kps.Conv(4, (5, 3), (1, 1), "valid"),
+        kps.Relu("relu6"),
+        kps.Pad(((0, 1), (2, 0))),
+        kps.DWConv((7, 7), (2, 2), "same"),
+        kps.Pool("max", (2, 3), (1, 1), "same"),
+        kps.InvertedResidual(expand_channels=12, dw_kernel=(3, 3), bn=True, post_act="relu6"),
+        kps.Conv(8, (1, 1), (2, 1), "same"),
+    ), seed=13),
+)
+
+
+def _convert(spec) -> bytes:
+    """The network (stage blocks + head) as a full-int8 .tflite; rejects models no kernel can run."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        data = to_int8_tflite(kps.build_model(spec))
+    try:
+        check_reference_kernel_limits(TFLiteModel.from_bytes(data))
+    except UnsupportedModelError as e:
+        note(f"rejected: {e}")
+        reject()
+    return data
+
+
+def candidate_stages(m: TFLiteModel) -> list:
+    """Every (entry tensor, op indices) a stage can be: supported ops, single-entry, single-exit.
+
+    Written from the definition (docs/patch_stage_op.md), independently of `patchify`.
+    """
+    producers, consumers = m.producers(), m.consumers()
+    entries = [default_entry_tensor(m)] + [m.op_outputs(i)[0] for i in range(m.num_ops)
+                                           if m.op_type(i) in SUPPORTED_STAGE_OPS]
+    found = []
+    for entry in entries:
+        downstream, frontier = set(), [entry]
+        while frontier:
+            for op in consumers.get(frontier.pop(), []):
+                if op not in downstream:
+                    downstream.add(op)
+                    frontier.extend(m.op_outputs(op))
+        for last in sorted(downstream):
+            exit_tensor = m.op_outputs(last)[0]
+            if exit_tensor in m.outputs:
+                continue
+            upstream, frontier = set(), [last]
+            while frontier:
+                op = frontier.pop()
+                if op not in upstream:
+                    upstream.add(op)
+                    frontier.extend(producers[t] for t in m.op_inputs(op) if t in producers)
+            ops = sorted(downstream & upstream)
+            inside = {m.op_outputs(op)[0] for op in ops} | {entry}
+            if (all(m.op_type(op) in SUPPORTED_STAGE_OPS for op in ops)
+                    and all(t < 0 or t in inside or m.is_constant(t) for op in ops for t in m.op_inputs(op))
+                    and all(c in ops for op in ops if op != last for c in consumers.get(m.op_outputs(op)[0], []))):
+                found.append((entry, tuple(ops)))
+    return found
+
+
+_CONVERTED: dict = {}
+
+
+def _network(index: int):
+    if index not in _CONVERTED:
+        data = _convert(NETWORKS[index])
+        m = TFLiteModel.from_bytes(data)
+        _CONVERTED[index] = (data, m, candidate_stages(m))
+    return _CONVERTED[index]
+
+
+def _draw_stages(data, m: TFLiteModel, candidates: list, max_stages: int = 4) -> list:
+    """Two to `max_stages` disjoint stages with a grid each, in the order drawn."""
+    order = data.draw(st.permutations(range(len(candidates))), label="candidate order")
+    wanted = data.draw(st.integers(2, max_stages), label="number of stages")
+    chosen, used = [], set()
+    for k in order:
+        entry, ops = candidates[k]
+        if used.isdisjoint(ops):
+            chosen.append((entry, ops))
+            used.update(ops)
+        if len(chosen) == wanted:
+            break
+    stages = []
+    for entry, ops in chosen:
+        exit_shape = m.tensor(m.op_outputs(ops[-1])[0]).shape
+        grid = data.draw(kps.grids(exit_shape[1:3]), label=f"grid of ops {ops[0]}..{ops[-1]}")
+        start = None if entry == default_entry_tensor(m) and data.draw(st.booleans()) else entry
+        stages.append((start, ops[-1], grid))
+    return stages
+
+
+def check_n_stages_bit_exact(original: bytes, m: TFLiteModel, stages: list, x: np.ndarray) -> None:
+    """patchify_stages -> structure, both executors bit-exact (outputs and stage outputs), unpatchify, profile."""
+    note(f"stages: {stages}")
+    patched = patchify_stages(original, stages)
+    p = TFLiteModel.from_bytes(patched)
+    exits = [_out_name(m, split) for _, split, _ in stages]
+    assert sorted(_out_name(p, op) for op in find_stages(p)) == sorted(exits)
+    want = run_tflite(_with_outputs(original, exits), x)
+    inspected = _with_outputs(patched, exits)
+    for executor in EXECUTORS:
+        got = run_tflite(inspected, x, executor=executor)
+        for k, (w, g) in enumerate(zip(want, got)):
+            what = "the model output" if k == 0 else f"the output of stage {stages[k - 1]}"
+            np.testing.assert_array_equal(g, w, err_msg=f"{executor} executor: {what}")
+    plain = unpatchify(patched)
+    u = TFLiteModel.from_bytes(plain)
+    assert sorted(u.op_type(i) for i in range(u.num_ops)) == sorted(m.op_type(i) for i in range(m.num_ops))
+    np.testing.assert_array_equal(run_tflite(plain, x)[0], want[0])
+    prof = profile(patched)
+    assert prof.num_stages == len(stages)
+    assert sum(r.stage is not None for r in prof.rows) == sum(s.num_layers for s in prof.stages)
+    assert prof.patched_macs == prof.macs + sum(s.patched_macs - s.macs for s in prof.stages)
+
+
+@pytest.mark.slow
+@settings(max_examples=_examples(100), **_SETTINGS)
+@given(data=st.data())
+def test_n_stages_anywhere_are_bit_exact(data):
+    """Two to four stages on one of NETWORKS, anywhere (adjacent, mid-network, in branches)."""
+    original, m, candidates = _network(data.draw(st.integers(0, len(NETWORKS) - 1), label="network"))
+    stages = _draw_stages(data, m, candidates)
+    x = data.draw(kps.int8_inputs(m.tensor(m.inputs[0]).shape[1:], n_random=1), label="x").array()
+    check_n_stages_bit_exact(original, m, stages, x)
+
+
+@pytest.mark.slow
+@settings(max_examples=_examples(6), **_SETTINGS)
+@given(spec=kps.stage_specs(max_size=24).filter(lambda s: len(s.blocks) >= 3), data=st.data())
+def test_random_networks_with_n_stages(spec, data):
+    """Random architectures (tests/strategies.py), four stage placements each."""
+    original = _convert(spec)
+    m = TFLiteModel.from_bytes(original)
+    candidates = candidate_stages(m)
+    disjoint = {ops for _, ops in candidates}
+    if not any(set(a).isdisjoint(b) for a in disjoint for b in disjoint):
+        reject()  # a single-op stage network: no two stages fit
+    x = data.draw(kps.int8_inputs(spec.input_shape, n_random=1), label="x").array()
+    for _ in range(4):
+        check_n_stages_bit_exact(original, m, _draw_stages(data, m, candidates), x)
+
+
+def test_candidate_stages_are_what_patchify_accepts(residual):
+    """The test's own stage rule agrees with patchify on the residual model, both ways."""
+    m = TFLiteModel.from_bytes(residual)
+    candidates = candidate_stages(m)
+    assert (default_entry_tensor(m), tuple(range(0, 4))) in candidates
+    assert (m.op_outputs(6)[0], tuple(range(7, 11))) in candidates
+    assert (m.op_outputs(7)[0], tuple(range(8, 11))) not in candidates  # would cut b2's residual
+    accepted = set(candidates)
+    # Stages from the input and from b1..b3 (strides, two residual ADDs) to the end of b4.
+    for entry in [default_entry_tensor(m)] + [m.op_outputs(i)[0] for i in range(5, 14)]:
+        for last in range(6, 18):
+            try:
+                patched = patchify_stages(residual, [(entry, last, (1, 1))])
+            except UnsupportedModelError:
+                assert not any(e == entry and ops[-1] == last for e, ops in accepted), (entry, last)
+                continue
+            n_ops = m.num_ops - TFLiteModel.from_bytes(patched).num_ops + 1
+            assert (entry, tuple(range(last - n_ops + 1, last + 1))) in accepted, (entry, last)

@@ -142,6 +142,9 @@ def resolve_split(model: TFLiteModel, split: Union[int, str]) -> int:
             parts = {part: t for t in producers for part in re.split(r"[/;]", model.tensor(t).name)}
             close = difflib.get_close_matches(split, list(parts), n=5, cutoff=0.6)
             candidates = [model.tensor(parts[c]).name for c in close]
+        from keras_patch.planner.schedule import short_tensor_name
+
+        candidates = list(dict.fromkeys(short_tensor_name(c) for c in candidates))  # Keras layer names
         hint = f" Close matches: {candidates}." if candidates else ""
         raise UnsupportedModelError(f"No op writes a tensor or Keras layer named '{split}'.{hint}")
     raise TypeError(f"split must be an op index or a tensor name, got {type(split).__name__}.")

@@ -368,8 +368,9 @@ def test_error_full_tensor_names_are_shortened_in_the_stage_prefix(residual):
 # stage's output equal the unpatched int8 model's, run by the reference kernels (LiteRT
 # BUILTIN_REF, the arithmetic TFLM runs), bit for bit, with both KP_PATCH_STAGE executors.
 # Converting a Keras model takes seconds, so a few networks are converted once and the examples
-# draw many stage placements, grids and inputs on them; `test_random_networks_with_n_stages`
-# draws whole architectures too, with several placements each.
+# draw many stage placements, grids and inputs on them (100 examples, about 30 s: slow);
+# `test_random_networks_with_n_stages` draws whole architectures too, four placements each
+# (6 architectures, about 18 s).
 
 from hypothesis import HealthCheck, given, note, reject, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -540,7 +541,6 @@ def test_n_stages_anywhere_are_bit_exact(data):
     check_n_stages_bit_exact(original, m, stages, x)
 
 
-@pytest.mark.slow
 @settings(max_examples=_examples(6), **_SETTINGS)
 @given(spec=kps.stage_specs(max_size=24).filter(lambda s: len(s.blocks) >= 3), data=st.data())
 def test_random_networks_with_n_stages(spec, data):

@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--custom-module", action="append", metavar="MODULE", help=_CUSTOM_MODULE_HELP)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("patchify", help="rewrite the first stage of an int8 .tflite as KP_PATCH_STAGE")
+    p = sub.add_parser("patchify", help="rewrite a run of ops of an int8 .tflite as one KP_PATCH_STAGE "
+                                        "(run it again with --start for another stage)")
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--split", required=True, help="op index, output tensor name or Keras layer name of the stage's last op")

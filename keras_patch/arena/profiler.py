@@ -69,7 +69,8 @@ def layer_name(tensor_name: str) -> str:
     (`StatefulPartitionedCall_1:0`) have no Keras layer and give "".
     """
     first = tensor_name.split(";")[0]
-    if not first or _UNNAMED_STAGE_LAYER.search(first) or _SIGNATURE_NAME.match(first):
+    # unpatchify appends "/kp_layer_<l>" to the whole stage output name, which may be ";"-fused.
+    if not first or _UNNAMED_STAGE_LAYER.search(tensor_name) or _SIGNATURE_NAME.match(first):
         return ""
     return short_tensor_name(tensor_name)
 
@@ -133,6 +134,8 @@ class StageProfile:
     macs: int  # layer by layer
     patched_macs: int  # patch by patch, recomputation included
     context_bytes: int = 0  # scratch buffer #1: CMSIS-NN context (kernel="cmsis_nn")
+    start_layer: str = ""  # Keras layer of the stage's input ("" for the model input or an unnamed tensor)
+    end_layer: str = ""  # Keras layer of the stage's output
 
     @property
     def mac_overhead(self) -> float:
@@ -263,7 +266,9 @@ class Profile:
         groups: List[List[OpProfile]] = []
         for r in self.rows:
             name = r.block or f"op {r.index}"
-            if groups and (groups[-1][0].block or f"op {groups[-1][0].index}") == name:
+            # A block never spans a stage boundary: ops of one Keras block in two stages (or in a
+            # stage and outside it) are two blocks, so that each bar belongs to one stage.
+            if groups and (groups[-1][0].block or f"op {groups[-1][0].index}") == name and groups[-1][0].stage == r.stage:
                 groups[-1].append(r)
             else:
                 groups.append([r])
@@ -293,7 +298,8 @@ class Profile:
         lines.append("")
         for st in self.stages:
             lines.append(
-                f"stage #{st.op_index}: {st.num_layers} layers, grid {st.grid[0]}x{st.grid[1]}, "
+                f"stage #{st.op_index} ({st.start_layer or 'input'} -> {st.end_layer or '?'}): "
+                f"{st.num_layers} layers, grid {st.grid[0]}x{st.grid[1]}, "
                 f"{'x'.join(map(str, st.input_shape))} -> {'x'.join(map(str, st.output_shape))}, "
                 f"receptive field {st.receptive_field[0]}x{st.receptive_field[1]}, "
                 f"patch input {'x'.join(map(str, st.patch_input_shape))}, "
@@ -386,9 +392,11 @@ class Profile:
                    label=f"layer-by-layer peak {self.layer_by_layer_peak_bytes / 1024:.0f} KiB")
         ax.axhline(self.patched_peak_bytes / 1024, color="#4c72b0", ls="--", lw=1,
                    label=f"patched peak {self.patched_peak_bytes / 1024:.0f} KiB")
-        for st_index in sorted({st for st in stages if st is not None}):
-            idx = [i for i, st in enumerate(stages) if st == st_index]
-            ax.axvspan(min(idx) - 0.5, max(idx) + 0.5, color="#dddddd", zorder=0)
+        for k, (first, last, st_index) in enumerate(stage_spans(stages)):
+            # Alternating shades, each span labelled: adjacent stages stay apart.
+            ax.axvspan(first - 0.5, last + 0.5, color=STAGE_SHADES[k % len(STAGE_SHADES)], zorder=0)
+            ax.text((first + last) / 2, 1.0, f"#{st_index}", transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=6)
         ax.set_xticks(x)
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
         ax.set_xlabel(f"{by} (layer-by-layer order; shaded: patch stage)")
@@ -405,6 +413,28 @@ class Profile:
 
 #: What `Profile.plot(by=...)` accepts.
 PLOT_BY = ("op", "block")
+#: Background shades of the patch stages in `Profile.plot`, alternating from stage to stage.
+STAGE_SHADES = ("#dddddd", "#bcbcbc")
+
+
+def stage_spans(stages: List[Optional[int]]) -> List[tuple]:
+    """(first, last, stage) for each run of consecutive bars of one patch stage, in order.
+
+    `stages` holds each bar's stage (its KP_PATCH_STAGE op index, None
+    outside the stages).
+
+    >>> stage_spans([0, 0, None, 3, 3, 5, None])
+    [(0, 1, 0), (3, 4, 3), (5, 5, 5)]
+    """
+    spans: List[tuple] = []
+    for i, st in enumerate(stages):
+        if st is None:
+            continue
+        if spans and spans[-1][2] == st and spans[-1][1] == i - 1:
+            spans[-1] = (spans[-1][0], i, st)
+        else:
+            spans.append((i, i, st))
+    return spans
 
 
 def _short_op_label(model: TFLiteModel, op_index: int) -> str:
@@ -519,6 +549,8 @@ def profile(
             ph, pw = geometry.max_patch_input(opts)
             stages.append(StageProfile(
                 op_index=p, grid=opts.grid, num_layers=opts.num_layers,
+                start_layer=layer_name(patched.tensor(patched.op_inputs(p)[0]).name),
+                end_layer=layer_name(patched.tensor(patched.op_outputs(p)[0]).name),
                 input_shape=opts.input_shape, output_shape=opts.output_shape,
                 receptive_field=geometry.receptive_field(opts),
                 patch_input_shape=(ph, pw, opts.input_shape[2]),

@@ -56,6 +56,27 @@ def normalize_grid(grid) -> tuple:
     return check_grid(grid)
 
 
+def layer_label(model: TFLiteModel, t: int) -> str:
+    """Tensor `t` for an error message: its Keras layer name and index, e.g. "'block_1_project_BN' (tensor 57)".
+
+    The converter's tensor names run to hundreds of characters (every fused
+    layer's scope, `;`-joined); `keras_patch.planner.schedule.short_tensor_name`
+    keeps the layer name. The index tells apart tensors of one layer.
+    """
+    from keras_patch.planner.schedule import short_tensor_name
+
+    return f"'{short_tensor_name(model.tensor(t).name)}' (tensor {t})"
+
+
+def op_label(model: TFLiteModel, op: int) -> str:
+    """Op `op` for an error message with its output's Keras layer name: 'op 12 (CONV_2D -> block_1_project_BN)'."""
+    from keras_patch.planner.schedule import short_tensor_name
+
+    outs = model.op_outputs(op)
+    name = short_tensor_name(model.tensor(outs[0]).name) if outs else "?"
+    return f"op {op} ({model.op_type(op)} -> {name})"
+
+
 def default_entry_tensor(model: TFLiteModel) -> int:
     """The int8 activation the stage starts from: the model input, or its QUANTIZE."""
     if len(model.inputs) != 1:
@@ -121,6 +142,9 @@ def resolve_split(model: TFLiteModel, split: Union[int, str]) -> int:
             parts = {part: t for t in producers for part in re.split(r"[/;]", model.tensor(t).name)}
             close = difflib.get_close_matches(split, list(parts), n=5, cutoff=0.6)
             candidates = [model.tensor(parts[c]).name for c in close]
+        from keras_patch.planner.schedule import short_tensor_name
+
+        candidates = list(dict.fromkeys(short_tensor_name(c) for c in candidates))  # Keras layer names
         hint = f" Close matches: {candidates}." if candidates else ""
         raise UnsupportedModelError(f"No op writes a tensor or Keras layer named '{split}'.{hint}")
     raise TypeError(f"split must be an op index or a tensor name, got {type(split).__name__}.")
@@ -131,7 +155,7 @@ def stage_ops(model: TFLiteModel, entry: int, exit_tensor: int) -> List[int]:
     producers = model.producers()
     consumers = model.consumers()
     if exit_tensor not in producers:
-        raise UnsupportedModelError(f"Tensor {exit_tensor} ('{model.tensor(exit_tensor).name}') is not written by any op.")
+        raise UnsupportedModelError(f"Tensor {layer_label(model, exit_tensor)} is not written by any op.")
     downstream = set()
     frontier = [entry]
     while frontier:
@@ -153,8 +177,9 @@ def stage_ops(model: TFLiteModel, entry: int, exit_tensor: int) -> List[int]:
     ops = sorted(downstream & upstream)
     if not ops or producers[exit_tensor] not in ops:
         raise UnsupportedModelError(
-            f"Tensor '{model.tensor(exit_tensor).name}' does not depend on the stage input "
-            f"'{model.tensor(entry).name}': no ops between them."
+            f"The split {op_label(model, producers[exit_tensor])} does not depend on the stage's start "
+            f"{layer_label(model, entry)}: no ops lead from the start to the split (is the split before "
+            f"the start, or on another branch?)."
         )
     return ops
 
@@ -167,23 +192,24 @@ def _same_padding(in_size: int, out_size: int, kernel: int, stride: int, dilatio
 
 def _spatial(model: TFLiteModel, t: int, label: str) -> tuple:
     info = model.tensor(t)
+    name = layer_label(model, t)
     if any(d < 0 for d in info.shape_signature[1:]):
         raise UnsupportedModelError(
-            f"{label}: tensor '{info.name}' has a dynamic shape {info.shape_signature}; "
+            f"{label}: tensor {name} has a dynamic shape {info.shape_signature}; "
             f"patch stages need fixed height, width and channels."
         )
     if len(info.shape) != 4 or info.shape[0] != 1:
         raise UnsupportedModelError(
-            f"{label}: tensor '{info.name}' has shape {info.shape}; patch stages need NHWC with batch 1."
+            f"{label}: tensor {name} has shape {info.shape}; patch stages need NHWC with batch 1."
         )
     if info.dtype != np.int8:
         raise UnsupportedModelError(
-            f"{label}: tensor '{info.name}' is {np.dtype(info.dtype).name}, not int8: the model is not "
+            f"{label}: tensor {name} is {np.dtype(info.dtype).name}, not int8: the model is not "
             f"fully int8-quantized (float models cannot be patched)."
         )
     if info.scale.size != 1 or info.zero_point.size != 1:
         raise UnsupportedModelError(
-            f"{label}: tensor '{info.name}' needs per-tensor quantization, has {info.scale.size} scales."
+            f"{label}: tensor {name} needs per-tensor quantization, has {info.scale.size} scales."
         )
     return info.shape[1:]
 
@@ -195,35 +221,35 @@ def plan_stage(model: TFLiteModel, op_indices: Sequence[int], entry: int, exit_t
     consumers = model.consumers()
     if exit_tensor in model.outputs:
         raise UnsupportedModelError(
-            f"The split tensor '{model.tensor(exit_tensor).name}' is a model output: the stage must "
+            f"The split tensor {layer_label(model, exit_tensor)} is a model output: the stage must "
             f"end before the model does (choose an earlier split)."
         )
     for op in op_indices:
         op_type = model.op_type(op)
         if op_type not in SUPPORTED_STAGE_OPS:
             raise UnsupportedModelError(
-                f"{model.op_label(op)} cannot run inside a patch stage. Supported ops: "
+                f"{op_label(model, op)} cannot run inside a patch stage. Supported ops: "
                 f"{', '.join(sorted(SUPPORTED_STAGE_OPS))}. Choose a split before it."
             )
     tensor_ids = {entry: 0}
     for position, op in enumerate(op_indices):
         outputs = model.op_outputs(op)
         if len(outputs) != 1:
-            raise UnsupportedModelError(f"{model.op_label(op)} has {len(outputs)} outputs.")
+            raise UnsupportedModelError(f"{op_label(model, op)} has {len(outputs)} outputs.")
         tensor_ids[outputs[0]] = position + 1
     if model.op_outputs(op_indices[-1])[0] != exit_tensor:
         raise UnsupportedModelError(
-            f"The stage's last op {model.op_label(op_indices[-1])} does not write the split tensor."
+            f"The stage's last op {op_label(model, op_indices[-1])} does not write the split tensor."
         )
     # Single exit: nothing but the exit tensor leaves the stage.
     for op in op_indices[:-1]:
         t = model.op_outputs(op)[0]
         outside = [c for c in consumers.get(t, []) if c not in op_set]
         if outside or t in model.outputs:
-            user = model.op_label(outside[0]) if outside else "the model outputs"
+            user = op_label(model, outside[0]) if outside else "the model outputs"
             raise UnsupportedModelError(
-                f"The stage is not single-exit: tensor '{model.tensor(t).name}' written by "
-                f"{model.op_label(op)} inside the stage is also read by {user} after the split. "
+                f"The stage is not single-exit: tensor {layer_label(model, t)} written by "
+                f"{op_label(model, op)} inside the stage is also read by {user} after the split. "
                 f"Choose a split where only one tensor crosses."
             )
     layers = []
@@ -233,7 +259,7 @@ def plan_stage(model: TFLiteModel, op_indices: Sequence[int], entry: int, exit_t
     ordered = sorted(tensor_ids.items(), key=lambda kv: kv[1])
     shapes, scales, zero_points = [], [], []
     for t, _ in ordered:
-        label = f"stage tensor '{model.tensor(t).name}'"
+        label = "the stage's input" if t == entry else f"stage tensor {tensor_ids[t]} (of {len(ordered) - 1})"
         shapes.append(tuple(_spatial(model, t, label)))
         info = model.tensor(t)
         scales.append(float(info.scale[0]))
@@ -242,7 +268,7 @@ def plan_stage(model: TFLiteModel, op_indices: Sequence[int], entry: int, exit_t
     if grid[0] > out_h or grid[1] > out_w:
         raise UnsupportedModelError(
             f"grid {grid[0]}x{grid[1]} is larger than the stage output {out_h}x{out_w} "
-            f"(tensor '{model.tensor(exit_tensor).name}'): use at most {out_h}x{out_w} patches."
+            f"(tensor {layer_label(model, exit_tensor)}): use at most {out_h}x{out_w} patches."
         )
     options = o.StageOptions(
         grid=grid, tensor_shapes=shapes, tensor_scales=scales,
@@ -261,12 +287,12 @@ def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict,
     inputs = model.op_inputs(op)
     operator = model.operator(op)
     opts = operator.builtinOptions
-    label = model.op_label(op)
+    label = op_label(model, op)
 
     def activation_input(t: int) -> int:
         if t not in tensor_ids or tensor_ids[t] > position:
             raise UnsupportedModelError(
-                f"The stage is not single-entry: {label} reads tensor '{model.tensor(t).name}', "
+                f"The stage is not single-entry: {label} reads tensor {layer_label(model, t)}, "
                 f"which comes from outside the stage: a residual connection or branch would be cut "
                 f"(start the stage at or before that tensor, or end it before this op)."
             )
@@ -276,7 +302,7 @@ def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict,
         if t < 0:
             return -1
         if not model.is_constant(t):
-            raise UnsupportedModelError(f"{label}: its {what} '{model.tensor(t).name}' is not a constant.")
+            raise UnsupportedModelError(f"{label}: its {what} {layer_label(model, t)} is not a constant.")
         op_inputs.append(t)
         return len(op_inputs) - 1
 
@@ -356,7 +382,7 @@ def rewrite_stage(model: TFLiteModel, plan: StagePlan) -> None:
 
 
 def _stage_label(model: TFLiteModel, plan: StagePlan) -> str:
-    return (f"the stage '{model.tensor(plan.entry_tensor).name}' -> '{model.tensor(plan.exit_tensor).name}' "
+    return (f"the stage {layer_label(model, plan.entry_tensor)} -> {layer_label(model, plan.exit_tensor)} "
             f"(ops {plan.op_indices[0]}..{plan.op_indices[-1]})")
 
 
@@ -368,10 +394,11 @@ def check_disjoint_stages(model: TFLiteModel, plans: Sequence[StagePlan]) -> Non
             if op in owner:
                 other = plans[owner[op]]
                 ops_k, ops_o = set(plan.op_indices), set(other.op_indices)
-                how = "is nested in" if ops_k <= ops_o else "contains" if ops_o <= ops_k else "overlaps"
+                how = ("repeats" if ops_k == ops_o else "is nested in" if ops_k <= ops_o
+                       else "contains" if ops_o <= ops_k else "overlaps")
                 raise UnsupportedModelError(
                     f"Stage {k}: {_stage_label(model, plan)} {how} stage {owner[op]}: "
-                    f"{_stage_label(model, other)}; both contain {model.op_label(op)}. "
+                    f"{_stage_label(model, other)}; both contain {op_label(model, op)}. "
                     f"Stages must not share ops."
                 )
             owner[op] = k
@@ -403,7 +430,7 @@ def resolve_start(model: TFLiteModel, start: Union[int, str]) -> int:
             )
     if model.is_constant(entry):
         raise UnsupportedModelError(
-            f"start {start!r} is the constant tensor '{model.tensor(entry).name}' (weights); "
+            f"start {start!r} is the constant tensor {layer_label(model, entry)} (weights); "
             f"the stage starts at an activation."
         )
     return entry
@@ -479,15 +506,28 @@ def patchify_stages(tflite_bytes: ModelSource, stages: Sequence[StageRequest]) -
         try:
             plans.append(_plan_request(model, start, split, grid))
         except UnsupportedModelError as e:
-            raise UnsupportedModelError(f"Stage {k} ({start!r} -> {split!r}): {e}" if len(stages) > 1 else str(e)) from None
+            raise UnsupportedModelError(
+                f"Stage {k} ({_request_label(start)} -> {_request_label(split)}): {e}" if len(stages) > 1 else str(e)
+            ) from None
     rewrite_stages(model, plans)
     return model.to_bytes()
+
+
+def _request_label(where) -> str:
+    """A stage's start or split as the user gave it, a converter tensor name shortened to its Keras layer."""
+    from keras_patch.planner.schedule import short_tensor_name
+
+    if where is None:
+        return "model input"
+    if isinstance(where, str) and ("/" in where or ";" in where):
+        return short_tensor_name(where)
+    return repr(where) if isinstance(where, str) else str(where)
 
 
 def _plan_request(model: TFLiteModel, start, split, grid) -> StagePlan:
     split_op = resolve_split(model, split)
     if model.op_type(split_op) == o.CUSTOM_CODE:
-        raise UnsupportedModelError(f"{model.op_label(split_op)} is already a patch stage.")
+        raise UnsupportedModelError(f"{op_label(model, split_op)} is already a patch stage.")
     exit_tensor = model.op_outputs(split_op)[0]
     if start is None:
         entry = default_entry_tensor(model)
@@ -497,7 +537,7 @@ def _plan_request(model: TFLiteModel, start, split, grid) -> StagePlan:
     ops = stage_ops(model, entry, exit_tensor)
     for op in ops:
         if model.op_type(op) == o.CUSTOM_CODE:
-            raise UnsupportedModelError(f"{model.op_label(op)} is already a patch stage; stages cannot nest.")
+            raise UnsupportedModelError(f"{op_label(model, op)} is already a patch stage; stages cannot nest.")
     return plan_stage(model, ops, entry, exit_tensor, grid)
 
 

@@ -35,13 +35,36 @@ _OP_VERSIONS = {
 }
 
 
-def _padding_type(in_size: int, out_size: int, kernel: int, stride: int, dilation: int, pad: int, where: str) -> int:
+def _padding_types(in_size: int, out_size: int, kernel: int, stride: int, dilation: int, pad: int) -> set:
+    """The builtin padding types that give `out_size` and `pad` along one axis (both, where they coincide)."""
     effective = (kernel - 1) * dilation + 1
+    types = set()
     if out_size == -(-in_size // stride) and pad == _same_padding(in_size, out_size, kernel, stride, dilation):
-        return schema.Padding.SAME
+        types.add(schema.Padding.SAME)
     if pad == 0 and out_size == (in_size - effective) // stride + 1:
-        return schema.Padding.VALID
-    raise UnsupportedModelError(f"{where}: padding {pad} is neither SAME nor VALID; no builtin op expresses it.")
+        types.add(schema.Padding.VALID)
+    return types
+
+
+def _padding_type(in_shape: tuple, out_shape: tuple, layer, where: str) -> int:
+    """The one padding type of a builtin op that gives the layer's output size and padding on both axes.
+
+    Where SAME pads nothing along an axis (a 2x2 window, stride 2, on an even
+    size) SAME and VALID agree there, and the other axis decides.
+    """
+    axes = []
+    for axis, name in enumerate(("height", "width")):
+        types = _padding_types(in_shape[axis], out_shape[axis], layer.kernel[axis], layer.stride[axis],
+                               layer.dilation[axis], layer.pad[axis])
+        if not types:
+            raise UnsupportedModelError(
+                f"{where}: {name} padding {layer.pad[axis]} is neither SAME nor VALID; no builtin op expresses it."
+            )
+        axes.append(types)
+    both = axes[0] & axes[1]
+    if not both:
+        raise UnsupportedModelError(f"{where}: height and width use different padding types.")
+    return schema.Padding.VALID if schema.Padding.VALID in both else schema.Padding.SAME
 
 
 def _int8_tensor(model: TFLiteModel, name: str, shape: tuple, scale: float, zero_point: int) -> int:
@@ -89,9 +112,7 @@ def _builtin_ops(model: TFLiteModel, op_index: int) -> list:
         out_h, out_w, out_c = opts.tensor_shapes[l + 1]
         inputs = [tensor_ids[layer.inputs[0]]]
         if layer.op in (o.OP_CONV_2D, o.OP_DEPTHWISE_CONV_2D, o.OP_MAX_POOL_2D, o.OP_AVERAGE_POOL_2D):
-            padding = _padding_type(in_h, out_h, layer.kernel[0], layer.stride[0], layer.dilation[0], layer.pad[0], where)
-            if padding != _padding_type(in_w, out_w, layer.kernel[1], layer.stride[1], layer.dilation[1], layer.pad[1], where):
-                raise UnsupportedModelError(f"{where}: height and width use different padding types.")
+            padding = _padding_type((in_h, in_w), (out_h, out_w), layer, where)
         if layer.op == o.OP_CONV_2D:
             options = schema.Conv2DOptionsT()
             op.builtinOptionsType = schema.BuiltinOptions.Conv2DOptions

@@ -10,6 +10,11 @@ firmware in `tflm_ops/firmware/` around the portable C++ core with Debian's
 25 MHz timer ticks once every 40 instructions: instruction counts are
 repeatable to the tick.
 
+A model may hold several stages, anywhere in the network: `stage_inputs`
+computes each stage's int8 input from a model input (running the model on
+the host), and `run_model_firmware` runs every stage of a model on the
+emulated Cortex-M4, one firmware build per stage.
+
 Example:
 
 >>> from keras_patch.runtime.firmware import run_stage_firmware, stage_vectors_header
@@ -17,6 +22,8 @@ Example:
 >>> result = run_stage_firmware(header, "/tmp/fw")  # doctest: +SKIP
 >>> result.ok, result.instructions  # doctest: +SKIP
 (True, 41234520)
+>>> [r.ok for r in run_model_firmware(patched_bytes, x, "/tmp/fw")]  # doctest: +SKIP
+[True, True, True]
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -157,7 +164,9 @@ def stage_vectors_header(
 
     Args:
         tflite_bytes: a patched model.
-        input_image: the stage's int8 input, shape (1, H, W, C) or (H, W, C).
+        input_image: the stage's int8 input, shape (1, H, W, C) or (H, W, C)
+            (for a stage that does not start at the model input,
+            `stage_inputs` computes it from a model input).
         stage_index: which KP_PATCH_STAGE op (in execution order).
         grid: run with this grid instead of the model's (`(1, 1)` runs the
             stage's layers one after the other on whole tensors: the
@@ -165,6 +174,10 @@ def stage_vectors_header(
 
     Returns:
         The header's text; its expected output is the reference executor's.
+
+    Raises:
+        KerasPatchError: no such stage, or `input_image` is not shaped like
+            the stage's input.
     """
     model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
     stages = find_stages(model)
@@ -172,6 +185,13 @@ def stage_vectors_header(
         raise KerasPatchError(f"stage_index {stage_index}: the model has {len(stages)} KP_PATCH_STAGE op(s).")
     op = stages[stage_index]
     opts = stage_options(model, op)
+    shape = np.shape(input_image)
+    if tuple(shape) not in ((1, *opts.input_shape), tuple(opts.input_shape)):
+        raise KerasPatchError(
+            f"input_image has shape {tuple(shape)}; stage {stage_index} ({model.op_label(op)}) takes "
+            f"(1, {', '.join(map(str, opts.input_shape))}), the int8 tensor "
+            f"'{model.tensor(model.op_inputs(op)[0]).name}': stage_inputs(model, x) computes it from a model input."
+        )
     if grid is not None:
         opts = dataclasses.replace(opts, grid=check_grid(grid))
     constants = stage_constants(model, op)
@@ -219,6 +239,78 @@ def stage_vectors_header_from_options(opts: o.StageOptions, constants: Sequence,
     parts.append(_c_array("kExpected", "int8_t", expected))
     parts.append("#endif  // KP_STAGE_VECTORS_H_\n")
     return "".join(parts)
+
+
+def stage_inputs(tflite_bytes: ModelSource, model_input: np.ndarray) -> List[np.ndarray]:
+    """The int8 input of every KP_PATCH_STAGE op when the model runs on `model_input`.
+
+    The model runs on the host (`run_tflite`, reference executor) with each
+    stage's input tensor added to its outputs.
+
+    Args:
+        tflite_bytes: a patched model with one input.
+        model_input: one sample for the model's input, with or without the
+            batch axis, in the input's dtype (float for a model that starts
+            with QUANTIZE).
+
+    Returns:
+        One (1, H, W, C) int8 array per stage, in execution order.
+    """
+    from keras_patch.runtime.host import run_tflite
+
+    model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
+    if len(model.inputs) != 1:
+        raise KerasPatchError(f"stage_inputs needs a model with one input, this one has {len(model.inputs)}.")
+    stages = find_stages(model)
+    if not stages:
+        return []
+    info = model.tensor(model.inputs[0])
+    x = np.asarray(model_input)
+    if x.ndim == len(info.shape) - 1:
+        x = x[np.newaxis]
+    if x.ndim != len(info.shape) or x.shape[0] != 1:
+        raise KerasPatchError(
+            f"model_input has shape {np.shape(model_input)}; the model's input '{info.name}' is "
+            f"{tuple(info.shape)}: give one sample."
+        )
+    tensors = [model.op_inputs(op)[0] for op in stages]
+    model.add_outputs(tensors)
+    outputs = run_tflite(model.to_bytes(), x.astype(info.dtype, copy=False))
+    return [np.asarray(a, np.int8) for a in outputs[len(outputs) - len(tensors):]]
+
+
+def run_model_firmware(tflite_bytes: ModelSource, model_input: np.ndarray, build_dir: str,
+                       grid: Optional[Sequence[int]] = None, timeout: float = 900.0,
+                       make_args: Sequence[str] = ()) -> List[FirmwareResult]:
+    """Runs every KP_PATCH_STAGE op of a model on the emulated Cortex-M4, each on its own input.
+
+    Each stage's input is what it reads when the model runs on `model_input`
+    (`stage_inputs`); the firmware checks the stage's output against the
+    reference executor's. The stages are built one after the other in
+    `build_dir` (the core's objects are compiled once).
+
+    Args:
+        tflite_bytes: a patched model (any number of stages, anywhere).
+        model_input: one sample for the model's input (see `stage_inputs`).
+        build_dir: where the firmware is built.
+        grid: run every stage with this grid instead of its own (`(1, 1)`:
+            layer by layer).
+        timeout, make_args: as `run_stage_firmware` takes them.
+
+    Returns:
+        One `FirmwareResult` per stage, in execution order.
+
+    Raises:
+        KerasPatchError: the model has no KP_PATCH_STAGE op, a tool is
+            missing or a build failed.
+    """
+    data = read_model_bytes(tflite_bytes)
+    inputs = stage_inputs(data, model_input)
+    if not inputs:
+        raise KerasPatchError("The model has no KP_PATCH_STAGE op: nothing runs on the firmware.")
+    return [run_stage_firmware(stage_vectors_header(data, x, stage_index=k, grid=grid), build_dir,
+                               timeout=timeout, make_args=make_args)
+            for k, x in enumerate(inputs)]
 
 
 def run_stage_firmware(header: str, build_dir: str, timeout: float = 900.0,

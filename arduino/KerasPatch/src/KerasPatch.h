@@ -3,9 +3,10 @@
 // KerasPatch 0.1.0: the KP_PATCH_STAGE operator of keras-patch
 // (patch-based inference, MCUNetV2) for TensorFlow Lite Micro on Arduino.
 //
-// A model exported by keras-patch runs its memory-heavy first stage as one
-// custom op, KP_PATCH_STAGE, patch by patch, so the tensor arena only needs
-// one patch's intermediates. Register it next to the model's builtin ops:
+// A model exported by keras-patch runs its memory-heavy stages patch by
+// patch, each as one custom op, KP_PATCH_STAGE, so the tensor arena only needs
+// one patch's intermediates. Register it (one slot, for every stage of the
+// model) next to the model's builtin ops:
 //
 //   #include <Chirale_TensorFlowLite.h>   // the TFLM library, first
 //   #include <KerasPatch.h>

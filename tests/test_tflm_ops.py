@@ -323,6 +323,53 @@ def test_tflm_patched_mobilenet_v2(tmp_path):
         assert arena["arena_head_bytes"] < unpatched_head
 
 
+def test_tflm_patched_mobilenet_v2_several_stages(tmp_path):
+    """Whole-network plans in TFLM's MicroInterpreter: two and three KP_PATCH_STAGE ops, one of
+    them starting in the middle of the network (at block_2_add / block_1_project_BN) and one that
+    closes a residual block. Outputs == the unpatched model in TFLM and LiteRT, bit for bit, and
+    the arena head TFLM allocates == profile()'s patched_peak_bytes, byte for byte."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    from keras_patch.arena.profiler import profile
+    from keras_patch.graph.patchify import find_stages, patchify_stages
+    from keras_patch.graph.tflite_model import TFLiteModel
+    from keras_patch.keras.export import convert_int8
+    from keras_patch.runtime.host import run_tflite
+
+    runner = _tflm_runner(tmp_path)
+    size = 96
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = _live_mobilenet_v2(size, 0.35, 10)
+        calibration = np.random.default_rng(0).uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
+        unpatched = convert_int8(model, calibration)
+    x = np.random.default_rng(11).integers(-128, 128, (2, size, size, 3), dtype=np.int8)
+    want = np.stack([np.asarray(run_tflite(unpatched, x[i:i + 1])[0], np.int8).reshape(-1) for i in range(len(x))])
+    assert len(np.unique(want)) > 5, "degenerate logits: the comparison would prove nothing"
+    (reference,), arena = _run_tflm(runner, unpatched, x, tmp_path)
+    np.testing.assert_array_equal(reference.reshape(want.shape), want, err_msg="unpatched: TFLM vs LiteRT")
+    unpatched_head = arena["arena_head_bytes"]
+    plans = [
+        [(None, "block_2_add", (4, 4)), ("block_2_add", "block_5_add", (2, 2)),
+         ("block_5_add", "block_6_project_BN", (2, 1))],
+        [(None, "block_1_project_BN", (6, 6)), ("block_1_project_BN", "block_2_add", (2, 2)),
+         ("block_2_add", "block_5_add", (2, 2))],
+        [(None, "block_1_project_BN", (3, 3)), ("block_3_project_BN", "block_5_add", (3, 2))],
+    ]
+    for stages in plans:
+        patched = patchify_stages(unpatched, stages)
+        assert len(find_stages(TFLiteModel.from_bytes(patched))) == len(stages)
+        (got,), arena = _run_tflm(runner, patched, x, tmp_path)
+        np.testing.assert_array_equal(got.reshape(want.shape), reference.reshape(want.shape),
+                                      err_msg=f"{stages}: patched TFLM vs unpatched TFLM")
+        predicted = profile(patched)
+        assert predicted.num_stages == len(stages)
+        assert arena["arena_head_bytes"] == predicted.patched_peak_bytes, (stages, arena, predicted.patched_peak_bytes)
+        assert arena["arena_head_bytes"] < unpatched_head, stages
+
+
 # ------------------------------------------------- the runner: every builtin op, every output
 
 

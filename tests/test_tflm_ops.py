@@ -356,15 +356,29 @@ def _live_mobilenet_v2_int8(size: int = 96) -> tuple:
     return unpatched, x, want
 
 
+def _several_stage_models(unpatched: bytes, kernel: str) -> list:
+    """(stages, patched .tflite, the planner's predicted head or None) for each of SEVERAL_STAGE_PLANS
+    and for the plan keras_patch.plan chooses at MAC overhead <= 1.10 for `kernel`."""
+    from keras_patch.graph.patchify import patchify_stages
+    from keras_patch.planner.search import plan
+
+    models = [(stages, patchify_stages(unpatched, stages), None) for stages in SEVERAL_STAGE_PLANS]
+    chosen = plan(unpatched, max_mac_overhead=1.10, kernel=kernel)
+    assert len(chosen.stages) >= 2, chosen.table()
+    models.append((chosen.stage_requests(), chosen.apply(unpatched), chosen.peak_bytes))
+    return models
+
+
 def test_tflm_patched_mobilenet_v2_several_stages(tmp_path):
     """Whole-network plans in TFLM's MicroInterpreter: two and three KP_PATCH_STAGE ops, some of
-    them starting in the middle of the network, one closing a residual block. Outputs == the
-    unpatched model in TFLM and LiteRT, bit for bit, and the arena head TFLM allocates ==
-    profile()'s patched_peak_bytes, byte for byte."""
+    them starting in the middle of the network, one closing a residual block, and the plan
+    keras_patch.plan chooses. Outputs == the unpatched model in TFLM and LiteRT, bit for bit, and
+    the arena head TFLM allocates == profile()'s patched_peak_bytes (and the planner's
+    peak_bytes), byte for byte."""
     import numpy as np
 
     from keras_patch.arena.profiler import profile
-    from keras_patch.graph.patchify import find_stages, patchify_stages
+    from keras_patch.graph.patchify import find_stages
     from keras_patch.graph.tflite_model import TFLiteModel
 
     runner = _tflm_runner(tmp_path)
@@ -373,14 +387,14 @@ def test_tflm_patched_mobilenet_v2_several_stages(tmp_path):
     np.testing.assert_array_equal(reference.reshape(want.shape), want, err_msg="unpatched: TFLM vs LiteRT")
     assert arena["arena_head_bytes"] == profile(unpatched).layer_by_layer_peak_bytes
     unpatched_head = arena["arena_head_bytes"]
-    for stages in SEVERAL_STAGE_PLANS:
-        patched = patchify_stages(unpatched, stages)
+    for stages, patched, planned_head in _several_stage_models(unpatched, "portable"):
         assert len(find_stages(TFLiteModel.from_bytes(patched))) == len(stages)
         (got,), arena = _run_tflm(runner, patched, x, tmp_path)
         np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"{stages}: patched TFLM vs LiteRT")
         predicted = profile(patched)
         assert predicted.num_stages == len(stages)
         assert arena["arena_head_bytes"] == predicted.patched_peak_bytes, (stages, arena, predicted.patched_peak_bytes)
+        assert planned_head is None or arena["arena_head_bytes"] == planned_head, (stages, arena, planned_head)
         assert arena["arena_head_bytes"] < unpatched_head, stages
 
 
@@ -431,25 +445,25 @@ def _run_tflm_m4(elf: str, model: bytes, x, tmp_path) -> tuple:
 
 
 def test_tflm_m4_patched_mobilenet_v2_several_stages(tmp_path):
-    """The same plans in TFLM on a Cortex-M4F (QEMU mps2-an386; TFLM's CMSIS-NN kernels and
-    KP_PATCH_STAGE's CMSIS-NN path when so built): outputs == LiteRT's, bit for bit, and the
-    measured arena head == profile(kernel=<the firmware's kernel>)'s prediction."""
+    """The same plans (the planner's for the firmware's kernel) in TFLM on a Cortex-M4F (QEMU
+    mps2-an386; TFLM's CMSIS-NN kernels and KP_PATCH_STAGE's CMSIS-NN path when so built):
+    outputs == LiteRT's, bit for bit, and the measured arena head == profile(kernel=<the
+    firmware's kernel>)'s prediction (and the planner's peak_bytes)."""
     import numpy as np
 
     from keras_patch.arena.profiler import profile
-    from keras_patch.graph.patchify import patchify_stages
 
     elf = _tflm_m4_runner(tmp_path)
     unpatched, x, want = _live_mobilenet_v2_int8()
     (got,), arena, kernel, _ = _run_tflm_m4(elf, unpatched, x, tmp_path)
     np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg="unpatched: Cortex-M4 TFLM vs LiteRT")
     assert arena["arena_head_bytes"] == profile(unpatched, kernel=kernel).layer_by_layer_peak_bytes
-    for stages in SEVERAL_STAGE_PLANS:
-        patched = patchify_stages(unpatched, stages)
+    for stages, patched, planned_head in _several_stage_models(unpatched, kernel):
         (got,), arena, _, _ = _run_tflm_m4(elf, patched, x, tmp_path)
         np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"{stages}: Cortex-M4 TFLM vs LiteRT")
         predicted = profile(patched, kernel=kernel).patched_peak_bytes
         assert arena["arena_head_bytes"] == predicted, (stages, kernel, arena, predicted)
+        assert planned_head is None or arena["arena_head_bytes"] == planned_head, (stages, kernel, arena, planned_head)
 
 
 # ------------------------------------------------- the runner: every builtin op, every output

@@ -403,17 +403,17 @@ def _tflm_m4_runner(tmp_path) -> str:
     $KP_TFLM_DIR + $KP_TFLM_M4_LIB (+ $KP_CMSIS_NN_DIR for the CMSIS-NN path)."""
     from keras_patch.runtime.firmware import toolchain_problem
 
-    problem = toolchain_problem()
-    if problem:
-        pytest.skip(problem)
     runner = os.environ.get("KP_TFLM_M4_RUNNER")
-    if runner:
-        return runner
     tflm_dir, tflm_lib = os.environ.get("KP_TFLM_DIR"), os.environ.get("KP_TFLM_M4_LIB")
-    if not (tflm_dir and tflm_lib):
+    if not (runner or (tflm_dir and tflm_lib)):
         pytest.skip("TFLM is not on any registry: set KP_TFLM_DIR to a tflite-micro checkout and KP_TFLM_M4_LIB "
                     "to a TFLM library built from it for Cortex-M4 (+ KP_CMSIS_NN_DIR), or KP_TFLM_M4_RUNNER "
                     "to a built `make -C tflm_ops tflm-runner-m4`")
+    problem = toolchain_problem(need_emulator=True)
+    if problem:
+        pytest.skip(problem)
+    if runner:
+        return runner
     extra = [f"TFLM_DIR={tflm_dir}", f"TFLM_M4_LIB={tflm_lib}"]
     if os.environ.get("KP_TFLM_INCLUDES"):
         extra.append(f"TFLM_INCLUDES={os.environ['KP_TFLM_INCLUDES']}")

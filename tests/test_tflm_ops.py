@@ -6,6 +6,7 @@ a compiler with ASan/UBSan runtimes for `sanitize`, clang with libFuzzer for
 `fuzz` (Debian: apt-get install clang libclang-rt-14-dev).
 """
 
+import functools
 import os
 import re
 import shutil
@@ -321,6 +322,148 @@ def test_tflm_patched_mobilenet_v2(tmp_path):
         predicted = profile(patched).patched_peak_bytes
         assert arena["arena_head_bytes"] == predicted, (split, grid, arena, predicted)
         assert arena["arena_head_bytes"] < unpatched_head
+
+
+#: Whole-network plans of `_live_mobilenet_v2(96, 0.35, 10)`: two and three stages, some starting in
+#: the middle of the network (block_1_project_BN, block_2_add, block_3_project_BN, block_5_add).
+SEVERAL_STAGE_PLANS = (
+    ((None, "block_2_add", (4, 4)), ("block_2_add", "block_5_add", (2, 2)),
+     ("block_5_add", "block_6_project_BN", (2, 1))),
+    ((None, "block_1_project_BN", (6, 6)), ("block_1_project_BN", "block_2_add", (2, 2)),
+     ("block_2_add", "block_5_add", (2, 2))),
+    ((None, "block_1_project_BN", (3, 3)), ("block_3_project_BN", "block_5_add", (3, 2))),
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _live_mobilenet_v2_int8(size: int = 96) -> tuple:
+    """(int8 .tflite of _live_mobilenet_v2(size, 0.35, 10), two int8 inputs, LiteRT's outputs for them)."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    from keras_patch.keras.export import convert_int8
+    from keras_patch.runtime.host import run_tflite
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = _live_mobilenet_v2(size, 0.35, 10)
+        calibration = np.random.default_rng(0).uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
+        unpatched = convert_int8(model, calibration)
+    x = np.random.default_rng(11).integers(-128, 128, (2, size, size, 3), dtype=np.int8)
+    want = np.stack([np.asarray(run_tflite(unpatched, x[i:i + 1])[0], np.int8).reshape(-1) for i in range(len(x))])
+    assert len(np.unique(want)) > 5, "degenerate logits: the comparison would prove nothing"
+    return unpatched, x, want
+
+
+def _several_stage_models(unpatched: bytes, kernel: str) -> list:
+    """(stages, patched .tflite, the planner's predicted head or None) for each of SEVERAL_STAGE_PLANS
+    and for the plan keras_patch.plan chooses at MAC overhead <= 1.10 for `kernel`."""
+    from keras_patch.graph.patchify import patchify_stages
+    from keras_patch.planner.search import plan
+
+    models = [(stages, patchify_stages(unpatched, stages), None) for stages in SEVERAL_STAGE_PLANS]
+    chosen = plan(unpatched, max_mac_overhead=1.10, kernel=kernel)
+    assert len(chosen.stages) >= 2, chosen.table()
+    models.append((chosen.stage_requests(), chosen.apply(unpatched), chosen.peak_bytes))
+    return models
+
+
+def test_tflm_patched_mobilenet_v2_several_stages(tmp_path):
+    """Whole-network plans in TFLM's MicroInterpreter: two and three KP_PATCH_STAGE ops, some of
+    them starting in the middle of the network, one closing a residual block, and the plan
+    keras_patch.plan chooses. Outputs == the unpatched model in TFLM and LiteRT, bit for bit, and
+    the arena head TFLM allocates == profile()'s patched_peak_bytes (and the planner's
+    peak_bytes), byte for byte."""
+    import numpy as np
+
+    from keras_patch.arena.profiler import profile
+    from keras_patch.graph.patchify import find_stages
+    from keras_patch.graph.tflite_model import TFLiteModel
+
+    runner = _tflm_runner(tmp_path)
+    unpatched, x, want = _live_mobilenet_v2_int8()
+    (reference,), arena = _run_tflm(runner, unpatched, x, tmp_path)
+    np.testing.assert_array_equal(reference.reshape(want.shape), want, err_msg="unpatched: TFLM vs LiteRT")
+    assert arena["arena_head_bytes"] == profile(unpatched).layer_by_layer_peak_bytes
+    unpatched_head = arena["arena_head_bytes"]
+    for stages, patched, planned_head in _several_stage_models(unpatched, "portable"):
+        assert len(find_stages(TFLiteModel.from_bytes(patched))) == len(stages)
+        (got,), arena = _run_tflm(runner, patched, x, tmp_path)
+        np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"{stages}: patched TFLM vs LiteRT")
+        predicted = profile(patched)
+        assert predicted.num_stages == len(stages)
+        assert arena["arena_head_bytes"] == predicted.patched_peak_bytes, (stages, arena, predicted.patched_peak_bytes)
+        assert planned_head is None or arena["arena_head_bytes"] == planned_head, (stages, arena, planned_head)
+        assert arena["arena_head_bytes"] < unpatched_head, stages
+
+
+def _tflm_m4_runner(tmp_path) -> str:
+    """A built tests/tflm_runner_m4.cc (Cortex-M4F firmware): $KP_TFLM_M4_RUNNER, or built from
+    $KP_TFLM_DIR + $KP_TFLM_M4_LIB (+ $KP_CMSIS_NN_DIR for the CMSIS-NN path)."""
+    from keras_patch.runtime.firmware import toolchain_problem
+
+    runner = os.environ.get("KP_TFLM_M4_RUNNER")
+    tflm_dir, tflm_lib = os.environ.get("KP_TFLM_DIR"), os.environ.get("KP_TFLM_M4_LIB")
+    if not (runner or (tflm_dir and tflm_lib)):
+        pytest.skip("TFLM is not on any registry: set KP_TFLM_DIR to a tflite-micro checkout and KP_TFLM_M4_LIB "
+                    "to a TFLM library built from it for Cortex-M4 (+ KP_CMSIS_NN_DIR), or KP_TFLM_M4_RUNNER "
+                    "to a built `make -C tflm_ops tflm-runner-m4`")
+    problem = toolchain_problem(need_emulator=True)
+    if problem:
+        pytest.skip(problem)
+    if runner:
+        return runner
+    extra = [f"TFLM_DIR={tflm_dir}", f"TFLM_M4_LIB={tflm_lib}"]
+    if os.environ.get("KP_TFLM_INCLUDES"):
+        extra.append(f"TFLM_INCLUDES={os.environ['KP_TFLM_INCLUDES']}")
+    if os.environ.get("KP_CMSIS_NN_DIR"):
+        extra.append(f"CMSIS_NN_DIR={os.environ['KP_CMSIS_NN_DIR']}")
+    result = _make("tflm-runner-m4", tmp_path / "out", *extra)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return str(tmp_path / "out" / "m4" / "tflm_runner_m4.elf")
+
+
+def _run_tflm_m4(elf: str, model: bytes, x, tmp_path) -> tuple:
+    """_run_tflm on the Cortex-M4F firmware in QEMU: (outputs, arena sizes, kernel, instructions)."""
+    import numpy as np
+
+    from keras_patch.runtime.firmware import QEMU_ARGS
+
+    (tmp_path / "m.tflite").write_bytes(model)
+    np.ascontiguousarray(x).tofile(tmp_path / "x.bin")
+    args = [a if a != "enable=on,target=native" else a + ",arg=tflm_runner_m4,arg=m.tflite,arg=x.bin,arg=y.bin"
+            for a in QEMU_ARGS]
+    result = subprocess.run(["qemu-system-arm", *args, "-kernel", elf], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    arena = {k: int(v) for k, v in re.findall(r"^(arena_\w+_bytes) (\d+)$", result.stdout, re.M)}
+    assert set(arena) == {"arena_head_bytes", "arena_tail_bytes", "arena_used_bytes"}, result.stdout
+    kernel = re.search(r"^kernel (\w+)$", result.stdout, re.M).group(1)
+    instructions = int(re.search(r"^instructions (\d+)$", result.stdout, re.M).group(1))
+    return _read_runner_outputs(result.stdout, tmp_path / "y.bin"), arena, kernel, instructions
+
+
+def test_tflm_m4_patched_mobilenet_v2_several_stages(tmp_path):
+    """The same plans (the planner's for the firmware's kernel) in TFLM on a Cortex-M4F (QEMU
+    mps2-an386; TFLM's CMSIS-NN kernels and KP_PATCH_STAGE's CMSIS-NN path when so built):
+    outputs == LiteRT's, bit for bit, and the measured arena head == profile(kernel=<the
+    firmware's kernel>)'s prediction (and the planner's peak_bytes)."""
+    import numpy as np
+
+    from keras_patch.arena.profiler import profile
+
+    elf = _tflm_m4_runner(tmp_path)
+    unpatched, x, want = _live_mobilenet_v2_int8()
+    (got,), arena, kernel, _ = _run_tflm_m4(elf, unpatched, x, tmp_path)
+    np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg="unpatched: Cortex-M4 TFLM vs LiteRT")
+    assert arena["arena_head_bytes"] == profile(unpatched, kernel=kernel).layer_by_layer_peak_bytes
+    for stages, patched, planned_head in _several_stage_models(unpatched, kernel):
+        (got,), arena, _, _ = _run_tflm_m4(elf, patched, x, tmp_path)
+        np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"{stages}: Cortex-M4 TFLM vs LiteRT")
+        predicted = profile(patched, kernel=kernel).patched_peak_bytes
+        assert arena["arena_head_bytes"] == predicted, (stages, kernel, arena, predicted)
+        assert planned_head is None or arena["arena_head_bytes"] == planned_head, (stages, kernel, arena, planned_head)
 
 
 # ------------------------------------------------- the runner: every builtin op, every output

@@ -355,7 +355,7 @@ def _wrap(model, specs, caller: str, input_is_inside: bool) -> keras.Model:
         elif stage.name in taken:
             raise UnsupportedModelError(
                 f"{stage.label}: `name`: model '{model.name}' already has a layer named "
-                f"'{stage.name}' outside the stages; choose another name."
+                f"'{stage.name}' (outside the stages, or another stage); choose another name."
             )
         taken.add(stage.name)
     for stage in stages:

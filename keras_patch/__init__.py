@@ -40,6 +40,8 @@ _LAZY = {
     "PatchStage": "keras_patch.keras.patch_stage",
     "export_tflite": "keras_patch.keras.export",
     "wrap_stage": "keras_patch.keras.wrap",
+    "wrap_stages": "keras_patch.keras.wrap",
+    "apply_plan": "keras_patch.keras.wrap",
 }
 
 _PATCH_STAGE_MODULE = _LAZY["PatchStage"]
@@ -117,6 +119,7 @@ __all__ = [
     "PatchStage",
     "Profile",
     "UnsupportedModelError",
+    "apply_plan",
     "export_tflite",
     "patchify",
     "patchify_stages",
@@ -124,4 +127,5 @@ __all__ = [
     "run_tflite",
     "unpatchify",
     "wrap_stage",
+    "wrap_stages",
 ]

@@ -262,3 +262,82 @@ def test_name_collision_and_bad_spec(model):
         wrap_stages(model, [])
     with pytest.raises(ValueError, match="grid"):
         wrap_stages(model, [("b1_expand", "b2_add", (0, 2))])
+
+
+# -------------------------------------------------------------- apply_plan
+
+
+class Stage:
+    """A planned stage as `apply_plan` reads it (the fields of `planner.plan.PlannedStage` it uses)."""
+
+    def __init__(self, start, end, grid):
+        self.start, self.end, self.grid = start, end, grid
+
+
+class Plan:
+    def __init__(self, *stages, message=""):
+        self.stages, self.message = tuple(stages), message
+
+
+#: Tensor names the converter gives residual_model's ops (see tests above: BN folded, ReLU fused).
+INPUT = "serving_default_keras_tensor:0"
+B0_PROJECT = "residual_1/b0_project_1/convolution1"
+B0_DW = ("residual_1/b0_dw_relu_1/Relu6;residual_1/b0_dw_bn_1/batchnorm/mul_1;"
+         "residual_1/b0_dw_1/depthwise;1")
+B2_ADD = "residual_1/b2_add_1/Add"
+B3_PROJECT = "residual_1/b3_project_1/convolution1"
+B4_PROJECT = "residual_1/b4_project_1/convolution1"
+
+
+def test_apply_plan_maps_tensor_names_to_layers(model):
+    from keras_patch import apply_plan
+
+    wrapped = apply_plan(model, Plan(
+        Stage(INPUT, B0_DW, (2, 2)),  # ends at the fused ReLU, the last layer the name holds
+        Stage(B0_PROJECT, B2_ADD, (2, 2)),  # starts after b0_project_bn, folded into b0_project
+        Stage(B3_PROJECT, B4_PROJECT, (3, 3)),  # ends at b4_project_bn: b4_add reads the stage input too
+    ))
+    stages = stage_layers(wrapped)
+    assert [s.grid for s in stages] == [(2, 2), (2, 2), (3, 3)]
+    assert [(s.block.layers[1].name, s.block.layers[-1].name) for s in stages] == [
+        ("stem", "b0_dw_relu"), ("b1_expand", "b2_add"), ("b4_expand", "b4_project_bn")]
+    assert wrapped.get_layer("b0_project") is model.get_layer("b0_project")
+    check_same(model, wrapped, images(seed=5))
+
+
+def test_apply_plan_empty_plan_and_errors(model):
+    from keras_patch import apply_plan
+
+    assert apply_plan(model, Plan(message="no plan lowers the arena head")) is model
+    with pytest.raises(UnsupportedModelError, match=r"planned stage 0 .*end: tensor 'other_1/conv_1/Conv2D' "
+                                                   r"names no layer of model 'residual'"):
+        apply_plan(model, Plan(Stage(INPUT, "other_1/conv_1/Conv2D", (2, 2))))
+    with pytest.raises(UnsupportedModelError, match=r"already holds PatchStage layers \['s0', 's1', 's2'\]"):
+        apply_plan(wrap_stages(model, STAGES), Plan(Stage(B0_PROJECT, B2_ADD, (2, 2))))
+    with pytest.raises(UnsupportedModelError, match=r"Stage 1 \(after 'b0_dw_relu' -> 'b2_add'\) contains stage 0"):
+        apply_plan(model, Plan(Stage(B0_PROJECT, B2_ADD, (2, 2)), Stage(B0_DW, B2_ADD, (2, 2))))
+
+
+def test_apply_plan_export_equals_patchify_stages(model):
+    """The Keras side of a plan exports to what patching the unpatched .tflite gives."""
+    from keras_patch import apply_plan, profile
+    from keras_patch.graph.patchify import find_stages, patchify_stages
+    from keras_patch.graph.tflite_model import TFLiteModel
+    from keras_patch.keras.export import export_tflite
+    from keras_patch.runtime.host import run_tflite
+
+    data = images(n=4, seed=6)
+    unpatched = export_tflite(model, data)
+    tflite = TFLiteModel.from_bytes(unpatched)
+    assert tflite.tensor(tflite.inputs[0]).name == INPUT
+    names = {tflite.tensor(tflite.op_outputs(i)[0]).name for i in range(tflite.num_ops)}
+    assert {B0_PROJECT, B0_DW, B2_ADD, B3_PROJECT, B4_PROJECT} <= names
+    plan = Plan(Stage(INPUT, B0_PROJECT, (2, 2)), Stage(B0_PROJECT, B2_ADD, (2, 2)),
+                Stage(B3_PROJECT, B4_PROJECT, (3, 3)))
+    patched = export_tflite(apply_plan(model, plan), data)
+    reference = patchify_stages(unpatched, [(s.start, s.end, s.grid) for s in plan.stages])
+    assert len(find_stages(TFLiteModel.from_bytes(patched))) == 3
+    assert profile(patched).patched_peak_bytes == profile(reference).patched_peak_bytes
+    x = np.random.default_rng(7).integers(-128, 128, (1, 48, 48, 3), dtype=np.int8)
+    for got, want in zip(run_tflite(patched, x), run_tflite(reference, x)):
+        np.testing.assert_array_equal(got, want)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from typing import List, Optional, Sequence, Tuple, Union
 
 import keras
@@ -11,6 +12,8 @@ from keras.src.utils import naming
 
 from keras_patch.errors import UnsupportedModelError
 from keras_patch.keras.patch_stage import PatchStage
+
+logger = logging.getLogger(__name__)
 
 
 def _producer_node(tensor):
@@ -135,6 +138,115 @@ def wrap_stages(model: keras.Model, stages: Sequence[StageSpec]) -> keras.Model:
     return _wrap(model, stages, "wrap_stages", input_is_inside=False)
 
 
+def apply_plan(keras_model: keras.Model, plan) -> keras.Model:
+    """Returns `keras_model` with the stages of a `PatchPlan` as `PatchStage`s.
+
+    `keras_patch.plan` chooses the stages on the model's int8 `.tflite`; this
+    puts the same stages into the Keras model (see `wrap_stages`), so that it
+    trains with ordinary `fit` and `export_tflite` emits one KP_PATCH_STAGE
+    op per planned stage, with the plan's grids. The layers are shared with
+    `keras_model` (same weights, same predictions).
+
+    Each planned stage names the `.tflite` tensors it starts and ends at;
+    they are mapped back to Keras layers by the layer names inside the
+    tensor names (`planner.schedule.short_tensor_name`). The converter folds
+    a `BatchNormalization` into the convolution before it and fuses ReLUs
+    into the op before them, so a tensor named after a convolution may be the
+    output of the BatchNormalization that follows it: the stage then ends
+    (or the next one starts) after that BatchNormalization.
+
+    Args:
+        keras_model: The functional (or built Sequential) model the plan was
+            made for (`keras_patch.plan(keras_model)`, or a plan of its
+            exported `.tflite`), without `PatchStage` layers.
+        plan: A `keras_patch.PatchPlan` (or a sequence of its stages).
+
+    Returns:
+        A new functional `keras.Model` with one `PatchStage` per planned stage
+        (named `patch_stage`, `patch_stage_1`, ...), or `keras_model` itself
+        for the empty plan.
+
+    Raises:
+        UnsupportedModelError: a planned stage whose tensors name no layer of
+            `keras_model` (a plan made for another model), a model that
+            already holds `PatchStage` layers, or stages that `wrap_stages`
+            refuses.
+
+    Example:
+
+    >>> import numpy as np, keras, keras_patch
+    >>> base = keras.applications.MobileNetV2(
+    ...     input_shape=(96, 96, 3), alpha=0.35, weights=None)
+    >>> plan = keras_patch.plan(base, max_mac_overhead=1.3)  # doctest: +SKIP
+    >>> model = keras_patch.apply_plan(base, plan)  # doctest: +SKIP
+    >>> model.compile("adam", "sparse_categorical_crossentropy")  # doctest: +SKIP
+    >>> data = np.random.rand(8, 96, 96, 3).astype("float32")  # doctest: +SKIP
+    >>> patched = keras_patch.export_tflite(model, data)  # doctest: +SKIP
+    """
+    stages = list(getattr(plan, "stages", plan))
+    if not stages:
+        message = getattr(plan, "message", "")
+        logger.info("apply_plan: the plan is empty%s; the model is unchanged.", f" ({message})" if message else "")
+        return keras_model
+    model = _functional(keras_model, "apply_plan")
+    held = [layer.name for layer in model.layers if isinstance(layer, PatchStage)]
+    if held:
+        raise UnsupportedModelError(
+            f"apply_plan: model '{model.name}' already holds PatchStage layers {held}; "
+            f"apply a plan to the model without them (the one the plan was made for)."
+        )
+    nodes = _model_nodes(model)
+    specs = []
+    for k, stage in enumerate(stages):
+        start = _start_name(stage)
+        label = f"planned stage {k} ({start or 'the model input'} -> {stage.end})"
+        if start:
+            first = _After(_layer_of_tensor(model, nodes, start, f"{label}: start"))
+        else:
+            first = None
+        last = _layer_of_tensor(model, nodes, stage.end, f"{label}: end")
+        specs.append((first, last, tuple(stage.grid)))
+    return _wrap(model, specs, "apply_plan", input_is_inside=False)
+
+
+#: Layers the TFLite converter folds into the Conv2D / DepthwiseConv2D before them, leaving no name in the tensor.
+_FOLDED_INTO_CONV = (keras.layers.BatchNormalization,)
+
+
+def _start_name(stage) -> str:
+    """The planned stage's start tensor name; "" for the model input."""
+    start = stage.start or ""
+    start_layer = getattr(stage, "start_layer", None)
+    if start_layer == "" or (start_layer is None and "/" not in start):  # PlannedStage.start_layer's rule
+        return ""
+    return start
+
+
+def _layer_of_tensor(model, nodes, tensor_name: str, what: str) -> str:
+    """The Keras layer whose output is the converted `.tflite` tensor `tensor_name`."""
+    from keras_patch.planner.schedule import short_tensor_name
+
+    order = {n.operation.name: i for i, n in enumerate(nodes) if not n.is_input}
+    named = [short_tensor_name(part) for part in tensor_name.split(";")]
+    found = [name for name in named if name in order]
+    if not found:
+        raise UnsupportedModelError(
+            f"{what}: tensor '{tensor_name}' names no layer of model '{model.name}'; "
+            f"was the plan made for this model (keras_patch.plan(keras_model) or its exported .tflite)?"
+        )
+    node = nodes[max(order[name] for name in found)]  # a fused op is named after several layers
+    if isinstance(node.operation, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+        while True:  # BatchNormalization folded into the convolution leaves no name behind
+            out = node.outputs[0]
+            users = [n for n in nodes if any(t is out for t in n.input_tensors)]
+            if any(t is out for t in model.outputs) or len(users) != 1:
+                break
+            if not isinstance(users[0].operation, _FOLDED_INTO_CONV):
+                break
+            node = users[0]
+    return node.operation.name
+
+
 def _functional(model, caller: str):
     """`model` as a one-input functional model (a built Sequential's inner one)."""
     if isinstance(model, keras.Sequential):
@@ -184,6 +296,16 @@ def _find_node(model, nodes, layer: str, what: str):
             "a stage boundary must be a single 4D tensor."
         )
     return node
+
+
+class _After:
+    """A stage start given as "the output of layer `layer`" (`apply_plan`) instead of a first layer."""
+
+    def __init__(self, layer: str):
+        self.layer = layer
+
+    def __repr__(self) -> str:
+        return f"after '{self.layer}'"
 
 
 class _Stage:
@@ -241,9 +363,13 @@ def _resolve_stage(model, nodes, k: int, spec, input_is_inside: bool) -> _Stage:
     name = spec[3] if len(spec) == 4 else None
     label = f"stage {k} ({first!r} -> {last!r})"
     last_node = _find_node(model, nodes, last, f"{label}: last layer")
+    first_node = None
     if first is None:
         entry = model.inputs[0]
         first_layer = None
+    elif isinstance(first, _After):
+        entry = _find_node(model, nodes, first.layer, f"{label}: start").outputs[0]
+        first_layer = repr(first)
     else:
         first_node = _find_node(model, nodes, first, f"{label}: first layer")
         inputs = [t for t in first_node.input_tensors]
@@ -257,7 +383,7 @@ def _resolve_stage(model, nodes, k: int, spec, input_is_inside: bool) -> _Stage:
         first_layer = first
     ancestors = _ancestors(last_node, id(entry))
     descendants = _descendants(entry, nodes)
-    if first_layer is not None and id(_find_node(model, nodes, first, label)) not in ancestors:
+    if first_node is not None and id(first_node) not in ancestors:
         raise UnsupportedModelError(
             f"{label}: the last layer '{last}' does not depend on the first layer '{first}'; "
             f"give the stage's layers in model order."

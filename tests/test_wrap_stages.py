@@ -167,6 +167,15 @@ def test_export_emits_one_op_per_stage_bit_exact(model):
         np.testing.assert_array_equal(got, want)
 
 
+def test_docstring_examples():
+    import doctest
+
+    from keras_patch.keras import wrap
+
+    failures, tried = doctest.testmod(wrap, optionflags=doctest.ELLIPSIS)
+    assert failures == 0 and tried >= 10
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -327,26 +327,46 @@ def test_apply_plan_empty_plan_and_errors(model):
         apply_plan(model, Plan(Stage(B0_PROJECT, B2_ADD, (2, 2)), Stage(B0_DW, B2_ADD, (2, 2))))
 
 
-def test_apply_plan_export_equals_patchify_stages(model):
-    """The Keras side of a plan exports to what patching the unpatched .tflite gives."""
-    from keras_patch import apply_plan, profile
-    from keras_patch.graph.patchify import find_stages, patchify_stages
+@pytest.mark.slow  # three int8 conversions: ~45 s on 2 cores
+def test_apply_plan_of_the_planner_trains_and_exports_bit_exact(model):
+    """plan -> apply_plan -> fit -> export_tflite: one KP_PATCH_STAGE per planned stage, bit-exact."""
+    import keras_patch
+    from keras_patch.graph.patchify import find_stages
     from keras_patch.graph.tflite_model import TFLiteModel
     from keras_patch.keras.export import export_tflite
-    from keras_patch.runtime.host import run_tflite
 
     data = images(n=4, seed=6)
     unpatched = export_tflite(model, data)
-    tflite = TFLiteModel.from_bytes(unpatched)
-    assert tflite.tensor(tflite.inputs[0]).name == INPUT
-    names = {tflite.tensor(tflite.op_outputs(i)[0]).name for i in range(tflite.num_ops)}
-    assert {B0_PROJECT, B0_DW, B2_ADD, B3_PROJECT, B4_PROJECT} <= names
-    plan = Plan(Stage(INPUT, B0_PROJECT, (2, 2)), Stage(B0_PROJECT, B2_ADD, (2, 2)),
-                Stage(B3_PROJECT, B4_PROJECT, (3, 3)))
-    patched = export_tflite(apply_plan(model, plan), data)
-    reference = patchify_stages(unpatched, [(s.start, s.end, s.grid) for s in plan.stages])
-    assert len(find_stages(TFLiteModel.from_bytes(patched))) == 3
-    assert profile(patched).patched_peak_bytes == profile(reference).patched_peak_bytes
-    x = np.random.default_rng(7).integers(-128, 128, (1, 48, 48, 3), dtype=np.int8)
-    for got, want in zip(run_tflite(patched, x), run_tflite(reference, x)):
+    plan = keras_patch.plan(unpatched, max_mac_overhead=1.3)
+    # Three stages: from the input, one mid-network whose input b2_add reads
+    # again (the skip), one from an ADD; BatchNormalization folded into convs.
+    assert [(s.start_layer, s.end_layer) for s in plan.stages] == [
+        ("", "b1_project"), ("b1_project", "b2_project"), ("b2_add", "b3_dw_relu")]
+    wrapped = keras_patch.apply_plan(model, plan)
+    stages = stage_layers(wrapped)
+    assert [s.grid for s in stages] == [tuple(s.grid) for s in plan.stages]
+    assert [(s.block.layers[1].name, s.block.layers[-1].name) for s in stages] == [
+        ("stem", "b1_project_bn"), ("b2_expand", "b2_project_bn"), ("b3_expand", "b3_dw_relu")]
+    check_same(model, wrapped, data)
+
+    # Same weights: the exported model is the plan applied to the unpatched one.
+    patched = export_tflite(wrapped, data)
+    assert len(find_stages(TFLiteModel.from_bytes(patched))) == len(plan.stages)
+    assert keras_patch.profile(patched).patched_peak_bytes == plan.peak_bytes
+    x = np.random.default_rng(7).integers(-128, 128, (2, 48, 48, 3), dtype=np.int8)
+    expected = keras_patch.run_tflite(unpatched, x)
+    for executor in ("reference", "cpp"):
+        for got, want in zip(keras_patch.run_tflite(patched, x, executor=executor), expected):
+            np.testing.assert_array_equal(got, want)
+    for got, want in zip(keras_patch.run_tflite(plan.apply(unpatched), x), expected):
+        np.testing.assert_array_equal(got, want)
+
+    # It trains with ordinary fit and still exports one op per stage, bit-exact
+    # against its own unpatched int8 model.
+    wrapped.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", jit_compile=False)
+    wrapped.fit(data, np.ones((4, 10), "float32"), batch_size=4, epochs=1, verbose=0)
+    trained = export_tflite(wrapped, data)
+    assert len(find_stages(TFLiteModel.from_bytes(trained))) == len(plan.stages)
+    assert keras_patch.profile(trained).patched_peak_bytes == plan.peak_bytes
+    for got, want in zip(keras_patch.run_tflite(trained, x), keras_patch.run_tflite(keras_patch.unpatchify(trained), x)):
         np.testing.assert_array_equal(got, want)

@@ -174,14 +174,20 @@ def apply_plan(keras_model: keras.Model, plan) -> keras.Model:
 
     Example:
 
-    >>> import numpy as np, keras, keras_patch
-    >>> base = keras.applications.MobileNetV2(
-    ...     input_shape=(96, 96, 3), alpha=0.35, weights=None)
-    >>> plan = keras_patch.plan(base, max_mac_overhead=1.3)  # doctest: +SKIP
-    >>> model = keras_patch.apply_plan(base, plan)  # doctest: +SKIP
-    >>> model.compile("adam", "sparse_categorical_crossentropy")  # doctest: +SKIP
-    >>> data = np.random.rand(8, 96, 96, 3).astype("float32")  # doctest: +SKIP
-    >>> patched = keras_patch.export_tflite(model, data)  # doctest: +SKIP
+    >>> import keras, keras_patch
+    >>> inputs = keras.Input((32, 32, 3))
+    >>> x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="c1")(inputs)
+    >>> x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="c2")(x)
+    >>> x = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="c3")(x)
+    >>> x = keras.layers.GlobalAveragePooling2D()(x)
+    >>> model = keras.Model(inputs, keras.layers.Dense(4)(x))
+    >>> plan = keras_patch.plan(model, max_mac_overhead=1.3)
+    >>> plan.peak_bytes < plan.layer_by_layer_peak_bytes
+    True
+    >>> patched = keras_patch.apply_plan(model, plan)  # train it with fit, then export_tflite
+    >>> stages = [l for l in patched.layers if isinstance(l, keras_patch.PatchStage)]
+    >>> [s.grid for s in stages] == [s.grid for s in plan.stages]
+    True
     """
     stages = list(getattr(plan, "stages", plan))
     if not stages:

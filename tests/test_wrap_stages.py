@@ -78,7 +78,8 @@ def test_stage_order_does_not_matter_and_names_are_generated(model):
     check_same(model, wrapped, images(seed=1))
 
 
-def test_fit_trains_the_shared_weights(model):
+def test_fit_trains_the_shared_weights():
+    model = residual_model()
     wrapped = wrap_stages(model, STAGES)
     wrapped.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=False)
     x = images(n=4)
@@ -159,8 +160,8 @@ def test_export_emits_one_op_per_stage_bit_exact(model):
     # Each op's exit tensor is the last layer of its stage; stages 1 and 2 start mid-network.
     exits = [tflite.tensor(tflite.op_outputs(i)[0]).name for i in stage_ops]
     assert [stage_of_tensor_name(name) for name in exits] == ["s0", "s1", "s2"]
-    # (the converter folds b0/b4_project_bn into their convolution)
-    assert [short_tensor_name(name) for name in exits] == ["b0_project", "b2_add", "b4_project"]
+    # (the converter folds b0/b4_project_bn into their convolution and names the op after either)
+    assert [short_tensor_name(name).replace("_bn", "") for name in exits] == ["b0_project", "b2_add", "b4_project"]
     assert stage_ops[1] == stage_ops[0] + 1 and stage_ops[2] > stage_ops[1] + 1
     x = np.random.default_rng(4).integers(-128, 128, (1, 48, 48, 3), dtype=np.int8)
     for got, want in zip(run_tflite(patched, x), run_tflite(unpatchify(patched), x)):
@@ -174,6 +175,21 @@ def test_docstring_examples():
 
     failures, tried = doctest.testmod(wrap, optionflags=doctest.ELLIPSIS)
     assert failures == 0 and tried >= 10
+
+
+def test_stage_input_may_be_read_after_the_stage():
+    """Unlike wrap_stage (whose stage must consume the model input), a stage's input may be reused."""
+    from keras_patch.keras.wrap import wrap_stage
+
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(3, 1, name="c")(inputs)
+    x = layers.ReLU(name="r")(x)
+    model = keras.Model(inputs, layers.Add(name="add")([x, inputs]))
+    wrapped = wrap_stages(model, [(None, "r", 2, "s")])
+    assert [l.name for l in wrapped.layers][1:] == ["s", "add"]
+    check_same(model, wrapped, images(8))
+    with pytest.raises(UnsupportedModelError, match=r"'add' \(Add\) uses the model input"):
+        wrap_stage(model, until="r")
 
 
 # ------------------------------------------------------------------ errors
@@ -338,13 +354,13 @@ def test_apply_plan_of_the_planner_trains_and_exports_bit_exact(model):
     data = images(n=4, seed=6)
     unpatched = export_tflite(model, data)
     plan = keras_patch.plan(unpatched, max_mac_overhead=1.3)
-    # Three stages: from the input, one mid-network whose input b2_add reads
-    # again (the skip), one from an ADD; BatchNormalization folded into convs.
-    assert [(s.start_layer, s.end_layer) for s in plan.stages] == [
-        ("", "b1_project"), ("b1_project", "b2_project"), ("b2_add", "b3_dw_relu")]
+    assert len(plan.stages) == 3
     wrapped = keras_patch.apply_plan(model, plan)
     stages = stage_layers(wrapped)
     assert [s.grid for s in stages] == [tuple(s.grid) for s in plan.stages]
+    # From the input, one mid-network whose input b2_add reads again (the skip),
+    # one from an ADD; the planned .tflite tensors name the convolutions that
+    # BatchNormalization was folded into, or the fused ReLU.
     assert [(s.block.layers[1].name, s.block.layers[-1].name) for s in stages] == [
         ("stem", "b1_project_bn"), ("b2_expand", "b2_project_bn"), ("b3_expand", "b3_dw_relu")]
     check_same(model, wrapped, data)

@@ -143,7 +143,7 @@ def test_sequential_middle_stage():
     check_same(model, wrapped, images(16))
 
 
-def test_export_emits_one_op_per_stage_bit_exact(model):
+def test_export_emits_one_op_per_stage_bit_exact(model, caplog):
     from keras_patch.graph.patchify import find_stages
     from keras_patch.graph.tflite_model import TFLiteModel
     from keras_patch.graph.unpatchify import unpatchify
@@ -153,7 +153,9 @@ def test_export_emits_one_op_per_stage_bit_exact(model):
     from keras_patch.runtime.host import run_tflite
 
     wrapped = wrap_stages(model, STAGES)
-    patched = export_tflite(wrapped, images(n=4, seed=3))
+    with caplog.at_level("WARNING", logger="keras_patch.keras.export"):
+        patched = export_tflite(wrapped, images(n=4, seed=3))
+    assert not caplog.records  # every boundary lies between two converted ops
     tflite = TFLiteModel.from_bytes(patched)
     stage_ops = find_stages(tflite)
     assert len(stage_ops) == len(STAGES)
@@ -164,6 +166,29 @@ def test_export_emits_one_op_per_stage_bit_exact(model):
     assert [short_tensor_name(name).replace("_bn", "") for name in exits] == ["b0_project", "b2_add", "b4_project"]
     assert stage_ops[1] == stage_ops[0] + 1 and stage_ops[2] > stage_ops[1] + 1
     x = np.random.default_rng(4).integers(-128, 128, (1, 48, 48, 3), dtype=np.int8)
+    for got, want in zip(run_tflite(patched, x), run_tflite(unpatchify(patched), x)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_export_warns_about_a_boundary_inside_a_fused_op(model, caplog):
+    """b0_dw, b0_dw_bn and b0_dw_relu become one DEPTHWISE_CONV_2D: a boundary between them is reported."""
+    from keras_patch.graph.patchify import find_stages
+    from keras_patch.graph.tflite_model import TFLiteModel
+    from keras_patch.graph.unpatchify import unpatchify
+    from keras_patch.keras.export import export_tflite
+    from keras_patch.runtime.host import run_tflite
+
+    wrapped = wrap_stages(model, [(None, "b0_dw_bn", 2, "a"), ("b0_dw_relu", "b0_project_bn", 2, "b")])
+    with caplog.at_level("WARNING", logger="keras_patch.keras.export"):
+        patched = export_tflite(wrapped, images(n=4, seed=8))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("PatchStage 'a': the converter fused its layers with PatchStage 'b' into one op "
+                            "(DEPTHWISE_CONV_2D writing") and "its KP_PATCH_STAGE op does not hold that op" in m
+               for m in messages), messages
+    assert any(m.startswith("PatchStage 'b': the converter fused its layers with PatchStage 'a'")
+               and "op holds that op" in m for m in messages), messages
+    assert len(find_stages(TFLiteModel.from_bytes(patched))) == 2
+    x = np.random.default_rng(9).integers(-128, 128, (1, 48, 48, 3), dtype=np.int8)
     for got, want in zip(run_tflite(patched, x), run_tflite(unpatchify(patched), x)):
         np.testing.assert_array_equal(got, want)
 

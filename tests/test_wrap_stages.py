@@ -359,6 +359,8 @@ def test_apply_plan_empty_plan_and_errors(model):
     from keras_patch import apply_plan
 
     assert apply_plan(model, Plan(message="no plan lowers the arena head")) is model
+    with pytest.raises(TypeError, match="apply_plan takes a keras_patch.PatchPlan .*got str.*from_json"):
+        apply_plan(model, '{"stages": []}')
     with pytest.raises(UnsupportedModelError, match=r"planned stage 0 .*end: tensor 'other_1/conv_1/Conv2D' "
                                                    r"names no layer of model 'residual'"):
         apply_plan(model, Plan(Stage(INPUT, "other_1/conv_1/Conv2D", (2, 2))))

@@ -189,7 +189,15 @@ def apply_plan(keras_model: keras.Model, plan) -> keras.Model:
     >>> [s.grid for s in stages] == [s.grid for s in plan.stages]
     True
     """
-    stages = list(getattr(plan, "stages", plan))
+    stages = getattr(plan, "stages", plan)
+    if isinstance(stages, (str, bytes, dict)) or not hasattr(stages, "__iter__") or not all(
+        hasattr(stage, field) for stage in stages for field in ("start", "end", "grid")
+    ):
+        raise TypeError(
+            f"apply_plan takes a keras_patch.PatchPlan (or its stages), got {type(plan).__name__}; "
+            f"a plan stored as JSON loads with keras_patch.PatchPlan.from_json."
+        )
+    stages = list(stages)
     if not stages:
         message = getattr(plan, "message", "")
         logger.info("apply_plan: the plan is empty%s; the model is unchanged.", f" ({message})" if message else "")

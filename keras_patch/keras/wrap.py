@@ -376,7 +376,7 @@ def _resolve_stage(model, nodes, k: int, spec, input_is_inside: bool) -> _Stage:
     first, last, grid = spec[:3]
     name = spec[3] if len(spec) == 4 else None
     label = f"stage {k} ({first!r} -> {last!r})"
-    last_node = _find_node(model, nodes, last, f"{label}: last layer")
+    last_node = _find_node(model, nodes, last, "`until`" if input_is_inside else f"{label}: last layer")
     first_node = None
     if first is None:
         entry = model.inputs[0]

@@ -26,12 +26,15 @@ from keras_patch.errors import (
     InvalidModelError,
     InvalidOptionsError,
     KerasPatchError,
+    PlanError,
     UnsupportedModelError,
 )
 from keras_patch.graph.patchify import patchify, patchify_stages
 from keras_patch.arena.profiler import Profile, ProfileSummary, profile
 from keras_patch.runtime.host import run_tflite
 from keras_patch.graph.unpatchify import unpatchify
+from keras_patch.planner.plan import PatchPlan
+from keras_patch.planner.search import plan
 
 # The Keras-side API imports TensorFlow and Keras (about 10 s): it loads on
 # first access (PEP 562), so that `import keras_patch` and the command line on
@@ -40,6 +43,8 @@ _LAZY = {
     "PatchStage": "keras_patch.keras.patch_stage",
     "export_tflite": "keras_patch.keras.export",
     "wrap_stage": "keras_patch.keras.wrap",
+    "wrap_stages": "keras_patch.keras.wrap",
+    "apply_plan": "keras_patch.keras.wrap",
 }
 
 _PATCH_STAGE_MODULE = _LAZY["PatchStage"]
@@ -114,15 +119,20 @@ __all__ = [
     "InvalidModelError",
     "InvalidOptionsError",
     "KerasPatchError",
+    "PatchPlan",
     "PatchStage",
+    "PlanError",
     "Profile",
     "ProfileSummary",
     "UnsupportedModelError",
+    "apply_plan",
     "export_tflite",
     "patchify",
     "patchify_stages",
+    "plan",
     "profile",
     "run_tflite",
     "unpatchify",
     "wrap_stage",
+    "wrap_stages",
 ]

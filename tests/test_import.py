@@ -55,7 +55,7 @@ def test_import_adds_only_the_schema_to_tensorflow():
 def test_public_api():
     import keras_patch
 
-    for name in ["PatchStage", "wrap_stage", "profile", "Profile", "export_tflite", "patchify",
+    for name in ["PatchStage", "wrap_stage", "wrap_stages", "apply_plan", "profile", "Profile", "export_tflite", "patchify",
                  "unpatchify", "run_tflite", "__version__"]:
         assert hasattr(keras_patch, name), name
 

@@ -368,6 +368,36 @@ def convert_int8(model, representative_dataset: RepresentativeData, int8_io: boo
         return converter.convert()
 
 
+def _part_stages(tensor_name: str) -> list:
+    """The PatchStage (or None) of each layer op the converter fused into the op writing `tensor_name`."""
+    from keras_patch.keras.patch_stage import stage_of_tensor_name
+
+    return [stage_of_tensor_name(part) for part in tensor_name.split(";") if "/" in part]
+
+
+def _warn_fused_across(tflite: TFLiteModel, stage: PatchStage, marked: List[int]) -> None:
+    """Logs a warning where the converter fused layers across a boundary of `stage`.
+
+    The converter folds a BatchNormalization into the convolution before it and
+    fuses a ReLU into the op before it; when a stage boundary lies between them,
+    the fused op goes to one side only, so the KP_PATCH_STAGE op holds a little
+    more or less than the `PatchStage` (the model still computes the same).
+    """
+    for i in range(tflite.num_ops):
+        name = tflite.tensor(tflite.op_outputs(i)[0]).name if tflite.op_outputs(i) else ""
+        parts = _part_stages(name)
+        if stage.name not in parts or len(set(parts)) == 1:
+            continue
+        others = sorted({f"PatchStage '{p}'" if p else "layers outside any stage" for p in parts if p != stage.name})
+        logger.warning(
+            "PatchStage '%s': the converter fused its layers with %s into one op (%s writing '%s'); "
+            "its KP_PATCH_STAGE op %s that op. Start or end the stage after the BatchNormalization/ReLU "
+            "that follows a convolution to keep the two the same.",
+            stage.name, " and ".join(others), tflite.op_type(i), name,
+            "holds" if i in marked else "does not hold",
+        )
+
+
 def _stage_op_set(tflite: TFLiteModel, stage: PatchStage) -> tuple:
     """(entry tensor, exit tensor) of the ops the converter made from `stage`."""
     from keras_patch.keras.patch_stage import stage_of_tensor_name
@@ -381,6 +411,7 @@ def _stage_op_set(tflite: TFLiteModel, stage: PatchStage) -> tuple:
             f"PatchStage '{stage.name}': the converter produced no ops under its name scope; "
             f"the stage may have been folded away."
         )
+    _warn_fused_across(tflite, stage, marked)
     producers = tflite.producers()
     marked_set = set(marked)
     external = []

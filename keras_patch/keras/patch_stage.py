@@ -207,10 +207,13 @@ def validate_block(block, stage_name: str) -> None:
 
 @keras.saving.register_keras_serializable(package="keras_patch")
 class PatchStage(keras.layers.Layer):
-    """Wraps the first stage of a CNN so that it can run patch by patch.
+    """Wraps a stage of a CNN so that it can run patch by patch.
 
     On microcontrollers the first stage of a CNN needs the most activation
-    memory. `PatchStage` marks such a stage: in Keras it computes exactly what
+    memory, and later blocks with wide expanded tensors come next. A model
+    may hold several `PatchStage`s, each over a single-entry/single-exit run
+    of layers anywhere in the network (`keras_patch.wrap_stages`,
+    `keras_patch.apply_plan`). `PatchStage` marks such a stage: in Keras it computes exactly what
     `block` computes (outputs, gradients, weights and training behavior are
     those of `block`), and when the model is exported, the stage is replaced
     by one operator that computes its output one spatial patch at a time, on a

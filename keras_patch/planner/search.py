@@ -90,11 +90,44 @@ class _Run:
     op_inputs: list
 
 
+class _ReadOnlyModel:
+    """A `TFLiteModel` whose tensor and op queries are memoized (the planner never changes it)."""
+
+    def __init__(self, model: TFLiteModel):
+        self._model = model
+        self._cache: dict = {}
+        self.consumers = _memo(self, "consumers", model.consumers)
+        self.producers = _memo(self, "producers", model.producers)
+        self.tensor = _memo(self, "tensor", model.tensor)
+        self.op_inputs = _memo(self, "op_inputs", model.op_inputs)
+        self.op_outputs = _memo(self, "op_outputs", model.op_outputs)
+        self.op_type = _memo(self, "op_type", model.op_type)
+        self.op_label = _memo(self, "op_label", model.op_label)
+        self.is_constant = _memo(self, "is_constant", model.is_constant)
+        self.outputs = model.outputs
+        self.inputs = model.inputs
+        self.num_ops = model.num_ops
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _memo(owner: _ReadOnlyModel, name: str, function):
+    def cached(*args):
+        key = (name, *args)
+        if key not in owner._cache:
+            owner._cache[key] = function(*args)
+        return owner._cache[key]
+
+    return cached
+
+
 class _Problem:
     """Everything the DP needs, computed once per model."""
 
     def __init__(self, model: TFLiteModel, net: ArenaNetwork, runs: List[_Run],
-                 candidates: List[_Candidate], budget: int, macs: int):
+                 candidates: List[_Candidate], budget: int, macs: int,
+                 all_grids: Optional[Dict[int, List[_Candidate]]] = None):
         self.model = model
         self.net = net
         self.runs = runs
@@ -107,6 +140,7 @@ class _Problem:
         for c in sorted(candidates, key=lambda c: (c.extra, c.live, c.grid)):
             self.by_last[c.last_op].append(c)
         self.candidates = candidates
+        self.all_grids = all_grids or {}
         self.banned: set = set()  # runs whose constants fail the kernel's Prepare
         self._prepared: Dict[int, bool] = {}
         self._heads: Dict[tuple, tuple] = {}
@@ -237,7 +271,7 @@ def plan(
     if kernel not in geometry.KERNELS:
         raise ValueError(f"kernel must be one of {geometry.KERNELS}, not {kernel!r}")
     data = _model_bytes(model, representative_dataset)
-    tflite = TFLiteModel.from_bytes(data)
+    tflite = _ReadOnlyModel(TFLiteModel.from_bytes(data))
     problem = build_problem(tflite, max_mac_overhead, grids, kernel, progress)
     return _search(problem, max_mac_overhead, sram_bytes, kernel, started)
 
@@ -277,7 +311,7 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
         raise UnsupportedModelError(
             "The model already has KP_PATCH_STAGE ops; plan the unpatched model (keras_patch.unpatchify).")
     grids = None if grids is None else [normalize_grid(g) for g in grids]
-    net = ArenaNetwork(model)
+    net = ArenaNetwork(model._model if isinstance(model, _ReadOnlyModel) else model)
     macs = sum(op_macs(model, op) for op in range(model.num_ops))
     budget = math.floor(max_mac_overhead * macs) - macs
     found = [r for r in rules.patchable_runs(model) if r[1] > r[0]]  # one op alone never lowers the head
@@ -289,6 +323,7 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
     consumers = model.consumers()
     runs: List[_Run] = []
     candidates: List[_Candidate] = []
+    all_grids: Dict[int, List[_Candidate]] = {}
     for first, last, entry, exit_tensor in (progress or (lambda x: x))(found):
         try:
             options, op_inputs = build_stage_options(model, list(range(first, last + 1)), entry, exit_tensor,
@@ -304,21 +339,22 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
         tensors = net.stage_tensor_bytes(first, last)
         tensors_without_input = net.stage_tensor_bytes(first, last, include_input=False)
         front = []
-        for grid in choices:
-            opts = dataclasses.replace(options, grid=grid)
-            costs = geometry.stage_costs(opts)
-            if costs.patched_macs - costs.macs > budget:
+        costed = geometry.stage_costs_by_grid(options, choices, max_extra_macs=budget, staging=kernel != "portable")
+        for grid, costs in costed.items():
+            if costs is None:
                 continue
-            context = geometry.kernel_context_bytes(opts, kernel, costs.staging_bytes) if kernel != "portable" else 0
+            context = geometry.kernel_context_bytes(dataclasses.replace(options, grid=grid), kernel,
+                                                    costs.staging_bytes) if kernel != "portable" else 0
             scratch = tuple(b for b in (costs.arena.total_bytes, context) if b > 0)
             scratch_bytes = sum(memory_planner.align_up(b) for b in scratch)
             front.append(_Candidate(run, first, last, grid, costs.macs, costs.patched_macs, scratch,
                                     costs.arena.total_bytes, tensors + scratch_bytes,
                                     tensors_without_input + scratch_bytes))
         candidates.extend(_pareto(front))
+        all_grids[run] = front
     if not runs:
         raise PlanError("No run of ops in this model can become a patch stage with the given grids.")
-    return _Problem(model, net, runs, candidates, budget, macs)
+    return _Problem(model, net, runs, candidates, budget, macs, all_grids)
 
 
 def _pareto(front: List[_Candidate]) -> List[_Candidate]:
@@ -361,6 +397,58 @@ def _lowest_feasible(problem: _Problem, values: List[int], solve) -> Optional[in
     return lo
 
 
+#: How many plans the local search lays out at most (it stops earlier at a local optimum).
+LOCAL_SEARCH_EVALUATIONS = 4000
+
+
+def _local_search(problem: _Problem, chosen: Sequence[_Candidate], value, include_input: bool,
+                  max_evaluations: int = LOCAL_SEARCH_EVALUATIONS) -> tuple:
+    """First-improvement local search from `chosen` on `value(plan)` (lower is better; None: not allowed).
+
+    A move puts one candidate (any run, Pareto grids; any grid of a run in
+    the plan) in the plan, dropping the stages it overlaps, or drops one
+    stage. Moves touching the ops that hold the greedy head
+    (`ArenaNetwork.head_buffers`) are tried first.
+    """
+    current = tuple(sorted(chosen, key=lambda c: c.first_op))
+    current_value = value(current)
+    evaluations = 0
+    improved = True
+    while improved and evaluations < max_evaluations:
+        improved = False
+        spans = [StageSpan(c.first_op, c.last_op, c.scratch) for c in current]
+        lo, hi = problem.num_ops, -1
+        for b in problem.net.head_buffers(spans, include_input):
+            a, z = problem.net.unpatched_ops(spans, max(b.first_op, 0), max(b.last_op, 0))
+            lo, hi = min(lo, a), max(hi, z)
+        pool = list(problem.candidates)
+        for c in current:
+            pool.extend(problem.all_grids.get(c.run, []))
+        pool = [c for c in pool if c.run not in problem.banned]
+        pool.sort(key=lambda c: (c.last_op < lo or c.first_op > hi, c.extra))
+        moves = [tuple(s for s in current if s is not drop) for drop in current]
+        moves.sort(key=lambda m: 0)
+        for c in pool:
+            if c in current:
+                continue
+            kept = tuple(s for s in current if s.last_op < c.first_op or s.first_op > c.last_op)
+            moves.append(tuple(sorted(kept + (c,), key=lambda s: s.first_op)))
+        for move in moves:
+            if sum(c.extra for c in move) > problem.budget:
+                continue
+            evaluations += 1
+            v = value(move)
+            if v is not None and (current_value is None or v < current_value):
+                if not all(problem.prepares(c.run) for c in move):
+                    problem.banned.update(c.run for c in move if not problem.prepares(c.run))
+                    continue
+                current, current_value, improved = move, v, True
+                break
+            if evaluations >= max_evaluations:
+                break
+    return current_value, current
+
+
 def _search(problem: _Problem, max_mac_overhead: float, sram_bytes: Optional[int], kernel: str,
             started: float) -> PatchPlan:
     base = problem.heads(())
@@ -394,6 +482,13 @@ def _search(problem: _Problem, max_mac_overhead: float, sram_bytes: Optional[int
                 r = consider(problem.solve_checked(limit, limit2))
                 if r is not None and (best is None or r[:3] < best[:3]):
                     best = r
+    if best is not None and sram_bytes is None:
+        def value(chosen):
+            head, head_without_input = problem.heads(chosen)
+            return head, head_without_input, sum(c.extra for c in chosen)
+
+        v, chosen = _local_search(problem, best[3], value, include_input=best[0] > base[0] or best[1] >= base[1])
+        best = (*v, chosen)
     if sram_bytes is not None:
         return _fit_sram(problem, best, base, sram_bytes, max_mac_overhead, kernel, started, values, consider)
     if best is None or (best[0], best[1]) >= base:

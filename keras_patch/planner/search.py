@@ -482,7 +482,7 @@ def _search(problem: _Problem, max_mac_overhead: float, sram_bytes: Optional[int
                 r = consider(problem.solve_checked(limit, limit2))
                 if r is not None and (best is None or r[:3] < best[:3]):
                     best = r
-    if best is not None and sram_bytes is None:
+    if best is not None and (sram_bytes is None or best[0] > sram_bytes):
         def value(chosen):
             head, head_without_input = problem.heads(chosen)
             return head, head_without_input, sum(c.extra for c in chosen)
@@ -528,7 +528,44 @@ def _fit_sram(problem, best, base, sram_bytes, max_mac_overhead, kernel, started
         r = consider(problem.solve_checked(v))
         if r is not None and r[0] <= sram_bytes and (r[2], r[0]) < (chosen[2], chosen[0]):
             chosen = r
+
+    def value(plan):
+        head, head_without_input = problem.heads(plan)
+        return None if head > sram_bytes else (sum(c.extra for c in plan), head, head_without_input)
+
+    v, plan = _local_search(problem, chosen[3], value, include_input=True)
+    chosen = (v[1], v[2], v[0], plan)
     return _make_plan(problem, chosen[3], chosen[:2], kernel, max_mac_overhead, sram_bytes, started, "")
+
+
+def describe_head(net: ArenaNetwork, chosen: Sequence[_Candidate], include_input: bool = True) -> str:
+    """Where TFLM's greedy layout reaches the head, and the buffers stacked up to it (bottom first)."""
+    from keras_patch.planner.schedule import short_tensor_name
+
+    spans = [StageSpan(c.first_op, c.last_op, c.scratch) for c in chosen]
+    stack = net.head_buffers(spans, include_input)
+    if not stack:
+        return ""
+    new_index = net._layout(spans)[0]
+    stage_of = {new_index[c.last_op]: k for k, c in enumerate(chosen)}
+
+    def ops_label(first, last):
+        a, z = net.unpatched_ops(spans, max(first, 0), max(last, 0))
+        return f"op {a}" if a == z else f"ops {a}..{z}"
+
+    def label(b):
+        if b.name.startswith("scratch:op"):
+            index, k = (int(x) for x in b.name[len("scratch:op"):].split(":"))
+            if index in stage_of:
+                what = "patch arena" if k == 0 else "CMSIS-NN context"
+                return f"{what} of stage {stage_of[index]} ({b.size:,} B)"
+            return f"scratch of {ops_label(index, index)} ({b.size:,} B)"
+        return f"{short_tensor_name(b.name)} ({b.size:,} B, {ops_label(b.first_op, b.last_op)})"
+
+    top = stack[-1]
+    head = top.offset + memory_planner.align_up(top.size)
+    return (f"head {head:,} B at {ops_label(top.first_op, top.last_op)}: "
+            + " + ".join(label(b) for b in stack))
 
 
 def _make_plan(problem: _Problem, chosen: Sequence[_Candidate], heads: tuple, kernel: str,
@@ -547,4 +584,5 @@ def _make_plan(problem: _Problem, chosen: Sequence[_Candidate], heads: tuple, ke
         peak_bytes=heads[0], peak_bytes_without_input=heads[1], macs=problem.macs,
         patched_macs=problem.macs + sum(c.extra for c in chosen),
         planner_seconds=time.perf_counter() - started, message=message,
+        head_at=describe_head(problem.net, chosen), head_at_without_input=describe_head(problem.net, chosen, False),
     )

@@ -199,13 +199,17 @@ class _Problem:
                 return result
             self.banned.update(bad)
 
-    def heads(self, chosen: Sequence[_Candidate]) -> tuple:
-        """(head, head without input) TFLM's greedy planner gives the network with `chosen`."""
-        key = tuple((c.run, c.grid) for c in chosen)
+    def head(self, chosen: Sequence[_Candidate], include_input: bool = True) -> int:
+        """The head TFLM's greedy planner gives the network with `chosen` (memoized)."""
+        key = (include_input, tuple((c.run, c.grid) for c in chosen))
         if key not in self._heads:
             spans = [StageSpan(c.first_op, c.last_op, c.scratch) for c in chosen]
-            self._heads[key] = (self.net.head(spans), self.net.head(spans, include_input=False))
+            self._heads[key] = self.net.head(spans, include_input)
         return self._heads[key]
+
+    def heads(self, chosen: Sequence[_Candidate]) -> tuple:
+        """(head, head without input) TFLM's greedy planner gives the network with `chosen`."""
+        return self.head(chosen), self.head(chosen, include_input=False)
 
 
 def plan(
@@ -402,7 +406,7 @@ LOCAL_SEARCH_EVALUATIONS = 4000
 
 
 def _local_search(problem: _Problem, chosen: Sequence[_Candidate], value, include_input: bool,
-                  max_evaluations: int = LOCAL_SEARCH_EVALUATIONS) -> tuple:
+                  max_evaluations: Optional[int] = None) -> tuple:
     """First-improvement local search from `chosen` on `value(plan)` (lower is better; None: not allowed).
 
     A move puts one candidate (any run, Pareto grids; any grid of a run in
@@ -410,6 +414,7 @@ def _local_search(problem: _Problem, chosen: Sequence[_Candidate], value, includ
     stage. Moves touching the ops that hold the greedy head
     (`ArenaNetwork.head_buffers`) are tried first.
     """
+    max_evaluations = LOCAL_SEARCH_EVALUATIONS if max_evaluations is None else max_evaluations
     current = tuple(sorted(chosen, key=lambda c: c.first_op))
     current_value = value(current)
     evaluations = 0
@@ -437,7 +442,7 @@ def _local_search(problem: _Problem, chosen: Sequence[_Candidate], value, includ
             if sum(c.extra for c in move) > problem.budget:
                 continue
             evaluations += 1
-            v = value(move)
+            v = value(move, current_value)
             if v is not None and (current_value is None or v < current_value):
                 if not all(problem.prepares(c.run) for c in move):
                     problem.banned.update(c.run for c in move if not problem.prepares(c.run))
@@ -483,9 +488,11 @@ def _search(problem: _Problem, max_mac_overhead: float, sram_bytes: Optional[int
                 if r is not None and (best is None or r[:3] < best[:3]):
                     best = r
     if best is not None and (sram_bytes is None or best[0] > sram_bytes):
-        def value(chosen):
-            head, head_without_input = problem.heads(chosen)
-            return head, head_without_input, sum(c.extra for c in chosen)
+        def value(chosen, current=None):
+            head = problem.head(chosen)
+            if current is not None and head > current[0]:
+                return head, _INF, 0  # worse whatever the rest
+            return head, problem.head(chosen, include_input=False), sum(c.extra for c in chosen)
 
         v, chosen = _local_search(problem, best[3], value, include_input=best[0] > base[0] or best[1] >= base[1])
         best = (*v, chosen)
@@ -529,9 +536,12 @@ def _fit_sram(problem, best, base, sram_bytes, max_mac_overhead, kernel, started
         if r is not None and r[0] <= sram_bytes and (r[2], r[0]) < (chosen[2], chosen[0]):
             chosen = r
 
-    def value(plan):
-        head, head_without_input = problem.heads(plan)
-        return None if head > sram_bytes else (sum(c.extra for c in plan), head, head_without_input)
+    def value(plan, current=None):
+        extra = sum(c.extra for c in plan)
+        if current is not None and extra > current[0]:
+            return extra, _INF, _INF  # worse whatever the head
+        head = problem.head(plan)
+        return None if head > sram_bytes else (extra, head, problem.head(plan, include_input=False))
 
     v, plan = _local_search(problem, chosen[3], value, include_input=True)
     chosen = (v[1], v[2], v[0], plan)

@@ -405,14 +405,23 @@ def _lowest_feasible(problem: _Problem, values: List[int], solve) -> Optional[in
 LOCAL_SEARCH_EVALUATIONS = 4000
 
 
-def _local_search(problem: _Problem, chosen: Sequence[_Candidate], value, include_input: bool,
+def _local_search(problem: _Problem, chosen: Sequence[_Candidate], value,
                   max_evaluations: Optional[int] = None) -> tuple:
+    """The best of `_descend` with moves ordered around the head without the input, then with it."""
+    results = [_descend(problem, chosen, value, with_input, max_evaluations) for with_input in (False, True)]
+    return min(results, key=lambda r: (r[0] is None, r[0] or ()))
+
+
+def _descend(problem: _Problem, chosen: Sequence[_Candidate], value, with_input: bool,
+             max_evaluations: Optional[int] = None) -> tuple:
     """First-improvement local search from `chosen` on `value(plan)` (lower is better; None: not allowed).
 
     A move puts one candidate (any run, Pareto grids; any grid of a run in
     the plan) in the plan, dropping the stages it overlaps, or drops one
-    stage. Moves touching the ops that hold the greedy head
-    (`ArenaNetwork.head_buffers`) are tried first.
+    stage. Moves touching the ops that hold the greedy head (with or
+    without the input: `with_input`; `ArenaNetwork.head_buffers`) are tried
+    first, the cheapest first. `value(plan, current_value)` may return early with any
+    value above `current_value`.
     """
     max_evaluations = LOCAL_SEARCH_EVALUATIONS if max_evaluations is None else max_evaluations
     current = tuple(sorted(chosen, key=lambda c: c.first_op))
@@ -423,7 +432,7 @@ def _local_search(problem: _Problem, chosen: Sequence[_Candidate], value, includ
         improved = False
         spans = [StageSpan(c.first_op, c.last_op, c.scratch) for c in current]
         lo, hi = problem.num_ops, -1
-        for b in problem.net.head_buffers(spans, include_input):
+        for b in problem.net.head_buffers(spans, with_input):
             a, z = problem.net.unpatched_ops(spans, max(b.first_op, 0), max(b.last_op, 0))
             lo, hi = min(lo, a), max(hi, z)
         pool = list(problem.candidates)
@@ -432,7 +441,6 @@ def _local_search(problem: _Problem, chosen: Sequence[_Candidate], value, includ
         pool = [c for c in pool if c.run not in problem.banned]
         pool.sort(key=lambda c: (c.last_op < lo or c.first_op > hi, c.extra))
         moves = [tuple(s for s in current if s is not drop) for drop in current]
-        moves.sort(key=lambda m: 0)
         for c in pool:
             if c in current:
                 continue
@@ -494,7 +502,7 @@ def _search(problem: _Problem, max_mac_overhead: float, sram_bytes: Optional[int
                 return head, _INF, 0  # worse whatever the rest
             return head, problem.head(chosen, include_input=False), sum(c.extra for c in chosen)
 
-        v, chosen = _local_search(problem, best[3], value, include_input=best[0] > base[0] or best[1] >= base[1])
+        v, chosen = _local_search(problem, best[3], value)
         best = (*v, chosen)
     if sram_bytes is not None:
         return _fit_sram(problem, best, base, sram_bytes, max_mac_overhead, kernel, started, values, consider)
@@ -543,7 +551,7 @@ def _fit_sram(problem, best, base, sram_bytes, max_mac_overhead, kernel, started
         head = problem.head(plan)
         return None if head > sram_bytes else (extra, head, problem.head(plan, include_input=False))
 
-    v, plan = _local_search(problem, chosen[3], value, include_input=True)
+    v, plan = _local_search(problem, chosen[3], value)
     chosen = (v[1], v[2], v[0], plan)
     return _make_plan(problem, chosen[3], chosen[:2], kernel, max_mac_overhead, sram_bytes, started, "")
 

@@ -180,9 +180,9 @@ def _check_against_exhaustive(data, overhead, grids, kernel="portable"):
     return got, (head, head_without_input), count, p
 
 
-@pytest.mark.parametrize("overhead", [1.05, 1.3])
-def test_planner_equals_exhaustive_search_on_pooling_model(pooling, overhead):
-    got, best, count, _ = _check_against_exhaustive(pooling, overhead, GRIDS)
+@pytest.mark.parametrize("overhead, kernel", [(1.05, "portable"), (1.3, "portable"), (1.3, "cmsis_nn")])
+def test_planner_equals_exhaustive_search_on_pooling_model(pooling, overhead, kernel):
+    got, best, count, _ = _check_against_exhaustive(pooling, overhead, GRIDS, kernel)
     assert count > 10
     assert got == best
 

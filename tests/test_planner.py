@@ -326,3 +326,20 @@ def test_keras_model_and_grids(residual):
     staged = keras_patch.wrap_stage(model, until="b1_project_bn", grid=(2, 2))
     with pytest.raises(PlanError, match="already has PatchStage layers"):
         plan(staged)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from keras_patch.arena import network
+    from keras_patch.planner import plan as plan_module
+    from keras_patch.planner import search
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    examples = 0
+    for module in (plan_module, rules, network, search):
+        for test in finder.find(module):
+            examples += sum(not ex.options.get(doctest.SKIP) for ex in test.examples)
+            runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0 and examples >= 5

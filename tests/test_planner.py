@@ -26,7 +26,7 @@ from keras_patch.planner.search import plan
 from keras_patch.stage import geometry
 
 PROFILE = os.environ.get("KP_HYPOTHESIS_PROFILE", "ci")
-EXAMPLES = {"ci": 6, "dev": 2}.get(PROFILE, 6)
+EXAMPLES = {"ci": 10, "dev": 2}.get(PROFILE, 10)
 KERNELS = ("portable", "cmsis_nn")
 
 
@@ -245,6 +245,7 @@ def test_plan_is_never_worse_than_layer_by_layer():
     assert "lowers the arena head" in p.message and p.message in p.table()
     assert p.apply(data) == data and p.stage_requests() == []
     assert p.patched_macs == p.macs and p.mac_overhead == 1.0
+    assert PatchPlan.from_json(p.to_json()) == p
 
 
 def test_sram_mode_gives_fewest_macs_that_fit(residual):

@@ -105,7 +105,8 @@ class BudgetMixin:
         """Builds the model `hp` chooses and measures it against the budgets (no training)."""
         keras.backend.clear_session()
         model = self.hypermodel.build(hp)
-        return measure_model(model, self.sram_bytes, self.flash_bytes, kernel=self.kernel, board=self.board)
+        return measure_model(model, self.sram_bytes, self.flash_bytes, kernel=self.kernel, board=self.board,
+                             **getattr(self.hypermodel, "measure_options", dict)())
 
     def _try_run_and_update_trial(self, trial, *fit_args, **fit_kwargs):
         # Measured before keras-tuner's own try/except, so that an over-budget

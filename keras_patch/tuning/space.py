@@ -110,7 +110,7 @@ class PatchSearchSpace:
                 raise KerasPatchError(f"PatchSearchSpace: grids {self.grids}: {e}") from None
         if not 1 <= self.num_stages <= len(self.stages):
             raise ValueError(f"PatchSearchSpace: num_stages={self.num_stages} must be in [1, {len(self.stages)}]")
-        if max(self.patch_stages) >= self.num_stages:
+        if self.schedule == "sampled" and max(self.patch_stages) >= self.num_stages:
             raise ValueError(f"PatchSearchSpace: patch_stages {self.patch_stages} must leave at least one of the "
                              f"{self.num_stages} stages to run layer by layer")
 

@@ -242,3 +242,109 @@ def test_cli_export_refuses_a_worse_stage_unless_allowed(capsys, tmp_path):
     code, out, err = _run(capsys, "export", model_path, "--rep-data", data_path, "--out", out_path, "--allow-worse")
     assert code == 0, err
     assert profile(str(out_path)).num_stages == 1
+
+
+# ------------------------------------------------------------ plan: the command
+
+
+def test_plan_prints_the_table_and_writes_the_planned_model(capsys, models, tmp_path):
+    from keras_patch.planner.search import plan
+
+    out_path = tmp_path / "p.tflite"
+    code, out, err = _run(capsys, "plan", models[0], "--max-overhead", "1.3", "--out", out_path)
+    assert code == 0, err
+    expected = plan(str(models[0]), max_mac_overhead=1.3)
+    assert not expected.is_empty and expected.peak_bytes < expected.layer_by_layer_peak_bytes
+    for stage in expected.stages:
+        assert stage.end_layer in out
+    assert f"{expected.peak_bytes:,}" in out and f"{expected.peak_bytes_without_input:,}" in out
+    assert f"wrote {out_path}" in out
+    assert "planning plain.tflite ... " in err  # off a terminal: one line when the search ends
+    patched = out_path.read_bytes()
+    assert patched == expected.apply(models[0].read_bytes())
+    prof = profile(patched)
+    assert prof.num_stages == len(expected.stages) and prof.patched_peak_bytes == expected.peak_bytes
+    x = np.random.default_rng(0).integers(-128, 128, (2, 48, 48, 3), dtype=np.int8)
+    np.testing.assert_array_equal(run_tflite(patched, x)[0], run_tflite(models[0].read_bytes(), x)[0])
+
+
+def test_plan_json_round_trips(capsys, models):
+    from keras_patch.planner.plan import PatchPlan
+
+    code, out, err = _run(capsys, "plan", models[0], "--max-overhead", "1.3", "--grids", "2x2,3x3", "--json")
+    assert code == 0, err
+    parsed = PatchPlan.from_json(out)
+    assert json.loads(out)["stages"] and all(s.grid in {(2, 2), (3, 3)} for s in parsed.stages)
+    assert parsed.max_mac_overhead == 1.3 and parsed.mac_overhead <= 1.3
+
+
+def test_plan_sram_budget(capsys, models, tmp_path):
+    from keras_patch.planner.search import plan
+
+    lowest = plan(str(models[0]), max_mac_overhead=1.3)
+    out_path = tmp_path / "p.tflite"
+    code, out, err = _run(capsys, "plan", models[0], "--max-overhead", "1.3", "--sram", lowest.peak_bytes - 1,
+                          "--out", out_path)
+    assert code == 2 and out == ""
+    _one_line(err, "keras-patch plan: error:", f"{lowest.peak_bytes:,} B", f"{lowest.peak_bytes - 1:,} B")
+    assert not out_path.exists()
+    code, out, err = _run(capsys, "plan", models[0], "--max-overhead", "1.3", "--sram", lowest.peak_bytes,
+                          "--json", "--out", out_path)
+    assert code == 0, err
+    fitted = json.loads(out)
+    assert fitted["peak_bytes"] <= lowest.peak_bytes and fitted["sram_bytes"] == lowest.peak_bytes
+    assert profile(str(out_path)).patched_peak_bytes == fitted["peak_bytes"]
+    assert f"wrote {out_path}" in err  # --json keeps stdout JSON only
+
+
+def test_plan_that_fits_layer_by_layer_writes_the_model_unchanged(capsys, models, tmp_path):
+    head = profile(str(models[0])).layer_by_layer_peak_bytes
+    out_path = tmp_path / "p.tflite"
+    code, out, err = _run(capsys, "plan", models[0], "--sram", f"{head}", "--out", out_path)
+    assert code == 0, err
+    assert out_path.read_bytes() == models[0].read_bytes() and "unchanged" in out
+
+
+def test_plan_model_without_a_patchable_run(capsys, tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+    path = tmp_path / "one_conv.tflite"
+    path.write_bytes(model_zoo.to_int8_tflite(model))
+    code, out, err = _run(capsys, "plan", path, "--out", tmp_path / "p.tflite")
+    assert code == 2 and out == ""
+    _one_line(err, "keras-patch plan: error:", "patch stage")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one_conv.tflite"]
+
+
+def test_plan_progress_bar_only_after_a_second(models, monkeypatch):
+    """On a terminal the planner's progress shows as a bar once the search passes a second."""
+    import io
+    import sys
+    import time
+
+    import keras_patch.planner.search as search
+
+    real_plan = search.plan
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def run(delay):
+        def slow_plan(model, progress=None, **kwargs):
+            for _ in progress(range(3)):
+                time.sleep(delay)
+            return real_plan(model, progress=progress, **kwargs)
+
+        monkeypatch.setattr(search, "plan", slow_plan)
+        stderr = Terminal()
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert main(["plan", str(models[0]), "--max-overhead", "1.3"]) == 0
+        monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+        return stderr.getvalue()
+
+    assert "3/3" in run(0.5)  # 1.5 s: the bar shows
+    assert run(0.0) == ""  # a fast search shows nothing

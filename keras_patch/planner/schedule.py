@@ -214,9 +214,9 @@ def single_stage_heads(
         `((head, extra MACs, split), split, grid)` tuples sorted by head, then
         extra MACs, then split (`schedule_rank`'s order), for the runs of two
         or more ops ending at `splits` (default `candidate_splits`) that
-        start at the model input, with each grid of `grids` that fits and
-        that the planner keeps (per run, the grids no other grid beats on
-        both extra MACs and live bytes). A model with no such run: [].
+        start at the model input, with each grid of `grids` that fits (and
+        keeps the MAC overhead within `max_mac_overhead`). A model with no
+        such run: [].
     """
     from keras_patch.errors import PlanError
     from keras_patch.planner.search import build_problem
@@ -232,7 +232,7 @@ def single_stage_heads(
         logger.debug("no single-stage schedule: %s", e)
         return []
     ranked = []
-    for c in problem.candidates:
+    for c in [c for front in problem.all_grids.values() for c in front]:
         if problem.runs[c.run].entry != entry or c.last_op not in allowed or not problem.prepares(c.run):
             continue
         head, _ = problem.heads((c,))

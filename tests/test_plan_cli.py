@@ -348,3 +348,14 @@ def test_plan_progress_bar_only_after_a_second(models, monkeypatch):
 
     assert "3/3" in run(0.5)  # 1.5 s: the bar shows
     assert run(0.0) == ""  # a fast search shows nothing
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--start", "b2_expand_relu", "--split", "b2_add"], ["not single-entry", "residual connection", "b2_add"]),
+    (["--split", "b2_expand_relu"], ["not single-exit", "b1_project", "b2_add"]),
+])
+def test_patchify_refuses_a_stage_that_cuts_a_residual(capsys, models, tmp_path, argv, words):
+    code, out, err = _run(capsys, "patchify", models[0], tmp_path / "o.tflite", *argv)
+    assert code == 2 and out == ""
+    _one_line(err, "keras-patch patchify: error:", *words)
+    assert list(tmp_path.iterdir()) == []

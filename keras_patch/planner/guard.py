@@ -31,11 +31,13 @@ PLAN_ADVICE = "`keras-patch plan MODEL.tflite` (keras_patch.plan) chooses stages
 
 
 def worse_message(patched_bytes: int, layer_by_layer_bytes: int, what: str = "the patched model",
-                  override: str = "--allow-worse / allow_worse=True") -> str:
+                  override: str = "--allow-worse / allow_worse=True", kernel: str = "portable") -> str:
     """The one-line explanation of a patched head above the layer-by-layer head."""
-    return (f"{what}: its patch stages raise the predicted TFLM arena head to {patched_bytes:,} B, above the "
+    advice = PLAN_ADVICE if kernel == "portable" else PLAN_ADVICE.replace("MODEL.tflite", f"MODEL.tflite --kernel {kernel}")
+    build = "" if kernel == "portable" else f" with the {kernel} kernel build"
+    return (f"{what}: its patch stages raise the predicted TFLM arena head{build} to {patched_bytes:,} B, above the "
             f"{layer_by_layer_bytes:,} B of running it layer by layer (+{patched_bytes - layer_by_layer_bytes:,} B); "
-            f"{PLAN_ADVICE}, or pass {override} to keep these stages anyway.")
+            f"{advice}, or pass {override} to keep these stages anyway.")
 
 
 def check_never_worse(model, *, allow_worse: Optional[bool] = False, kernel: str = "portable",
@@ -64,7 +66,7 @@ def check_never_worse(model, *, allow_worse: Optional[bool] = False, kernel: str
     prof = model if isinstance(model, Profile) else profile(model, kernel=kernel)
     patched, layer_by_layer = prof.patched_peak_bytes, prof.layer_by_layer_peak_bytes
     if patched > layer_by_layer and allow_worse is not True:
-        message = worse_message(patched, layer_by_layer, what, override)
+        message = worse_message(patched, layer_by_layer, what, override, kernel)
         if allow_worse is False:
             raise WorseThanLayerByLayerError(message)
         logger.warning("%s", message)

@@ -225,7 +225,7 @@ class ArenaNetwork:
 
     def head(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> int:
         """TFLM's arena head (`plan_greedy`) with `stages` patched."""
-        return memory_planner.plan_greedy(self.buffers(stages, include_input)).head_bytes
+        return memory_planner.plan_greedy(self.buffers(stages, include_input), placed_copies=False).head_bytes
 
     def live_bytes(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> List[int]:
         """Bytes alive while each op of the patched network runs (16-byte aligned sizes)."""

@@ -92,6 +92,8 @@ def test_search_with_the_planner(tmp_path):
     tuner.search(x, y, validation_data=(x, y), epochs=1, batch_size=16, verbose=0)
     results = tuner.results()
     assert sorted(r.hyperparameters["resolution"] for r in results) == [32, 48]
+    table = tuner.results_table().splitlines()
+    assert "stages" in table[0].split() and "no PatchStage" in table[1]
     for r in results:
         assert r.status == "trained"
         assert 0 < r.peak_sram_bytes <= r.metrics["layer_by_layer_sram_bytes"]

@@ -176,12 +176,11 @@ def _cmd_export(args) -> int:
 def _cmd_patchify(args) -> int:
     from keras_patch.files import check_output_path, write_atomically
     from keras_patch.graph.patchify import normalize_grid, patchify
-
     from keras_patch.planner.guard import check_never_worse
 
     check_output_path(args.output)
-    result = patchify(args.input, args.split, normalize_grid(args.grid), start=args.start)
     grid = normalize_grid(args.grid)
+    result = patchify(args.input, args.split, grid, start=args.start)
     check_never_worse(result, allow_worse=args.allow_worse, override="--allow-worse",
                       what=f"{args.input} with --split {args.split} --grid {grid[0]}x{grid[1]}")
     write_atomically(args.output, result)

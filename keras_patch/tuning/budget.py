@@ -41,11 +41,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import numpy as np
 
 from keras_patch.errors import KerasPatchError
+
+if TYPE_CHECKING:
+    from keras_patch.planner.plan import PatchPlan
 
 # The metric names a budget-aware tuner reports for every trial.
 BUDGET_METRICS = ("peak_sram_bytes", "arena_bytes", "flash_bytes", "model_bytes", "macs", "patched_macs",
@@ -93,7 +96,7 @@ class BudgetReport:
     tflite: bytes = field(default=b"", repr=False)
     patch_stages: int = 0
     allow_worse: bool = False
-    plan: Optional[object] = field(default=None, repr=False)
+    plan: Optional[PatchPlan] = field(default=None, repr=False)
 
     @property
     def mac_overhead(self) -> float:
@@ -265,7 +268,8 @@ def measure_model(
     )
 
 
-def planned(tflite: bytes, sram_bytes: Optional[int], max_mac_overhead: float, kernel: str = "portable"):
+def planned(tflite: bytes, sram_bytes: Optional[int], max_mac_overhead: float,
+            kernel: str = "portable") -> Optional[PatchPlan]:
     """The `PatchPlan` a planner-scheduled trial is measured with, or None.
 
     The lowest-head plan within `max_mac_overhead`; when that fits

@@ -1,9 +1,10 @@
-"""`keras-patch` command line: profile, export, patchify, export-arduino, demo.
+"""`keras-patch` command line: profile, export, plan, patchify, export-arduino, demo.
 
     keras-patch demo
     keras-patch --version
     keras-patch profile model.tflite --plot memory.png --by block
     keras-patch export model.keras --rep-data samples.npy --out model.tflite
+    keras-patch plan model.tflite --max-overhead 1.1 --sram 256K --out patched.tflite
     keras-patch patchify in.tflite out.tflite --split block_5_add --grid 4x4
     keras-patch export-arduino model.tflite --out MySketch --board nano33ble
     keras-patch export-arduino model.tflite --out PersonDetection --sketch person-detection
@@ -167,7 +168,7 @@ def _cmd_export(args) -> int:
         model = _load_keras(args.model, args.custom_module)
     with args.progress.step(f"converting to int8, calibrating on {len(data)} samples "
                             "(about a minute for MobileNetV2)"), _naming_rep_data(args.rep_data):
-        result = export_tflite(model, data, path=out)
+        result = export_tflite(model, data, path=out, allow_worse=args.allow_worse)
     print(f"wrote {out} ({len(result):,} bytes)")
     return 0
 
@@ -175,9 +176,13 @@ def _cmd_export(args) -> int:
 def _cmd_patchify(args) -> int:
     from keras_patch.files import check_output_path, write_atomically
     from keras_patch.graph.patchify import normalize_grid, patchify
+    from keras_patch.planner.guard import check_never_worse
 
     check_output_path(args.output)
-    result = patchify(args.input, args.split, normalize_grid(args.grid), start=args.start)
+    grid = normalize_grid(args.grid)
+    result = patchify(args.input, args.split, grid, start=args.start)
+    check_never_worse(result, allow_worse=args.allow_worse, override="--allow-worse",
+                      what=f"{args.input} with --split {args.split} --grid {grid[0]}x{grid[1]}")
     write_atomically(args.output, result)
     print(f"wrote {args.output} ({len(result):,} bytes)")
     return 0
@@ -194,7 +199,8 @@ def _cmd_export_arduino(args) -> int:
         raise KerasPatchError("--compare-with is for --sketch memory-report.")
     from keras_patch.arena.tflm_arena import TFLMError
 
-    common = dict(board=args.board, arena_bytes=args.arena_bytes, tail_bytes=args.tail_bytes, overwrite=args.force)
+    common = dict(board=args.board, arena_bytes=args.arena_bytes, tail_bytes=args.tail_bytes, overwrite=args.force,
+                  allow_worse=args.allow_worse)
     try:
         if args.sketch == "person-detection":
             result = export_person_detection(args.model, args.out, person_class=args.person_class, **common)
@@ -235,6 +241,65 @@ def _cmd_export_arduino(args) -> int:
     written = sorted(os.listdir(result.out_dir))
     print(f"wrote {result.out_dir}: {', '.join(written)}")
     return 0
+
+
+def _cmd_plan(args) -> int:
+    from keras_patch.files import check_output_path, write_atomically
+    from keras_patch.planner.guard import check_never_worse
+    from keras_patch.planner.search import plan
+
+    if args.out is not None:
+        check_output_path(args.out)  # before the search
+    if args.model.endswith(".keras"):
+        raise KerasPatchError(f"'{args.model}' is a Keras model; `keras-patch plan` takes an int8 .tflite: "
+                              "export it first (keras-patch export MODEL.keras --rep-data ...), or call "
+                              "keras_patch.plan(keras_model, representative_dataset=...) in Python.")
+    if not os.path.isfile(args.model):
+        raise KerasPatchError(f"No .tflite model at '{args.model}'.")
+    with _planner_progress(args, f"planning {os.path.basename(args.model)}") as progress:
+        result = plan(args.model, max_mac_overhead=args.max_overhead, sram_bytes=args.sram, grids=args.grids,
+                      kernel=args.kernel, progress=progress)
+    report = sys.stderr if args.json else sys.stdout
+    if args.json:
+        print(result.to_json())
+    else:
+        print(result.table())
+    if args.out is not None:
+        with open(args.model, "rb") as f:
+            patched = result.apply(f.read())
+        check_never_worse(patched, kernel=args.kernel, what=f"{args.model} with the plan")
+        write_atomically(args.out, patched)
+        what = "the model unchanged (empty plan)" if result.is_empty else f"{len(result.stages)} patch stage(s)"
+        print(f"wrote {args.out} ({len(patched):,} bytes, {what})", file=report)
+    return 0
+
+
+@contextlib.contextmanager
+def _planner_progress(args, message: str):
+    """The planner's `progress`: a bar on a terminal once the search passes a second; else one line at the end."""
+    stream = sys.stderr
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if not terminal:
+        with args.progress.step(message):
+            yield None
+        return
+    from tqdm import tqdm
+
+    bars = []
+
+    def wrap(iterable):
+        bar = tqdm(iterable, desc=message, delay=1.0, leave=False, file=stream, dynamic_ncols=True)
+        bars.append(bar)
+        return bar
+
+    try:
+        yield wrap
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _cmd_demo(args) -> int:
@@ -283,6 +348,64 @@ def _grid_arg(text: str) -> tuple:
         return check_grid(text)
     except KerasPatchError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+#: Multipliers of the size suffixes `--sram` takes (K, M: 1024 and 1024 ** 2, as RAM sizes are given).
+SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2, "MIB": 1024 ** 2}
+
+
+def parse_size(text: str) -> int:
+    """A byte count such as '262144', '256K', '256KiB', '1.5M' (K = 1024 B, M = 1024 * 1024 B).
+
+    Raises:
+        KerasPatchError: anything else (an unknown suffix such as '12Q', no
+            number, a size that is not a positive whole number of bytes).
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise KerasPatchError(f"expected a size in bytes such as 262144, 256K or 1M (K = 1024 B, M = 1024 KiB), "
+                              f"got {text!r}.")
+    number = match.group(1)
+    value = float(number) * SIZE_UNITS[unit] if "." in number else int(number) * SIZE_UNITS[unit]
+    if value != int(value):
+        raise KerasPatchError(f"{text!r} is not a whole number of bytes ({value:g} B).")
+    if value <= 0:
+        raise KerasPatchError(f"must be more than 0 bytes, got {text!r}.")
+    return int(value)
+
+
+def _size_arg(text: str) -> int:
+    """argparse type of --sram: `parse_size`."""
+    try:
+        return parse_size(text)
+    except KerasPatchError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _overhead_arg(text: str) -> float:
+    """argparse type of --max-overhead: a finite number >= 1 (whole-network patched MACs / layer-by-layer MACs)."""
+    import math
+
+    try:
+        value = float(text) if re.fullmatch(r"\s*[+-]?[0-9.eE+-]+\s*", text) else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number such as 1.1, got {text!r}.")
+    if value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be 1 or more (patched MACs / layer-by-layer MACs: 1.0 allows no recomputation, 1.1 allows 10 %), "
+            f"got {value:g}.")
+    return value
+
+
+def _grids_arg(text: str) -> list:
+    """argparse type of --grids: comma-separated grids, e.g. '2x2,3x3,4x4' (each as --grid)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError(f"expected grids such as 2x2,4x4, got {text!r}.")
+    return [_grid_arg(part) for part in parts if part]
 
 
 def _int_arg(minimum: int):
@@ -335,6 +458,10 @@ _CUSTOM_MODULE_HELP = ("import MODULE (a module name, or a .py file) before load
                        "layers it registers with @keras.saving.register_keras_serializable load; repeatable")
 
 
+_ALLOW_WORSE_HELP = ("write the model even if its patch stages raise the predicted TFLM arena head above running it "
+                     "layer by layer (refused by default; `keras-patch plan` chooses stages that lower it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="keras-patch", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"keras-patch {__version__}")
@@ -357,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--rep-data", required=True, help=".npy/.npz of calibration samples (N, H, W, C)")
     p.add_argument("--out", help="output .tflite (default: next to the model)")
+    p.add_argument("--allow-worse", action="store_true", help=_ALLOW_WORSE_HELP)
     p.add_argument("--custom-module", action="append", metavar="MODULE", help=_CUSTOM_MODULE_HELP)
     p.set_defaults(func=_cmd_export)
 
@@ -367,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, help="op index, output tensor name or Keras layer name of the stage's last op")
     p.add_argument("--grid", type=_grid_arg, default="4x4", help="patches, e.g. 4x4")
     p.add_argument("--start", help="first tensor of the stage (default: the int8 model input)")
+    p.add_argument("--allow-worse", action="store_true", help=_ALLOW_WORSE_HELP)
     p.set_defaults(func=_cmd_patchify)
 
     p = sub.add_parser("export-arduino", help="Arduino sketch folder for a .tflite, sized and checked for a board")
@@ -387,7 +516,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory-report: the same model without patches (default: keras_patch.unpatchify(MODEL))")
     p.add_argument("--person-class", type=_int_arg(0), default=1,
                    help="person-detection: output index meaning 'person' (default 1)")
+    p.add_argument("--allow-worse", action="store_true", help=_ALLOW_WORSE_HELP.replace("write the model", "export it"))
     p.set_defaults(func=_cmd_export_arduino)
+
+    p = sub.add_parser("plan", help="choose the patch stages that minimize the arena head of an int8 .tflite")
+    p.add_argument("model", help="int8 .tflite, unpatched")
+    p.add_argument("--max-overhead", type=_overhead_arg, default=1.10, metavar="X",
+                   help="whole-network MAC overhead cap (patched / layer-by-layer MACs), default 1.1")
+    p.add_argument("--sram", type=_size_arg, metavar="SIZE",
+                   help="arena head budget, e.g. 256K or 262144: the fewest MACs among plans that fit it")
+    p.add_argument("--grids", type=_grids_arg, metavar="GRIDS",
+                   help="grids to try, comma-separated (e.g. 2x2,3x3,4x4; default: the planner's)")
+    p.add_argument("--kernel", choices=["portable", "cmsis_nn"], default="portable",
+                   help="KP_PATCH_STAGE build to predict scratch for (cmsis_nn: -DCMSIS_NN, adds buffer #1)")
+    p.add_argument("--out", metavar="PATCHED.tflite", help="write the model with the plan applied here")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (PatchPlan.to_json)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("demo", help="MobileNetV2 0.35@144 end to end: memory table, bit-exactness, plot")
     p.add_argument("--out-dir", default="keras_patch_demo")

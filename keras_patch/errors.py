@@ -14,6 +14,15 @@ class InvalidModelError(KerasPatchError):
     """The bytes are not a readable model: a `.tflite` flatbuffer or `.keras` archive (corrupt, truncated)."""
 
 
+class WorseThanLayerByLayerError(KerasPatchError):
+    """Patch stages that raise the predicted TFLM arena head above running the model layer by layer.
+
+    The message names both heads and suggests `keras-patch plan`, which only
+    chooses stages that lower the head; pass `allow_worse=True`
+    (`--allow-worse`) to keep such stages anyway.
+    """
+
+
 class UnsupportedModelError(KerasPatchError):
     """A readable model that keras-patch cannot patch or profile as asked.
 

@@ -12,6 +12,7 @@ from keras_patch.planner.schedule import (
     best_schedule,
     candidate_splits,
     evaluate_schedules,
+    schedule_rank,
     short_tensor_name,
 )
 from keras_patch.graph.tflite_model import TFLiteModel
@@ -71,6 +72,27 @@ def test_best_schedule_is_the_lowest_profiled_head(residual):
     # Keras layer names, not the converter's long tensor names.
     assert best.split_layer == short_tensor_name(best.split_name) and "/" not in best.split_layer
     assert "/" not in best.patched_peak_op and "residual_1" not in best.patched_peak_op
+
+
+def test_best_schedule_costs_in_memory_and_profiles_only_the_winner(residual, monkeypatch):
+    """best_schedule ranks with the planner's cost model; each ranked head is the profiled one."""
+    from keras_patch.planner import schedule
+
+    grids = [(2, 2), (3, 3), (4, 4)]
+    profiled = {(r.split, r.grid): r for r in evaluate_schedules(residual, grids)}
+    ranked = schedule.single_stage_heads(residual, grids)
+    assert ranked and ranked == sorted(ranked)
+    for (head, extra, split), split_again, grid in ranked:
+        assert split == split_again and profiled[(split, grid)].patched_peak_bytes == head
+    calls = []
+    real = schedule.evaluate_schedules
+    monkeypatch.setattr(schedule, "evaluate_schedules", lambda *a, **k: calls.append(a) or real(*a, **k))
+    best = schedule.best_schedule(residual, grids)
+    assert len(calls) == 1
+    assert schedule_rank(best) == min(schedule_rank(r) for r in profiled.values() if r.split > 0)
+    capped = schedule.best_schedule(residual, grids, max_mac_overhead=1.1)
+    assert capped.mac_overhead <= 1.1 and capped.patched_peak_bytes >= best.patched_peak_bytes
+    assert schedule.best_schedule(residual, grids, max_mac_overhead=1.0).mac_overhead == 1.0  # 1x1 convs only
 
 
 def test_grids_larger_than_every_stage_output_are_an_error(residual):

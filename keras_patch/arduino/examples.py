@@ -65,6 +65,7 @@ from keras_patch.arduino.sketch import (
 )
 from keras_patch.errors import KerasPatchError
 from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.planner.guard import check_never_worse
 
 #: `--sketch` choices of `keras-patch export-arduino`.
 SKETCH_KINDS = ("basic", "person-detection", "memory-report")
@@ -404,6 +405,7 @@ def export_person_detection(
     arena_bytes: Optional[int] = None,
     tail_bytes: Optional[int] = None,
     overwrite: bool = False,
+    allow_worse: bool = False,
 ) -> SketchResult:
     """Writes the PersonDetection sketch folder for a grayscale int8 classifier.
 
@@ -426,6 +428,7 @@ def export_person_detection(
     out_dir, name = prepare_sketch_dir(out_dir, overwrite, keep=[tflite_bytes])
     model = TFLiteModel.from_bytes(data)
     _check_person_model(model, person_class)
+    check_never_worse(data, allow_worse=allow_worse, kernel="cmsis_nn", what=label, override="--allow-worse")
 
     plan = resolver_calls(data)
     arena = sized_arena(data, arena_bytes, tail_bytes)
@@ -663,6 +666,7 @@ def export_memory_report(
     arena_bytes: Optional[int] = None,
     tail_bytes: Optional[int] = None,
     overwrite: bool = False,
+    allow_worse: bool = False,
 ) -> MemoryReportResult:
     """Writes the MemoryReport sketch folder: patched vs unpatched, one arena.
 
@@ -671,6 +675,8 @@ def export_memory_report(
         unpatched: the same model without patches (bytes or path); default
             `keras_patch.unpatchify(tflite_bytes)`.
         arena_bytes: use this arena instead of the larger estimate.
+        allow_worse: as in `export_sketch`: a patched model above the
+            unpatched one's arena head is refused unless True.
         Others: as `keras_patch.arduino.sketch.export_sketch`.
 
     Returns:
@@ -689,6 +695,7 @@ def export_memory_report(
     labels = (model_label(tflite_bytes),
               "keras_patch.unpatchify(patched)" if unpatched is None else model_label(unpatched))
     out_dir, name = prepare_sketch_dir(out_dir, overwrite, keep=[tflite_bytes, unpatched])
+    check_never_worse(data, allow_worse=allow_worse, kernel="cmsis_nn", what=labels[0], override="--allow-worse")
     model, other_model = TFLiteModel.from_bytes(data), TFLiteModel.from_bytes(other)
     if _signature(model) != _signature(other_model):
         raise KerasPatchError(

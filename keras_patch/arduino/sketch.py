@@ -48,6 +48,7 @@ from keras_patch.arduino.resolver import ResolverPlan, resolver_calls
 from keras_patch.errors import KerasPatchError
 from keras_patch.files import new_file_mode, new_folder_mode
 from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
+from keras_patch.planner.guard import check_never_worse
 
 #: Flash estimate of the code a sketch adds on top of the board core:
 #: TFLM's interpreter, allocator, planner and flatbuffer parsing; each
@@ -484,6 +485,7 @@ def export_sketch(
     arena_bytes: Optional[int] = None,
     tail_bytes: Optional[int] = None,
     overwrite: bool = False,
+    allow_worse: bool = False,
 ) -> SketchResult:
     """Writes an Arduino sketch folder for a (patched) int8 `.tflite` model.
 
@@ -497,12 +499,16 @@ def export_sketch(
             unpatched model with the tflite-micro wheel.
         overwrite: replace an existing non-empty `out_dir`, if keras-patch
             wrote it (see `prepare_sketch_dir`).
+        allow_worse: export a model whose patch stages raise the predicted
+            arena head above running it layer by layer (refused by default).
 
     Returns:
         A `SketchResult`.
 
     Raises:
         BoardBudgetError: arena or flash do not fit the board.
+        WorseThanLayerByLayerError: the patch stages raise the arena head
+            (`keras_patch.planner.guard.check_never_worse`), without `allow_worse`.
         UnsupportedModelError: an op TFLM's resolver cannot register.
         KerasPatchError: bad board, sketch name, or an existing folder.
     """
@@ -510,6 +516,7 @@ def export_sketch(
     data = read_model_bytes(tflite_bytes)
     label = model_label(tflite_bytes)
     out_dir, name = prepare_sketch_dir(out_dir, overwrite, keep=[tflite_bytes])
+    check_never_worse(data, allow_worse=allow_worse, kernel="cmsis_nn", what=label, override="--allow-worse")
 
     model = TFLiteModel.from_bytes(data)
     plan = resolver_calls(data)

@@ -436,6 +436,7 @@ def export_tflite(
     representative_dataset: RepresentativeData,
     path: Optional[Union[str, os.PathLike]] = None,
     int8_io: bool = True,
+    allow_worse: Optional[bool] = None,
 ) -> bytes:
     """Exports a Keras model to int8 `.tflite`, each PatchStage as one KP_PATCH_STAGE op.
 
@@ -447,6 +448,10 @@ def export_tflite(
             export leaves no file). The path is checked before the conversion
             starts.
         int8_io: int8 model input and output (the default, as on an MCU).
+        allow_worse: what to do when the PatchStages raise the predicted TFLM
+            arena head above running the model layer by layer
+            (`keras_patch.planner.guard.check_never_worse`): None (default)
+            logs a warning, False raises (nothing is written), True accepts.
 
     Returns:
         The `.tflite` bytes.
@@ -458,6 +463,8 @@ def export_tflite(
             quantizer, which would crash the process on them.
         UnsupportedModelError: a stage the converter turned into ops that
             cannot run patch by patch, or whose grid exceeds its output.
+        WorseThanLayerByLayerError: `allow_worse=False` and the stages raise
+            the arena head.
         KerasPatchError: `path` cannot be written (a folder, a missing
             parent folder, ...).
     """
@@ -476,6 +483,12 @@ def export_tflite(
         rewrite_stage(tflite, plan)
         logger.info("PatchStage '%s': %d ops -> one KP_PATCH_STAGE op", stage.name, len(ops))
     result = tflite.to_bytes()
+    if stages and allow_worse is not True:
+        from keras_patch.planner.guard import check_never_worse
+
+        names = ", ".join(f"'{stage.name}'" for stage in stages)
+        check_never_worse(result, allow_worse=allow_worse, what=f"the exported model (PatchStage {names})",
+                          override="allow_worse=True (--allow-worse)")
     if path is not None:
         write_atomically(path, result)
     return result

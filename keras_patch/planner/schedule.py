@@ -5,7 +5,9 @@ op) and how its output is tiled (`grid`). `candidate_splits` lists the ops
 at which a stage can end: single-entry/single-exit points reached from the
 model input through ops KP_PATCH_STAGE supports. `evaluate_schedules`
 patches the model for each (split, grid) and profiles it; `best_schedule`
-picks the lowest predicted patched arena head (ties: lower MAC overhead).
+picks the lowest predicted patched arena head (ties: lower MAC overhead),
+costing every candidate in memory with the planner's cost model
+(`keras_patch.plan` restricted to one stage from the model input).
 
 Example:
 
@@ -177,14 +179,77 @@ def best_schedule(
     grids: Iterable,
     splits: Optional[Sequence[int]] = None,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
+    max_mac_overhead: Optional[float] = None,
 ) -> ScheduleResult:
-    """The schedule with the lowest patched arena head (ties: lower MAC overhead).
+    """The schedule with the lowest patched arena head (ties: lower MAC overhead, then the earlier split).
+
+    The single-stage case of `keras_patch.plan`: one stage from the model
+    input. Every split x grid is costed in memory by the planner's cost
+    model (`single_stage_heads`: TFLM's greedy layout of the network with
+    that stage, no patchify/profile round trip); only the winner is patched
+    and profiled for the `ScheduleResult`. Its head may still be above
+    layer by layer (this is the one-stage baseline); `keras_patch.plan`
+    returns the empty plan instead.
+
+    Args:
+        tflite_bytes: an unpatched int8 `.tflite`.
+        grids: grids to try, e.g. `[(2, 2), (4, 4)]` or `["4x4"]`.
+        splits: op indices to try; `candidate_splits` by default.
+        progress: wraps the planner's list of runs, e.g. `tqdm.tqdm`.
+        max_mac_overhead: only schedules whose whole-network patched MACs are
+            at most this many times the layer-by-layer MACs (None: any).
 
     Raises:
-        KerasPatchError: no split x grid can be patched.
+        KerasPatchError: no split x grid can be patched (within `max_mac_overhead`).
         UnsupportedModelError: the model is already patched (`evaluate_schedules`).
     """
-    results = evaluate_schedules(tflite_bytes, grids, splits, progress)
-    if not results:
-        raise KerasPatchError("No split of this model can be run patch by patch with the given grids.")
-    return min(results, key=schedule_rank)
+    data = read_model_bytes(tflite_bytes)
+    for _, split, grid in single_stage_heads(data, grids, splits, progress, max_mac_overhead):
+        results = evaluate_schedules(data, [grid], [split])
+        if results:
+            return results[0]
+    raise KerasPatchError("No split of this model can be run patch by patch with the given grids"
+                          + ("." if max_mac_overhead is None else f" within MAC overhead {max_mac_overhead:g}."))
+
+
+# The planner's MAC cap when a single-stage search has none.
+_UNCAPPED = 1e6
+
+
+def single_stage_heads(
+    tflite_bytes: ModelSource,
+    grids: Iterable,
+    splits: Optional[Sequence[int]] = None,
+    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    max_mac_overhead: Optional[float] = None,
+) -> List[tuple]:
+    """Every one-stage schedule from the model input, costed by the planner's cost model, best first.
+
+    Returns:
+        `((head, extra MACs, split), split, grid)` tuples sorted by head, then
+        extra MACs, then split (`schedule_rank`'s order), for the runs of two
+        or more ops ending at `splits` (default `candidate_splits`) that
+        start at the model input, with each grid of `grids` that fits (and
+        keeps the MAC overhead within `max_mac_overhead`). A model with no
+        such run: [].
+    """
+    from keras_patch.errors import PlanError
+    from keras_patch.planner.search import build_problem
+
+    data = read_model_bytes(tflite_bytes)
+    model = TFLiteModel.from_bytes(data)
+    entry = default_entry_tensor(model)
+    allowed = set(candidate_splits(data) if splits is None else splits)
+    cap = _UNCAPPED if max_mac_overhead is None else max_mac_overhead
+    try:
+        problem = build_problem(model, cap, [normalize_grid(g) for g in grids], progress=progress)
+    except PlanError as e:
+        logger.debug("no single-stage schedule: %s", e)
+        return []
+    ranked = []
+    for c in [c for front in problem.all_grids.values() for c in front]:
+        if problem.runs[c.run].entry != entry or c.last_op not in allowed or not problem.prepares(c.run):
+            continue
+        head, _ = problem.heads((c,))
+        ranked.append(((head, c.extra, c.last_op), c.last_op, tuple(c.grid)))
+    return sorted(ranked)

@@ -171,7 +171,7 @@ class ArchSpec:
         """One line: resolution, width, per-stage depth/expand/kernel, split and grid."""
         stages = " ".join(f"{s.depth}x(e{s.expand},k{s.kernel})" for s in self.stages)
         split = (f"patch {self.patch_stages} stage(s) {self.grid[0]}x{self.grid[1]}" if self.patch_stages
-                 else "no patching")
+                 else "no PatchStage")
         return f"{self.resolution}px w{self.width:g} [{stages}] {split}"
 
 

@@ -11,6 +11,12 @@ KP_PATCH_STAGE ops, and reads:
   export-arduino` uses (TFLM runtime + one kernel per builtin op + the
   KP_PATCH_STAGE kernel);
 * MACs, patched MACs and the recompute overhead;
+* never worse: patch stages that raise the arena head above running the
+  model layer by layer make the report over budget (a sampled schedule can
+  do that; `allow_worse=True` accepts it);
+* with `planner=True`: the model (without `PatchStage`s) is measured with
+  the stages `keras_patch.plan` chooses for it under `sram_bytes` and
+  `max_mac_overhead` (`report.plan`) instead of stages of its own;
 * with `board=`: the whole tensor arena the Arduino sketch needs
   (`keras_patch.arduino.arena.estimate_arena`: the head above + the TFLM tail
   measured with the tflite-micro wheel + the stage's persistent data + a
@@ -32,15 +38,21 @@ True
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import numpy as np
 
+from keras_patch.errors import KerasPatchError
+
+if TYPE_CHECKING:
+    from keras_patch.planner.plan import PatchPlan
+
 # The metric names a budget-aware tuner reports for every trial.
 BUDGET_METRICS = ("peak_sram_bytes", "arena_bytes", "flash_bytes", "model_bytes", "macs", "patched_macs",
-                  "mac_overhead", "feasible")
+                  "mac_overhead", "feasible", "layer_by_layer_sram_bytes", "patch_stages")
 
 
 @dataclass
@@ -60,6 +72,12 @@ class BudgetReport:
         board_arena_budget_bytes / board_flash_budget_bytes: what that board
             leaves for the arena and for model + code.
         seconds: time the measurement took.
+        patch_stages: number of KP_PATCH_STAGE ops in the measured model.
+        allow_worse: accept patch stages that raise the head above
+            `layer_by_layer_sram_bytes` (otherwise that is a problem).
+        plan: with `measure_model(..., planner=True)`, the `PatchPlan` the
+            numbers are for (apply it to the trained model's `.tflite`, or
+            plan that again: it depends on the architecture only).
     """
 
     peak_sram_bytes: int
@@ -76,6 +94,9 @@ class BudgetReport:
     board_flash_budget_bytes: Optional[int] = None
     seconds: float = 0.0
     tflite: bytes = field(default=b"", repr=False)
+    patch_stages: int = 0
+    allow_worse: bool = False
+    plan: Optional[PatchPlan] = field(default=None, repr=False)
 
     @property
     def mac_overhead(self) -> float:
@@ -85,6 +106,10 @@ class BudgetReport:
     @property
     def problems(self) -> list:
         found = []
+        if not self.allow_worse and 0 < self.layer_by_layer_sram_bytes < self.peak_sram_bytes:
+            found.append(f"patch stages raise peak SRAM to {self.peak_sram_bytes:,} B, above the "
+                         f"{self.layer_by_layer_sram_bytes:,} B layer by layer (let the planner choose them: "
+                         "PatchSearchSpace(schedule='planner'))")
         if self.sram_budget_bytes is not None and self.peak_sram_bytes > self.sram_budget_bytes:
             found.append(f"peak SRAM {self.peak_sram_bytes:,} B > budget {self.sram_budget_bytes:,} B")
         if self.flash_budget_bytes is not None and self.flash_bytes > self.flash_budget_bytes:
@@ -119,6 +144,8 @@ class BudgetReport:
             "patched_macs": float(self.patched_macs),
             "mac_overhead": float(self.mac_overhead),
             "feasible": float(self.fits),
+            "layer_by_layer_sram_bytes": float(self.layer_by_layer_sram_bytes),
+            "patch_stages": float(self.patch_stages),
         }
 
     @classmethod
@@ -132,7 +159,9 @@ class BudgetReport:
         limits = {}
         if board is not None and "arena_bytes" in metrics:
             limits = _board_limits(board, int(metrics["arena_bytes"]))
-        return cls(peak_sram_bytes=int(metrics["peak_sram_bytes"]), layer_by_layer_sram_bytes=0,
+        return cls(peak_sram_bytes=int(metrics["peak_sram_bytes"]),
+                   layer_by_layer_sram_bytes=int(metrics.get("layer_by_layer_sram_bytes", 0)),
+                   patch_stages=int(metrics.get("patch_stages", 0)),
                    model_bytes=int(metrics["model_bytes"]), flash_bytes=int(metrics["flash_bytes"]),
                    macs=int(metrics["macs"]), patched_macs=int(metrics["patched_macs"]),
                    sram_budget_bytes=sram_bytes, flash_budget_bytes=flash_bytes, **limits)
@@ -140,6 +169,7 @@ class BudgetReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("tflite")
+        d["plan"] = None if self.plan is None else json.loads(self.plan.to_json())
         d.update(mac_overhead=self.mac_overhead, fits=self.fits, reason=self.reason)
         return d
 
@@ -160,6 +190,9 @@ def measure_model(
     kernel: str = "portable",
     representative_dataset=None,
     board: Optional[str] = None,
+    planner: bool = False,
+    max_mac_overhead: float = 1.10,
+    allow_worse: bool = False,
 ) -> BudgetReport:
     """Converts `model` to int8 (patched) and measures peak SRAM, flash and MACs.
 
@@ -173,20 +206,42 @@ def measure_model(
         board: a `keras-patch export-arduino` board key (e.g. "nano33ble"):
             also estimate the sketch's whole tensor arena and check it and the
             flash against what the board leaves after its core.
+        planner: measure the model with the patch stages `keras_patch.plan`
+            chooses (the fewest MACs among plans whose head fits `sram_bytes`,
+            or the lowest head when none fits or no budget is given), within
+            `max_mac_overhead`; `model` must have no `PatchStage` of its own.
+        max_mac_overhead: the planner's whole-network MAC overhead cap
+            (patched / layer-by-layer MACs, >= 1).
+        allow_worse: do not count stages that raise the head above layer by
+            layer as a problem.
 
     Returns:
-        A `BudgetReport`; `report.tflite` holds the converted model.
+        A `BudgetReport`; `report.tflite` holds the converted (patched) model
+        and, with `planner=True`, `report.plan` the plan.
+
+    Raises:
+        KerasPatchError: `planner=True` on a model with `PatchStage`s, or a
+            `max_mac_overhead` below 1.
     """
     from keras_patch.arduino.resolver import resolver_calls
     from keras_patch.arduino.sketch import flash_estimate
-    from keras_patch.keras.export import export_tflite
+    from keras_patch.keras.export import export_tflite, patch_stages
     from keras_patch.arena.profiler import profile
 
     start = time.perf_counter()
+    if planner and patch_stages(model):
+        raise KerasPatchError("measure_model(planner=True): the model has PatchStage layers "
+                              f"({', '.join(s.name for s in patch_stages(model))}); the planner chooses the stages "
+                              "of a model without them.")
     if representative_dataset is None:
         shape = tuple(int(d) for d in model.inputs[0].shape[1:])
         representative_dataset = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
-    tflite = export_tflite(model, representative_dataset)
+    tflite = export_tflite(model, representative_dataset, allow_worse=True)  # the report says so instead
+    chosen = None
+    if planner:
+        chosen = planned(tflite, sram_bytes, max_mac_overhead, kernel)
+        if chosen is not None:
+            tflite = chosen.apply(tflite)
     prof = profile(tflite, kernel=kernel)
     flash = flash_estimate(len(tflite), resolver_calls(tflite))
     board_limits = {}
@@ -205,5 +260,31 @@ def measure_model(
         flash_budget_bytes=flash_bytes,
         seconds=time.perf_counter() - start,
         tflite=tflite,
+        patch_stages=int(prof.num_stages),
+        allow_worse=allow_worse,
+        plan=chosen,
         **board_limits,
     )
+
+
+def planned(tflite: bytes, sram_bytes: Optional[int], max_mac_overhead: float,
+            kernel: str = "portable") -> Optional[PatchPlan]:
+    """The `PatchPlan` a planner-scheduled trial is measured with, or None.
+
+    The lowest-head plan within `max_mac_overhead`; when that fits
+    `sram_bytes`, the plan with the fewest MACs among those that fit. None
+    for a model without a run a patch stage can take (it runs layer by layer).
+    """
+    from keras_patch.errors import PlanError
+    from keras_patch.planner.search import plan
+
+    if not max_mac_overhead >= 1.0:
+        raise KerasPatchError(f"max_mac_overhead must be 1 or more (patched / layer-by-layer MACs), "
+                              f"got {max_mac_overhead!r}.")
+    try:
+        lowest = plan(tflite, max_mac_overhead=max_mac_overhead, kernel=kernel)
+    except PlanError:
+        lowest = None  # no patchable run: layer by layer
+    if lowest is None or sram_bytes is None or lowest.peak_bytes > sram_bytes:
+        return lowest
+    return plan(tflite, max_mac_overhead=max_mac_overhead, sram_bytes=sram_bytes, kernel=kernel)

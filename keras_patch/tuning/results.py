@@ -59,8 +59,9 @@ def format_results_table(results: List[TrialResult], objective_name: str = "val_
     rows = sorted(results, key=lambda r: (order[r.status], -(r.objective or 0.0) if sort_by_objective else 0,
                                           r.trial_id))
     with_arena = any("arena_bytes" in r.metrics for r in results)
+    with_stages = any("patch_stages" in r.metrics for r in results)
     header = ("trial", "status", objective_name, "peak SRAM") + (("arena",) if with_arena else ()) + (
-        "flash", "MACs", "overhead", "architecture")
+        "flash", "MACs", "overhead") + (("stages",) if with_stages else ()) + ("architecture",)
 
     def kib(value) -> str:
         return "-" if value is None else f"{value / 1024:,.1f} KiB"
@@ -75,6 +76,7 @@ def format_results_table(results: List[TrialResult], objective_name: str = "val_
             kib(m.get("flash_bytes")),
             "-" if "macs" not in m else f"{m['macs'] / 1e6:,.2f} M",
             "-" if "mac_overhead" not in m else f"{100 * m['mac_overhead']:.1f} %",
+            *(("-" if "patch_stages" not in m else str(int(m["patch_stages"])),) if with_stages else ()),
             r.architecture or ", ".join(f"{k}={v}" for k, v in r.hyperparameters.items()),
         ))
     widths = [max(len(str(line[k])) for line in lines) for k in range(len(header) - 1)]

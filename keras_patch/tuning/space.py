@@ -36,6 +36,10 @@ from keras_patch.tuning.redistribution import redistribute
 logger = logging.getLogger(__name__)
 
 
+#: How a trial's patch stages are chosen (`PatchSearchSpace.schedule`).
+SCHEDULES = ("sampled", "planner")
+
+
 @dataclass(frozen=True)
 class PatchSearchSpace:
     """The choices of the search; every field is a tuple of options.
@@ -55,6 +59,15 @@ class PatchSearchSpace:
         grids: patches per side of the patch stage (clamped to its output size).
         redistribute: whether to apply `redistribute` (MCUNetV2's
             receptive-field redistribution) to the sampled architecture.
+        schedule: "sampled" (default): `patch_stages`, `grids` and
+            `redistribute` are hyperparameters and the model gets that one
+            `PatchStage`; "planner": the model is built without patch stages
+            and the tuner measures it with the stages `keras_patch.plan`
+            chooses under the trial's SRAM budget and `max_mac_overhead`
+            (several stages, anywhere; `patch_stages`, `grids` and
+            `redistribute` are then not searched).
+        max_mac_overhead: with `schedule="planner"`, the planner's
+            whole-network MAC overhead cap (patched / layer-by-layer MACs).
         input_channels: 1 (grayscale) or 3 (RGB).
         num_classes: classifier outputs.
         head_channels: 1x1 conv before pooling (0: none).
@@ -75,8 +88,15 @@ class PatchSearchSpace:
     num_classes: int = 2
     head_channels: int = 0
     dropout: float = 0.0
+    schedule: str = "sampled"
+    max_mac_overhead: float = 1.10
 
     def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise KerasPatchError(f"PatchSearchSpace: schedule={self.schedule!r}; expected one of {SCHEDULES}")
+        if not (isinstance(self.max_mac_overhead, (int, float)) and self.max_mac_overhead >= 1.0):
+            raise KerasPatchError(f"PatchSearchSpace: max_mac_overhead={self.max_mac_overhead!r} must be a number >= 1 "
+                                  "(patched / layer-by-layer MACs)")
         for name in ("resolutions", "widths", "depths", "expand_ratios", "kernel_sizes", "patch_stages",
                      "grids", "redistribute", "stages"):
             value = tuple(getattr(self, name))
@@ -90,7 +110,7 @@ class PatchSearchSpace:
                 raise KerasPatchError(f"PatchSearchSpace: grids {self.grids}: {e}") from None
         if not 1 <= self.num_stages <= len(self.stages):
             raise ValueError(f"PatchSearchSpace: num_stages={self.num_stages} must be in [1, {len(self.stages)}]")
-        if max(self.patch_stages) >= self.num_stages:
+        if self.schedule == "sampled" and max(self.patch_stages) >= self.num_stages:
             raise ValueError(f"PatchSearchSpace: patch_stages {self.patch_stages} must leave at least one of the "
                              f"{self.num_stages} stages to run layer by layer")
 
@@ -104,6 +124,10 @@ class PatchSearchSpace:
             expand = base.expand if base.expand == 1 else hp.Choice(f"expand_{i}", list(self.expand_ratios))
             kernel = hp.Choice(f"kernel_{i}", list(self.kernel_sizes))
             stages.append(StageSpec(base.channels, depth, base.stride, expand, kernel))
+        if self.schedule == "planner":  # no PatchStage: the tuner measures the planner's stages
+            return ArchSpec(resolution=resolution, input_channels=self.input_channels, width=width,
+                            stages=tuple(stages), patch_stages=0, num_classes=self.num_classes,
+                            head_channels=self.head_channels, dropout=self.dropout)
         patch_stages = hp.Choice("patch_stages", list(self.patch_stages))
         grid = hp.Choice("grid", list(self.grids))
         redistributed = hp.Choice("redistribute", list(self.redistribute)) if len(self.redistribute) > 1 \
@@ -153,6 +177,12 @@ class PatchHyperModel(keras_tuner.HyperModel):
     def spec(self, hp) -> ArchSpec:
         """The architecture `hp` chooses."""
         return self.space.spec(hp)
+
+    def measure_options(self) -> dict:
+        """What `measure_model` needs besides the budgets: the planner and its MAC cap with `schedule="planner"`."""
+        if self.space.schedule == "planner":
+            return dict(planner=True, max_mac_overhead=self.space.max_mac_overhead)
+        return {}
 
     def build(self, hp):
         model = build_model(self.spec(hp), seed=self.seed)

@@ -106,7 +106,8 @@ class BudgetMixin:
         """Builds the model `hp` chooses and measures it against the budgets (no training)."""
         keras.backend.clear_session()
         model = self.hypermodel.build(hp)
-        return measure_model(model, self.sram_bytes, self.flash_bytes, kernel=self.kernel, board=self.board)
+        return measure_model(model, self.sram_bytes, self.flash_bytes, kernel=self.kernel, board=self.board,
+                             **getattr(self.hypermodel, "measure_options", dict)())
 
     def run_trial(self, trial, *args, **kwargs):
         """Measures the trial's model against the budgets, then trains it (keras-tuner's `run_trial`).

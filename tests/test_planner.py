@@ -293,7 +293,7 @@ def test_no_patchable_run_is_a_plan_error():
 
 def test_patched_model_is_refused(residual):
     p = plan(residual)
-    with pytest.raises(UnsupportedModelError, match="already has KP_PATCH_STAGE"):
+    with pytest.raises(UnsupportedModelError, match="already patched"):
         plan(p.apply(residual))
 
 

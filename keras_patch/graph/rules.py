@@ -287,3 +287,13 @@ def patchable_runs(model: TFLiteModel, max_layers: int = o.MAX_LAYERS, first_ops
             furthest = max(furthest, reach[j])
             inside.add(out)
     return runs
+
+
+def model_unpatched(model: TFLiteModel) -> Optional[str]:
+    """The model holds no KP_PATCH_STAGE op yet: stages are chosen on the unpatched model (keras_patch.unpatchify() it first)."""
+    existing = [op for op in range(model.num_ops) if model.op_type(op) == o.CUSTOM_CODE]
+    if not existing:
+        return None
+    listed = ", ".join(op_label(model, op) for op in existing[:3]) + (", ..." if len(existing) > 3 else "")
+    return (f"The model is already patched ({len(existing)} KP_PATCH_STAGE op{'s' * (len(existing) > 1)}: "
+            f"{listed}); stages are chosen on the unpatched model: keras_patch.unpatchify() it first.")

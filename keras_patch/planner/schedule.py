@@ -130,13 +130,9 @@ def evaluate_schedules(
 
     data = read_model_bytes(tflite_bytes)
     model = TFLiteModel.from_bytes(data)
-    existing = find_stages(model)
-    if existing:
-        listed = ", ".join(model.op_label(op) for op in existing[:3]) + (", ..." if len(existing) > 3 else "")
-        raise UnsupportedModelError(
-            f"The model is already patched ({len(existing)} KP_PATCH_STAGE op{'s' * (len(existing) > 1)}: "
-            f"{listed}); schedules are evaluated on the unpatched model: keras_patch.unpatchify() it first."
-        )
+    failure = rules.model_unpatched(model)
+    if failure:
+        raise UnsupportedModelError(failure)
     grids = [normalize_grid(g) for g in grids]
     splits = candidate_splits(data) if splits is None else list(splits)
     work = []

@@ -312,11 +312,9 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
                   progress=None) -> _Problem:
     """Costs every patchable run with every grid (in memory) for the DP."""
     from keras_patch.arena.profiler import op_macs
-    from keras_patch.graph.patchify import find_stages
-
-    if find_stages(model):
-        raise UnsupportedModelError(
-            "The model already has KP_PATCH_STAGE ops; plan the unpatched model (keras_patch.unpatchify).")
+    failure = rules.model_unpatched(model)
+    if failure:
+        raise UnsupportedModelError(failure)
     grids = None if grids is None else [normalize_grid(g) for g in grids]
     net = ArenaNetwork(model._model if isinstance(model, _ReadOnlyModel) else model)
     macs = sum(op_macs(model, op) for op in range(model.num_ops))

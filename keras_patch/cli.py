@@ -239,9 +239,7 @@ def _cmd_export_arduino(args) -> int:
 
 def _cmd_demo(args) -> int:
     from keras_patch.demo import run_demo
-    from keras_patch.graph.patchify import normalize_grid
 
-    grid = normalize_grid(args.grid)
     _import_tensorflow(args)
     with contextlib.ExitStack() as current_step:
 
@@ -249,25 +247,53 @@ def _cmd_demo(args) -> int:
             current_step.close()
             current_step.enter_context(args.progress.step(f"[demo] {message}"))
 
-        result = run_demo(out_dir=args.out_dir, grid=grid, num_images=args.images, progress=say)
+        result = run_demo(out_dir=args.out_dir, max_mac_overhead=args.max_overhead, grid=args.grid,
+                          num_images=args.images, progress=say)
     prof = result.profile
-    s = prof.summary
     print()
     print(prof.table())
     print()
-    predicted = s["layer_by_layer_peak_bytes"]
+    print(_demo_comparison(result))
+    print()
+    predicted = prof.layer_by_layer_peak_bytes
     measured = result.stock_tflm_head_bytes
     print(f"stock TFLM arena head, measured (tflite-micro): {measured:,} B; "
           f"keras-patch prediction {predicted:,} B ({100 * (predicted - measured) / measured:+.2f} %)")
-    print(f"patched arena head (prediction): {s['patched_peak_bytes']:,} B -> "
-          f"{measured / s['patched_peak_bytes']:.2f}x lower than stock TFLM")
-    print(f"bit-exact vs the unpatched int8 model on {result.num_images} images: "
+    if result.plan.message:
+        print(f"plan: {result.plan.message}")
+    print(f"planned arena head (prediction): {prof.patched_peak_bytes:,} B -> "
+          f"{measured / prof.patched_peak_bytes:.2f}x lower than stock TFLM, {prof.num_stages} patch stage(s), "
+          f"MAC overhead {prof.mac_overhead:.3f}")
+    stages = (f" and all {result.stage_values_compared:,} int8 values of the {prof.num_stages} stage output(s)"
+              if prof.num_stages else "")
+    print(f"bit-exact vs TFLM's output of the unpatched int8 model (tflite-micro) on {result.num_images} images: "
           f"{'YES' if result.bit_exact else 'NO'} (reference executor), "
           f"{'YES' if result.bit_exact_cpp else 'NO'} (C++ kernel core); compared: the logits "
-          f"({result.distinct_logits} distinct int8 values) and all {result.stage_values_compared:,} "
-          f"int8 values of the stage output")
+          f"({result.distinct_logits} distinct int8 values){stages}")
+    board = f"{result.board.name} ({result.board.key})"
+    if result.fits_board:
+        print(f"{board}: the planned model fits: tensor arena {result.board_arena_bytes:,} B of "
+              f"{result.board.arena_budget_bytes:,} B; sketch {result.sketch_path}")
+    else:
+        print(f"{board}: DOES NOT FIT: {result.board_message}")
     print(f"files: {result.patched_path}, {result.unpatched_path}, {result.plot_path}")
-    return 0 if result.bit_exact and result.bit_exact_cpp else 1
+    return 0 if result.bit_exact and result.bit_exact_cpp and result.fits_board else 1
+
+
+def _demo_comparison(result) -> str:
+    """The demo's table: layer by layer, the best single stage, the whole-network plan."""
+    stock = result.stock_tflm_head_bytes
+    rows = [("", "arena head (A)", "without input (A')", "vs layer by layer", "MAC overhead", "search", "stages")]
+    for m in result.methods:
+        if m.note and not m.peak_bytes:
+            rows.append((m.name, "-", "-", "-", "-", f"{m.search_seconds:.1f} s", m.note))
+            continue
+        what = "measured (TFLM)" if m.name == "layer by layer" else "; ".join(m.stages) or "none"
+        rows.append((m.name, f"{m.peak_bytes:,} B", f"{m.peak_bytes_without_input:,} B",
+                     f"{stock / m.peak_bytes:.2f}x", f"{m.mac_overhead:.3f}",
+                     f"{m.search_seconds:.1f} s" if m.name != "layer by layer" else "-", what))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in rows)
 
 
 def _import_tensorflow(args) -> None:
@@ -284,6 +310,19 @@ def _grid_arg(text: str) -> tuple:
         return check_grid(text)
     except KerasPatchError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _demo_overhead_arg(text: str) -> float:
+    """argparse type of demo --max-overhead: a decimal number >= 1."""
+    try:
+        value = float(text) if re.fullmatch(r"\s*[0-9]+(\.[0-9]*)?\s*", text) else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected a number such as 1.1, got {text!r}.")
+    if value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be 1.0 or more (1.1: 10 % more MACs than layer by layer), got {text}.")
+    return value
 
 
 def _int_arg(minimum: int):
@@ -389,9 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="person-detection: output index meaning 'person' (default 1)")
     p.set_defaults(func=_cmd_export_arduino)
 
-    p = sub.add_parser("demo", help="MobileNetV2 0.35@144 end to end: memory table, bit-exactness, plot")
+    from keras_patch.demo import DEMO_MAX_MAC_OVERHEAD  # numpy only, no TensorFlow
+
+    p = sub.add_parser("demo", help="MobileNetV2 0.35@144 end to end: layer by layer vs one stage vs a "
+                                    "whole-network plan, bit-exactness vs TFLM, Nano 33 BLE fit, plot")
     p.add_argument("--out-dir", default="keras_patch_demo")
-    p.add_argument("--grid", type=_grid_arg, default="6x6")
+    p.add_argument("--max-overhead", type=_demo_overhead_arg, default=DEMO_MAX_MAC_OVERHEAD,
+                   help=f"MAC-overhead cap of the plan and the single stage (default {DEMO_MAX_MAC_OVERHEAD})")
+    p.add_argument("--grid", type=_grid_arg, default=None, help="only this grid, e.g. 4x4 (default: all)")
     p.add_argument("--images", type=_int_arg(1), default=4)
     p.set_defaults(func=_cmd_demo)
 

@@ -254,6 +254,142 @@ def test_missing_model_file(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
+    """`keras-patch demo` as a user runs it: layer by layer vs one stage vs the plan, bit-exactness
+    against TFLM, a model that fits the Nano 33 BLE Sense, the plot."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "keras_patch.cli", "demo", "--out-dir", str(tmp_path), "--images", "2"],
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "stock TFLM arena head, measured (tflite-micro): 311,040 B" in out
+    assert ("bit-exact vs TFLM's output of the unpatched int8 model (tflite-micro) on 2 images: "
+            "YES (reference executor), YES (C++ kernel core)") in out
+    # ...on logits that are not all the same value (random weights easily fade to nothing).
+    distinct = int(re.search(r"the logits \((\d+) distinct int8 values\)", out).group(1))
+    assert distinct >= 8, out[-800:]
+    planned = keras_patch.profile(str(tmp_path / "mobilenetv2_patched.tflite"))
+    assert planned.num_stages >= 1 and planned.mac_overhead <= 1.10
+    assert f"{planned.num_stages} stage output(s)" in out
+    # The three ways side by side; the plan is no worse than the best single stage at the same cap.
+    heads = {name: int(value.replace(",", "")) for name, value in
+             re.findall(r"^(layer by layer|best single stage|whole-network plan) +([\d,]+) B", out, re.M)}
+    assert heads["whole-network plan"] == planned.patched_peak_bytes
+    assert heads["whole-network plan"] <= heads["best single stage"] < heads["layer by layer"] == 311_040
+    assert "fits: tensor arena" in out
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "KerasPatchDemo" / "KerasPatchDemo.ino").exists()
+    # The demo's own model fits the Nano 33 BLE Sense: `export-arduino --board nano33ble` succeeds
+    # (before whole-network plans the demo's patched model needed 222,480 B with 212,992 B left).
+    code = main(["export-arduino", str(tmp_path / "mobilenetv2_patched.tflite"), "--out", str(tmp_path / "Nano"),
+                 "--board", "nano33ble"])
+    assert code == 0 and (tmp_path / "Nano" / "Nano.ino").exists()
+
+
+def _one_line_error(err, command):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"keras-patch {command}: error:"), err
+    assert ".kp-" not in err and ".tmp" not in err, err  # never a hidden temporary file
+    return lines[0]
+
+
+def _split_arg(tflite_path):
+    m = TFLiteModel.from_bytes(tflite_path.read_bytes())
+    return str(next(i for i in range(m.num_ops) if m.op_type(i) == "ADD"))
+
+
+def test_patchify_output_path_errors_name_the_users_path(capsys, residual_tflite, tmp_path):
+    split = _split_arg(residual_tflite)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (tmp_path / "adir", "is a folder"),
+        (tmp_path / "missing" / "out.tflite", f"the folder '{tmp_path / 'missing'}' does not exist"),
+        (tmp_path / "afile" / "out.tflite", f"'{tmp_path / 'afile'}' is not a folder"),
+    ]
+    for out_path, message in cases:
+        code, _, err = _run(capsys, "patchify", str(residual_tflite), str(out_path), "--split", split)
+        line = _one_line_error(err, "patchify")
+        assert code == 2 and message in line and f"'{out_path}'" in line, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and not os.listdir(tmp_path / "adir")
+
+
+def test_written_files_get_the_umask_and_keep_their_mode(capsys, residual_tflite, tmp_path):
+    """mkstemp made every written .tflite 0600; a new file gets the umask, an old one keeps its mode."""
+    split = _split_arg(residual_tflite)
+    old_mask = os.umask(0o022)
+    try:
+        out_path, plot = tmp_path / "p.tflite", tmp_path / "m.png"
+        assert _run(capsys, "patchify", str(residual_tflite), str(out_path), "--split", split)[0] == 0
+        assert _run(capsys, "profile", str(residual_tflite), "--plot", str(plot))[0] == 0
+        assert stat.S_IMODE(out_path.stat().st_mode) == stat.S_IMODE(plot.stat().st_mode) == 0o644
+        out_path.chmod(0o640)
+        plot.chmod(0o604)
+        assert _run(capsys, "patchify", str(residual_tflite), str(out_path), "--split", split, "--grid", "2x2")[0] == 0
+        assert _run(capsys, "profile", str(residual_tflite), "--plot", str(plot))[0] == 0
+        assert stat.S_IMODE(out_path.stat().st_mode) == 0o640 and stat.S_IMODE(plot.stat().st_mode) == 0o604
+        os.umask(0o027)
+        out_path = tmp_path / "q.tflite"
+        assert _run(capsys, "patchify", str(residual_tflite), str(out_path), "--split", split)[0] == 0
+        assert stat.S_IMODE(out_path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_mask)
+
+
+def test_profile_plot_writes_exactly_the_path_given(capsys, residual_tflite, tmp_path, monkeypatch):
+    """`--plot DIR` said it wrote DIR but wrote DIR.png; a plain name got '.png' appended."""
+    code, out, err = _run(capsys, "profile", str(residual_tflite), "--plot", str(tmp_path / "memory"))
+    assert code == 0, err
+    assert f"plot written to {tmp_path / 'memory'}\n" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory"]
+    assert (tmp_path / "memory").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = _run(capsys, "profile", str(residual_tflite), "--plot", str(tmp_path / "memory.svg"))
+    assert code == 0 and b"<svg" in (tmp_path / "memory.svg").read_bytes()[:500]
+
+    # Refused before the model is profiled: a folder, a missing folder, an unknown format.
+    from keras_patch.arena import profiler
+
+    monkeypatch.setattr(profiler, "profile", lambda *a, **k: pytest.fail("profiled before checking --plot"))
+    (tmp_path / "figs").mkdir()
+    cases = [(tmp_path / "figs", "is a folder"), (tmp_path / "no" / "m.png", "does not exist"),
+             (tmp_path / "m.txt", "unknown image format")]
+    for plot, message in cases:
+        code, out, err = _run(capsys, "profile", str(residual_tflite), "--plot", str(plot))
+        assert code == 2 and message in _one_line_error(err, "profile") and f"'{plot}'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figs", "memory", "memory.svg"]
+    assert not os.listdir(tmp_path / "figs")
+
+
+def test_export_checks_the_output_path_before_converting(capsys, tmp_path, monkeypatch):
+    """A bad --out used to fail only after the model was loaded and converted, naming a temp file."""
+    from keras_patch import cli
+    from keras_patch.keras import export as export_module
+    from keras_patch.errors import KerasPatchError
+
+    np.save(tmp_path / "rep.npy", np.zeros((2, 12, 12, 3), np.float32))
+    (tmp_path / "adir").mkdir()
+    monkeypatch.setattr(cli, "_load_keras", lambda path: pytest.fail("model loaded before checking --out"))
+    cases = [(tmp_path / "adir", "is a folder"), (tmp_path / "missing" / "m.tflite", "does not exist"),
+             ("", "empty")]
+    for out_path, message in cases:
+        code, _, err = _run(capsys, "export", str(tmp_path / "m.keras"), "--rep-data", str(tmp_path / "rep.npy"),
+                            "--out", str(out_path))
+        assert code == 2 and message in _one_line_error(err, "export"), err
+
+    monkeypatch.setattr(export_module, "convert_int8", lambda *a, **k: pytest.fail("converted before checking path"))
+    with pytest.raises(KerasPatchError, match="is a folder"):
+        export_module.export_tflite(_keras_with_stage((2, 2)), np.zeros((2, 12, 12, 3), np.float32),
+                                    path=tmp_path / "adir")
+
+
+def test_missing_model_file(capsys, tmp_path):
+    code, _, err = _run(capsys, "profile", str(tmp_path / "nope.tflite"))
+    assert code == 2 and "nope.tflite" in err
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
     """`keras-patch demo` as a user runs it: memory table, bit-exactness, plot."""
     proc = subprocess.run(
         [sys.executable, "-m", "keras_patch.cli", "demo", "--out-dir", str(tmp_path), "--images", "2"],
@@ -297,10 +433,13 @@ def _one_line_error(err: str, *words) -> str:
         (["demo", "--out-dir", "{out}/d", "--images", "0"], ["--images", "1 or more, got 0"]),
         (["demo", "--out-dir", "{out}/d", "--images", "-2"], ["--images", "got -2"]),
         (["demo", "--out-dir", "{out}/d", "--grid", "2.5x2"], ["--grid", "'2.5x2'"]),
+        (["demo", "--out-dir", "{out}/d", "--max-overhead", "0.9"], ["--max-overhead", "1.0 or more", "got 0.9"]),
+        (["demo", "--out-dir", "{out}/d", "--max-overhead", "x"], ["--max-overhead", "'x'"]),
         (["patchify", "{model}", "{out}/o.tflite"], ["--split", "required"]),
     ],
     ids=["grid-negative", "grid-fullwidth", "grid-zero", "tail-bytes", "arena-zero", "arena-negative",
-         "arena-fullwidth", "person-class", "images-0", "images-negative", "demo-grid", "missing-split"],
+         "arena-fullwidth", "person-class", "images-0", "images-negative", "demo-grid", "demo-overhead",
+         "demo-overhead-text", "missing-split"],
 )
 def test_bad_arguments_are_one_line_and_exit_2(capsys, residual_tflite, tmp_path, monkeypatch, argv, words):
     import keras_patch.demo

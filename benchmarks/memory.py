@@ -51,6 +51,8 @@ PERSON_MODEL_SOURCE = os.path.join(REPO, "arduino", "KerasPatch", "examples", "M
 
 #: MAC-overhead caps of the planned (and capped single-stage) rows.
 CAPS = (1.10, 1.30)
+#: Grids of the single-stage search unless --grids says otherwise (as before whole-network plans).
+SINGLE_STAGE_GRIDS = [(n, n) for n in range(2, 9)]
 
 
 def _mobilenet_v2(alpha: float, size: int, classes: int):
@@ -194,7 +196,7 @@ def measure_model(name: str, grids: list, cache, log) -> dict:
                  overhead=1.0, stages=0, detail="-", head_at="", seconds=None, patched=tflite)]
 
     start = time.perf_counter()
-    results = evaluate_schedules(tflite, grids, candidate_splits(tflite, min_output_size=2))
+    results = evaluate_schedules(tflite, grids or SINGLE_STAGE_GRIDS, candidate_splits(tflite, min_output_size=2))
     seconds = time.perf_counter() - start
     log(f"{name}: single stage: {len(results)} schedules in {seconds:.0f} s")
     for method, cap in [("single stage", None)] + [(f"single stage <= {c:.2f}", c) for c in CAPS]:
@@ -281,11 +283,12 @@ def check_targets(models: list) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
-    parser.add_argument("--grids", default="2-8", help="grids of the searches: '2-8' or '2,4,6'")
+    parser.add_argument("--grids", help="grids of both searches: '2-8' or '2,4,6' (square); default: 2x2 to 8x8 "
+                                        "for the single stage, the planner's own grids (up to 8x8) for the plan")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--cache", metavar="DIR", help="read/write the converted models as DIR/<name>.tflite")
     args = parser.parse_args(argv)
-    grids = _parse_grids(args.grids)
+    grids = _parse_grids(args.grids) if args.grids else None
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:

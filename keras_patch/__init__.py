@@ -26,12 +26,15 @@ from keras_patch.errors import (
     InvalidModelError,
     InvalidOptionsError,
     KerasPatchError,
+    PlanError,
     UnsupportedModelError,
 )
 from keras_patch.graph.patchify import patchify, patchify_stages
 from keras_patch.arena.profiler import Profile, profile
 from keras_patch.runtime.host import run_tflite
 from keras_patch.graph.unpatchify import unpatchify
+from keras_patch.planner.plan import PatchPlan
+from keras_patch.planner.search import plan
 
 # The Keras-side API imports TensorFlow and Keras (about 10 s): it loads on
 # first access (PEP 562), so that `import keras_patch` and the command line on
@@ -114,12 +117,15 @@ __all__ = [
     "InvalidModelError",
     "InvalidOptionsError",
     "KerasPatchError",
+    "PatchPlan",
     "PatchStage",
+    "PlanError",
     "Profile",
     "UnsupportedModelError",
     "export_tflite",
     "patchify",
     "patchify_stages",
+    "plan",
     "profile",
     "run_tflite",
     "unpatchify",

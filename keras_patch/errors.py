@@ -36,3 +36,12 @@ class CalibrationDataError(KerasPatchError):
     that are NaN/inf (or overflow float32 inside the model).  The message
     names the sample (index) and the problem.
     """
+
+
+class PlanError(KerasPatchError):
+    """`keras_patch.plan` cannot give what was asked.
+
+    A MAC-overhead limit below 1 (or not a finite number), an SRAM limit no
+    plan within the overhead limit fits (the message says the lowest head
+    reachable), or a model without a run of ops a patch stage can take.
+    """

@@ -79,6 +79,18 @@ def chains(draw):
 
 @settings(max_examples=150, deadline=None)
 @given(opts=chains())
+def test_stage_costs_per_axis_equal_patch_by_patch(opts):
+    """`stage_costs` (per axis, what the planner uses) equals the patch-by-patch functions."""
+    costs = geometry.stage_costs(opts)
+    assert (costs.macs, costs.patched_macs) == geometry.stage_macs(opts)
+    assert costs.arena == geometry.plan_patch_arena(opts)
+    assert costs.staging_bytes == geometry.cmsis_nn_staging_bytes(opts)
+    assert geometry.kernel_context_bytes(opts, "cmsis_nn", costs.staging_bytes) == \
+        geometry.kernel_context_bytes(opts, "cmsis_nn")
+
+
+@settings(max_examples=150, deadline=None)
+@given(opts=chains())
 def test_patch_arena_never_overlaps_live_tensors(opts):
     o.validate_options(opts)
     plan = geometry.plan_patch_arena(opts)

@@ -39,6 +39,13 @@ def test_doc_lists_every_layer_op_code():
     section = _spec_section("Stage tensors and layers")
     documented = {int(code): name for code, name in re.findall(r"^\|\s*(\d+)\s*\|\s*(\w+)\s*\|", section, re.M)}
     assert documented == o.LAYER_OP_NAMES
+    # The one list patchify, the planner and candidate_splits check ops against is that table.
+    from keras_patch.graph import patchify, rules
+    from keras_patch.planner import schedule
+
+    assert {code: name for name, code in rules.SUPPORTED_STAGE_OPS.items()} == documented
+    assert patchify.SUPPORTED_STAGE_OPS is rules.SUPPORTED_STAGE_OPS
+    assert schedule.STAGE_OP_NAMES == set(documented.values())
 
 
 def test_doc_version_matches():

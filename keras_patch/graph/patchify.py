@@ -26,18 +26,11 @@ from keras_patch.errors import InvalidOptionsError, UnsupportedModelError
 from keras_patch.grid import check_grid
 from keras_patch.stage import options as o
 from keras_patch.stage.executor import ConstantTensor, prepare_stage
+from keras_patch.graph import rules
 from keras_patch.graph.tflite_model import ModelSource, TensorInfo, TFLiteModel, read_model_bytes
 
-SUPPORTED_STAGE_OPS = {
-    "CONV_2D": o.OP_CONV_2D,
-    "DEPTHWISE_CONV_2D": o.OP_DEPTHWISE_CONV_2D,
-    "ADD": o.OP_ADD,
-    "MAX_POOL_2D": o.OP_MAX_POOL_2D,
-    "AVERAGE_POOL_2D": o.OP_AVERAGE_POOL_2D,
-    "PAD": o.OP_PAD,
-    "RELU": o.OP_RELU,
-    "RELU6": o.OP_RELU6,
-}
+#: TFLite op name -> layer op code of the ops a stage may contain (one list: `rules.SUPPORTED_STAGE_OPS`).
+SUPPORTED_STAGE_OPS = rules.SUPPORTED_STAGE_OPS
 
 
 @dataclass
@@ -166,66 +159,54 @@ def _same_padding(in_size: int, out_size: int, kernel: int, stride: int, dilatio
 
 
 def _spatial(model: TFLiteModel, t: int, label: str) -> tuple:
-    info = model.tensor(t)
-    if any(d < 0 for d in info.shape_signature[1:]):
-        raise UnsupportedModelError(
-            f"{label}: tensor '{info.name}' has a dynamic shape {info.shape_signature}; "
-            f"patch stages need fixed height, width and channels."
-        )
-    if len(info.shape) != 4 or info.shape[0] != 1:
-        raise UnsupportedModelError(
-            f"{label}: tensor '{info.name}' has shape {info.shape}; patch stages need NHWC with batch 1."
-        )
-    if info.dtype != np.int8:
-        raise UnsupportedModelError(
-            f"{label}: tensor '{info.name}' is {np.dtype(info.dtype).name}, not int8: the model is not "
-            f"fully int8-quantized (float models cannot be patched)."
-        )
-    if info.scale.size != 1 or info.zero_point.size != 1:
-        raise UnsupportedModelError(
-            f"{label}: tensor '{info.name}' needs per-tensor quantization, has {info.scale.size} scales."
-        )
-    return info.shape[1:]
+    failure = rules.tensor_failure(model, t, label)
+    if failure:
+        raise UnsupportedModelError(failure)
+    return model.tensor(t).shape[1:]
 
 
 def plan_stage(model: TFLiteModel, op_indices: Sequence[int], entry: int, exit_tensor: int, grid) -> StagePlan:
-    """Checks that the ops form a patchable single-entry/single-exit stage; builds its options."""
+    """Checks that the ops form a patchable single-entry/single-exit stage; builds its options.
+
+    `build_stage_options` (the rules of `keras_patch.graph.rules`, cheap),
+    then the kernel's Prepare checks on the constants (`prepare_stage`).
+    """
+    options, op_inputs = build_stage_options(model, op_indices, entry, exit_tensor, grid)
+    constants = [None] + [
+        ConstantTensor(model.constant(t), model.tensor(t).scale) for t in op_inputs[1:]
+    ]
+    prepare_stage(options, constants)  # the kernel's Prepare checks, run once here
+    return StagePlan(list(op_indices), entry, exit_tensor, options, op_inputs)
+
+
+def build_stage_options(model: TFLiteModel, op_indices: Sequence[int], entry: int, exit_tensor: int,
+                        grid, consumers: Optional[dict] = None) -> tuple:
+    """(StageOptions, op inputs) of a stage, checked by the structural rules only (no quantization).
+
+    Raises `UnsupportedModelError` with the message of the first rule of
+    `keras_patch.graph.rules` the ops break.
+    """
     grid = normalize_grid(grid)
-    op_set = set(op_indices)
-    consumers = model.consumers()
-    if exit_tensor in model.outputs:
-        raise UnsupportedModelError(
-            f"The split tensor '{model.tensor(exit_tensor).name}' is a model output: the stage must "
-            f"end before the model does (choose an earlier split)."
-        )
+    failure = rules.exit_not_model_output(model, exit_tensor)
+    if failure:
+        raise UnsupportedModelError(failure)
     for op in op_indices:
-        op_type = model.op_type(op)
-        if op_type not in SUPPORTED_STAGE_OPS:
-            raise UnsupportedModelError(
-                f"{model.op_label(op)} cannot run inside a patch stage. Supported ops: "
-                f"{', '.join(sorted(SUPPORTED_STAGE_OPS))}. Choose a split before it."
-            )
+        failure = rules.op_type_supported(model, op)
+        if failure:
+            raise UnsupportedModelError(failure)
     tensor_ids = {entry: 0}
     for position, op in enumerate(op_indices):
-        outputs = model.op_outputs(op)
-        if len(outputs) != 1:
-            raise UnsupportedModelError(f"{model.op_label(op)} has {len(outputs)} outputs.")
-        tensor_ids[outputs[0]] = position + 1
+        failure = rules.op_single_output(model, op)
+        if failure:
+            raise UnsupportedModelError(failure)
+        tensor_ids[model.op_outputs(op)[0]] = position + 1
     if model.op_outputs(op_indices[-1])[0] != exit_tensor:
         raise UnsupportedModelError(
             f"The stage's last op {model.op_label(op_indices[-1])} does not write the split tensor."
         )
-    # Single exit: nothing but the exit tensor leaves the stage.
-    for op in op_indices[:-1]:
-        t = model.op_outputs(op)[0]
-        outside = [c for c in consumers.get(t, []) if c not in op_set]
-        if outside or t in model.outputs:
-            user = model.op_label(outside[0]) if outside else "the model outputs"
-            raise UnsupportedModelError(
-                f"The stage is not single-exit: tensor '{model.tensor(t).name}' written by "
-                f"{model.op_label(op)} inside the stage is also read by {user} after the split. "
-                f"Choose a split where only one tensor crosses."
-            )
+    failure = rules.single_exit(model, op_indices, consumers)
+    if failure:
+        raise UnsupportedModelError(failure)
     layers = []
     op_inputs = [entry]
     for position, op in enumerate(op_indices):
@@ -233,26 +214,18 @@ def plan_stage(model: TFLiteModel, op_indices: Sequence[int], entry: int, exit_t
     ordered = sorted(tensor_ids.items(), key=lambda kv: kv[1])
     shapes, scales, zero_points = [], [], []
     for t, _ in ordered:
-        label = f"stage tensor '{model.tensor(t).name}'"
-        shapes.append(tuple(_spatial(model, t, label)))
+        shapes.append(tuple(_spatial(model, t, f"stage tensor '{model.tensor(t).name}'")))
         info = model.tensor(t)
         scales.append(float(info.scale[0]))
         zero_points.append(int(info.zero_point[0]))
-    out_h, out_w, _ = shapes[-1]
-    if grid[0] > out_h or grid[1] > out_w:
-        raise UnsupportedModelError(
-            f"grid {grid[0]}x{grid[1]} is larger than the stage output {out_h}x{out_w} "
-            f"(tensor '{model.tensor(exit_tensor).name}'): use at most {out_h}x{out_w} patches."
-        )
+    failure = rules.grid_fits(model, exit_tensor, grid)
+    if failure:
+        raise UnsupportedModelError(failure)
     options = o.StageOptions(
         grid=grid, tensor_shapes=shapes, tensor_scales=scales,
         tensor_zero_points=zero_points, layers=layers,
     )
-    constants = [None] + [
-        ConstantTensor(model.constant(t), model.tensor(t).scale) for t in op_inputs[1:]
-    ]
-    prepare_stage(options, constants)  # the kernel's Prepare checks, run once here
-    return StagePlan(list(op_indices), entry, exit_tensor, options, op_inputs)
+    return options, op_inputs
 
 
 def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict, op_inputs: list) -> o.LayerOptions:
@@ -265,11 +238,7 @@ def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict,
 
     def activation_input(t: int) -> int:
         if t not in tensor_ids or tensor_ids[t] > position:
-            raise UnsupportedModelError(
-                f"The stage is not single-entry: {label} reads tensor '{model.tensor(t).name}', "
-                f"which comes from outside the stage: a residual connection or branch would be cut "
-                f"(start the stage at or before that tensor, or end it before this op)."
-            )
+            raise UnsupportedModelError(rules.single_entry_failure(model, op, t))
         return tensor_ids[t]
 
     def constant_input(t: int, what: str) -> int:
@@ -294,8 +263,9 @@ def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict,
                 _same_padding(in_h, out_h, kh, stride[0], dilation[0]),
                 _same_padding(in_w, out_w, kw, stride[1], dilation[1]),
             )
-        if filt.dtype != np.int8:
-            raise UnsupportedModelError(f"{label}: filter is {np.dtype(filt.dtype).name}, not int8.")
+        failure = rules.op_constant_weights(model, op)
+        if failure:
+            raise UnsupportedModelError(failure)
         weights = (constant_input(inputs[1], "filter"),
                    constant_input(inputs[2] if len(inputs) > 2 else -1, "bias"))
         return o.LayerOptions(code, (a, -1), (kh, kw), stride, dilation, pad,
@@ -310,16 +280,15 @@ def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict,
         return o.LayerOptions(code, (a, -1), kernel, stride, (1, 1), pad, int(opts.fusedActivationFunction))
     if code == o.OP_ADD:
         b = activation_input(inputs[1])
-        shapes = {model.tensor(inputs[0]).shape, model.tensor(inputs[1]).shape}
-        if len(shapes) != 1:
-            raise UnsupportedModelError(f"{label}: broadcasting ADD {sorted(shapes)} is not supported in a stage.")
+        failure = rules.op_add_same_shapes(model, op)
+        if failure:
+            raise UnsupportedModelError(failure)
         return o.LayerOptions(code, (a, b), activation=int(opts.fusedActivationFunction) if opts else 0)
     if code == o.OP_PAD:
-        paddings = model.constant(inputs[1]) if model.is_constant(inputs[1]) else None
-        if paddings is None or paddings.shape != (4, 2):
-            raise UnsupportedModelError(f"{label}: paddings must be a constant 4x2 tensor.")
-        if paddings[0].any() or paddings[3].any() or (paddings < 0).any():
-            raise UnsupportedModelError(f"{label}: only non-negative height/width padding is supported, got {paddings.tolist()}.")
+        failure = rules.op_pad_spatial(model, op)
+        if failure:
+            raise UnsupportedModelError(failure)
+        paddings = model.constant(inputs[1])
         return o.LayerOptions(code, (a, -1), pad=(int(paddings[1, 0]), int(paddings[2, 0])))
     return o.LayerOptions(code, (a, -1))  # RELU, RELU6
 

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence
 
 from keras_patch.errors import KerasPatchError, UnsupportedModelError
-from keras_patch.stage import options as o
+from keras_patch.graph import rules
 from keras_patch.graph.patchify import default_entry_tensor, normalize_grid, patchify
 from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 
 logger = logging.getLogger(__name__)
 
 #: TFLite op names a patch stage may contain (docs/patch_stage_op.md, "Stage tensors and layers").
-STAGE_OP_NAMES = frozenset(o.LAYER_OP_NAMES.values())
+STAGE_OP_NAMES = frozenset(rules.SUPPORTED_STAGE_OPS)
 
 
 @dataclass(frozen=True)
@@ -79,32 +79,23 @@ def short_tensor_name(name: str) -> str:
 def candidate_splits(tflite_bytes: ModelSource, min_output_size: int = 1) -> List[int]:
     """Op indices at which a patch stage starting at the model input can end.
 
-    An op qualifies when every op before it (in execution order) is a stage
-    op, every tensor they write other than its output is read only by them,
-    and its output is at least `min_output_size` pixels high and wide. The
-    scan stops at the first op KP_PATCH_STAGE cannot run.
+    The runs of `keras_patch.graph.rules.patchable_runs` that start right
+    after the model's int8 input (or its QUANTIZE): every op of the run is a
+    stage op, every tensor it writes other than the last op's output is read
+    only inside it; the output must also be at least `min_output_size`
+    pixels high and wide.
     """
     model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
     entry = default_entry_tensor(model)
     producers = model.producers()
-    consumers = model.consumers()
     first = 0 if entry not in producers else producers[entry] + 1
+    if first >= model.num_ops:
+        return []
     splits: List[int] = []
-    inside: set = set()
-    for op in range(first, model.num_ops):
-        if model.op_type(op) not in STAGE_OP_NAMES:
-            break
-        inside.add(op)
-        out = model.op_outputs(op)[0]
-        if out in model.outputs:
-            break
-        escaping = [
-            t for i in inside for t in model.op_outputs(i)
-            if t != out and (t in model.outputs or any(c not in inside for c in consumers.get(t, [])))
-        ]
+    for _, last, run_entry, out in rules.patchable_runs(model, first_ops=[first]):
         shape = model.tensor(out).shape
-        if not escaping and len(shape) == 4 and min(shape[1], shape[2]) >= min_output_size:
-            splits.append(op)
+        if run_entry == entry and len(shape) == 4 and min(shape[1], shape[2]) >= min_output_size:
+            splits.append(last)
     return splits
 
 

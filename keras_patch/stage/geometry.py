@@ -138,7 +138,12 @@ def plan_patch_arena(options: StageOptions) -> PatchArenaPlan:
     for regions in all_patch_regions(options):
         for t in range(1, num_tensors - 1):
             sizes[t] = max(sizes[t], region_area(regions[t]) * options.tensor_shapes[t][2])
-    sizes = [_align(s) for s in sizes]
+    return place_patch_arena(options, [_align(s) for s in sizes])
+
+
+def place_patch_arena(options: StageOptions, sizes: List[int]) -> PatchArenaPlan:
+    """First-fit placement of per-tensor sizes (4-aligned, 0 for tensors 0 and L) (`plan_patch_arena`)."""
+    num_tensors = options.num_layers + 1
     lifetimes = tensor_lifetimes(options)
     order = sorted(range(1, num_tensors - 1), key=lambda t: (-sizes[t], t))
     offsets = [-1] * num_tensors
@@ -254,7 +259,7 @@ def cmsis_nn_staging_bytes(options: StageOptions) -> int:
     return staging
 
 
-def kernel_context_bytes(options: StageOptions, kernel: str = "portable") -> int:
+def kernel_context_bytes(options: StageOptions, kernel: str = "portable", staging_bytes: Optional[int] = None) -> int:
     """Scratch buffer #1 (CMSIS-NN context) the kernel requests (docs: "Scratch buffers").
 
     `kernel`: "portable" (0) or "cmsis_nn" (the core built with -DCMSIS_NN
@@ -266,7 +271,8 @@ def kernel_context_bytes(options: StageOptions, kernel: str = "portable") -> int
     if kernel == "portable":
         return 0
     cmsis = max([cmsis_nn_layer_buffer_bytes(options, l) for l in range(options.num_layers)], default=0)
-    return _align(cmsis) + _align(cmsis_nn_staging_bytes(options))
+    staging = cmsis_nn_staging_bytes(options) if staging_bytes is None else staging_bytes
+    return _align(cmsis) + _align(staging)
 
 
 def layer_macs_per_pixel(options: StageOptions, layer_index: int) -> int:
@@ -326,3 +332,86 @@ def max_patch_input(options: StageOptions) -> tuple:
         if not is_empty(r):
             best = (max(best[0], r[1] - r[0]), max(best[1], r[3] - r[2]))
     return best
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """What a stage costs: MACs layer by layer and patch by patch, its patch arena, CMSIS-NN staging."""
+
+    macs: int
+    patched_macs: int
+    arena: PatchArenaPlan
+    staging_bytes: int  # cmsis_nn_staging_bytes
+
+
+def _axis_spans(options: StageOptions, axis: int) -> Optional[list]:
+    """Per stage tensor, per tile along one axis (0: rows, 1: columns), the half-open span a patch
+    needs; None when a span comes out empty (then regions are not a product of the two axes)."""
+    parts = options.grid[axis]
+    spans: list = [None] * (options.num_layers + 1)
+    spans[-1] = tile_bounds(options.output_shape[axis], parts)
+    for l in range(options.num_layers - 1, -1, -1):
+        out = spans[l + 1]
+        if out is None:
+            return None
+        layer = options.layers[l]
+        size = options.tensor_shapes[layer.inputs[0]][axis]
+        needed = [input_span(o0, o1, layer.kernel[axis], layer.stride[axis], layer.dilation[axis],
+                             layer.pad[axis], size) for (o0, o1) in out]
+        if any(a >= b for a, b in needed):
+            return None
+        for t in set(u for u in layer.inputs if u >= 0):
+            if spans[t] is None:
+                spans[t] = needed
+            else:
+                spans[t] = [(min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(spans[t], needed)]
+    return spans
+
+
+def stage_costs(options: StageOptions) -> StageCosts:
+    """`stage_macs`, `plan_patch_arena` and `cmsis_nn_staging_bytes` of a stage, computed per axis.
+
+    A patch's region of every stage tensor is the product of a row span and
+    a column span, so sums and maxima over the `rows x columns` patches
+    factor into one pass per axis: `O(rows + columns)` instead of
+    `O(rows * columns)`. Where a span comes out empty (a PAD whose padding
+    alone makes a tile), the patch-by-patch functions are used. Equal to
+    them in every case.
+    """
+    per_pixel = [layer_macs_per_pixel(options, l) for l in range(options.num_layers)]
+    full = sum(options.tensor_shapes[l + 1][0] * options.tensor_shapes[l + 1][1] * per_pixel[l]
+               for l in range(options.num_layers))
+    rows, cols = _axis_spans(options, 0), _axis_spans(options, 1)
+    if rows is None or cols is None:
+        _, patched = stage_macs(options)
+        return StageCosts(full, patched, plan_patch_arena(options), cmsis_nn_staging_bytes(options))
+
+    def length(span):
+        return span[1] - span[0]
+
+    patched = sum(per_pixel[l] * sum(map(length, rows[l + 1])) * sum(map(length, cols[l + 1]))
+                  for l in range(options.num_layers) if per_pixel[l])
+    sizes = [0] * (options.num_layers + 1)
+    for t in range(1, options.num_layers):
+        sizes[t] = _align(max(map(length, rows[t])) * max(map(length, cols[t])) * options.tensor_shapes[t][2])
+    staging = 0
+    for l, layer in enumerate(options.layers):
+        if layer.op not in (OP_CONV_2D, OP_DEPTHWISE_CONV_2D):
+            continue
+        t = layer.inputs[0]
+        width = 0
+        for c, out_x in enumerate(cols[l + 1]):
+            x0, x1 = (0, options.tensor_shapes[0][1]) if t == 0 else cols[t][c]
+            if _cmsis_in_place(layer, x0, x1, (0, 1, out_x[0], out_x[1])):
+                continue
+            window = input_span(out_x[0], out_x[1], layer.kernel[1], layer.stride[1], layer.dilation[1],
+                                layer.pad[1], options.tensor_shapes[t][1])
+            width = max(width, window[1] - window[0])
+        if not width:
+            continue
+        in_h = options.tensor_shapes[t][0]
+        (kh, sh, dh, ph) = (layer.kernel[0], layer.stride[0], layer.dilation[0], layer.pad[0])
+        height = max(min(y * sh - ph + (kh - 1) * dh + 1, in_h) - max(y * sh - ph, 0)
+                     for (y0, y1) in rows[l + 1] for y in range(y0, y1))
+        staging = max(staging, height * width * options.tensor_shapes[t][2])
+    return StageCosts(full, patched, place_patch_arena(options, sizes), staging)

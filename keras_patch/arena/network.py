@@ -1,0 +1,254 @@
+"""The cost model: how TFLM lays out the arena of a network with patch stages, in memory.
+
+`ArenaNetwork` is built once from an unpatched int8 model: the buffers TFLM
+plans for it layer by layer (`memory_planner.model_buffers`, with the
+built-in kernels' scratch buffers) and their lifetimes. For any set of
+stages (`StageSpan`: a contiguous run of ops and the scratch buffers its
+KP_PATCH_STAGE op requests) it gives, without writing or re-reading a
+`.tflite`, the buffers TFLM would plan for the patched model: the stage
+ops' intermediate tensors are gone, every stage is one op at its last
+op's place, tensors keep their order (as `TFLiteModel.remove_unused`
+keeps it) and scratch buffers follow in op order. From those come the live
+bytes per op, the live-set peak and TFLM's greedy head
+(`memory_planner.plan_greedy`), with and without the model input.
+
+This is the one place that knows how the arena of a patched network is laid
+out: the planner (`keras_patch.planner.search`) and `profile` ask it.
+
+Example:
+
+>>> from keras_patch.arena.network import ArenaNetwork, StageSpan
+>>> net = ArenaNetwork.from_tflite("model.tflite")  # doctest: +SKIP
+>>> net.head(), net.head([StageSpan(1, 5, (4096,))])  # doctest: +SKIP
+(83200, 41216)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from keras_patch.arena import memory_planner
+from keras_patch.errors import UnsupportedModelError
+from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, int_list, read_model_bytes
+from keras_patch.stage import geometry
+from keras_patch.stage.options import StageOptions
+
+
+@dataclass(frozen=True)
+class StageSpan:
+    """A patch stage as the cost model sees it.
+
+    Attributes:
+        first_op: its first op in the unpatched model.
+        last_op: its last op (the KP_PATCH_STAGE op takes this op's place).
+        scratch: byte sizes of the scratch buffers the KP_PATCH_STAGE op
+            requests, in request order (`stage_scratch_sizes`).
+    """
+
+    first_op: int
+    last_op: int
+    scratch: Tuple[int, ...] = ()
+
+
+def stage_scratch_sizes(options: StageOptions, kernel: str = "portable") -> Tuple[int, ...]:
+    """The scratch requests of a KP_PATCH_STAGE op (docs "Scratch buffers"): the patch arena
+    (#0), then for `kernel="cmsis_nn"` the CMSIS-NN context (#1), each only when non-zero."""
+    arena = geometry.plan_patch_arena(options).total_bytes
+    context = geometry.kernel_context_bytes(options, kernel)
+    return tuple(b for b in (arena, context) if b > 0)
+
+
+class ArenaNetwork:
+    """The arena layout of one unpatched model, for any set of stages (module docstring).
+
+    Args:
+        model: an unpatched int8 model with one subgraph.
+
+    Raises:
+        UnsupportedModelError: several subgraphs, an `OfflineMemoryAllocation`
+            (offline-planned) model, or what `memory_planner` refuses.
+    """
+
+    def __init__(self, model: TFLiteModel):
+        if len(model.model.subgraphs) != 1:
+            raise UnsupportedModelError(
+                f"The model has {len(model.model.subgraphs)} subgraphs; keras-patch plans one.")
+        if memory_planner._offline_offsets(model) is not None:
+            raise UnsupportedModelError(
+                "The model has an OfflineMemoryAllocation (offline-planned arena); patch stages change "
+                "its tensors, so it cannot be planned with stages.")
+        self.model = model
+        self.num_ops = model.num_ops
+        sg = model.subgraph
+        buffers_fb = model.model.buffers or []
+        tensors = sg.tensors or []
+        n = len(tensors)
+        self.names = [model.tensor(t).name for t in range(n)]
+        self.sizes = np.zeros(n, np.int64)
+        needs = np.zeros(n, bool)
+        for t, tensor in enumerate(tensors):
+            nbytes = memory_planner._tensor_bytes(tensor, 0, t)
+            self.sizes[t] = nbytes
+            needs[t] = (not memory_planner._has_data(buffers_fb, tensor.buffer)) and not tensor.isVariable \
+                and nbytes != 0
+        self.needs = needs
+        self.aligned = np.array([memory_planner.align_up(s) for s in self.sizes], np.int64)
+        self.inputs = [int(t) for t in int_list(sg.inputs)]
+        self.outputs = [int(t) for t in int_list(sg.outputs)]
+        self.producer = np.full(n, -1, np.int64)
+        self.consumer_ops: List[List[int]] = [[] for _ in range(n)]
+        self.op_ins: List[List[int]] = []
+        self.op_outs: List[List[int]] = []
+        for op in range(self.num_ops):
+            ins = [t for t in model.op_inputs(op) if t >= 0]
+            outs = model.op_outputs(op)
+            self.op_ins.append(ins)
+            self.op_outs.append(outs)
+            for t in outs:
+                if self.producer[t] < 0:
+                    self.producer[t] = op
+            for t in ins:
+                self.consumer_ops[t].append(op)
+        self.builtin_scratch: Dict[int, List[int]] = {
+            int(k): list(v) for k, v in memory_planner.builtin_scratch_bytes(model).items()}
+        first, last = self._lifetimes(list(range(self.num_ops)), self.num_ops)
+        self.first = np.array(first, np.int64)
+        self.last = np.array(last, np.int64)
+        self.input_names = {self.names[t] for t in self.inputs}
+        self.is_input = np.array([name in self.input_names for name in self.names], bool)
+        # Layer-by-layer live bytes per op (tensors + built-in scratch), with and without the input.
+        self.layer_live = np.zeros(self.num_ops, np.int64)
+        self.layer_live_without_input = np.zeros(self.num_ops, np.int64)
+        for op in range(self.num_ops):
+            alive = self.needs & (self.first <= op) & (self.last >= op)
+            scratch = sum(memory_planner.align_up(s) for s in self.builtin_scratch.get(op, []))
+            self.layer_live[op] = int(self.aligned[alive].sum()) + scratch
+            self.layer_live_without_input[op] = int(self.aligned[alive & ~self.is_input].sum()) + scratch
+
+    @classmethod
+    def from_tflite(cls, source: ModelSource) -> "ArenaNetwork":
+        """An `ArenaNetwork` of a `.tflite` (bytes or path)."""
+        return cls(TFLiteModel.from_bytes(read_model_bytes(source)))
+
+    # ------------------------------------------------------------------
+    def _lifetimes(self, new_index: Sequence[int], new_num_ops: int) -> tuple:
+        """(first_op, last_op) per tensor as `AllocationInfoBuilder` marks them (memory_planner).
+
+        Every op of a stage counts at its stage op's index `new_index[op]`;
+        new indices never decrease, so the last mark is the largest.
+        """
+        n = len(self.names)
+        first = [None] * n
+        last = [None] * n
+        for t in self.inputs:
+            first[t] = 0
+            last[t] = 0
+        for op in range(self.num_ops):
+            scope = new_index[op] + 1
+            for t in self.op_outs[op]:
+                if first[t] is None:
+                    first[t] = scope
+            for t in self.op_ins[op]:
+                last[t] = scope
+            for t in self.op_outs[op]:
+                last[t] = scope
+        for t in self.outputs:
+            if first[t] is None:
+                first[t] = new_num_ops
+            last[t] = new_num_ops
+        firsts = [(-1 if f is None else f) - 1 for f in first]
+        lasts = [(-1 if l is None else l) - 1 for l in last]
+        return firsts, lasts
+
+    def _layout(self, stages: Sequence[StageSpan]):
+        """(new index per unpatched op, removed ops, number of ops, stage at new index)."""
+        stages = sorted(stages, key=lambda s: s.first_op)
+        for a, b in zip(stages, stages[1:]):
+            if b.first_op <= a.last_op:
+                raise UnsupportedModelError(
+                    f"Stages over ops {a.first_op}..{a.last_op} and {b.first_op}..{b.last_op} overlap.")
+        removed = set()
+        for s in stages:
+            if not 0 <= s.first_op <= s.last_op < self.num_ops:
+                raise UnsupportedModelError(
+                    f"Stage over ops {s.first_op}..{s.last_op}: the model has {self.num_ops} ops.")
+            removed.update(range(s.first_op, s.last_op))
+        new_index = [0] * self.num_ops
+        count = 0
+        for op in range(self.num_ops):
+            if op not in removed:
+                new_index[op] = count
+                count += 1
+        for s in stages:
+            for op in range(s.first_op, s.last_op):
+                new_index[op] = new_index[s.last_op]
+        return new_index, removed, count, {new_index[s.last_op]: s for s in stages}
+
+    def buffers(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> List[memory_planner.PlannedBuffer]:
+        """The buffers TFLM plans for the model with `stages` patched, in the order it adds them.
+
+        Equal to `memory_planner.model_buffers` (with the merged scratch) of
+        `patchify_stages(model, stages)`; `include_input=False` drops the
+        model input tensor(s), as `profile`'s `..._without_input` figures do.
+        """
+        new_index, removed, count, stage_at = self._layout(stages)
+        internal = set()
+        for op in removed:
+            internal.update(self.op_outs[op])
+        first, last = self._lifetimes(new_index, count)
+        used = None
+        if stages:  # remove_unused drops the tensors nothing refers to any more
+            used = set(self.inputs) | set(self.outputs)
+            for op in range(self.num_ops):
+                used.update(self.op_ins[op])
+                used.update(self.op_outs[op])
+        result = []
+        for t, name in enumerate(self.names):
+            if not self.needs[t] or t in internal or (used is not None and t not in used):
+                continue
+            if not include_input and name in self.input_names:
+                continue
+            result.append(memory_planner.PlannedBuffer(int(self.sizes[t]), first[t], last[t], name))
+        scratch = {}
+        for op, sizes in self.builtin_scratch.items():
+            if op not in removed and new_index[op] not in stage_at:
+                scratch[new_index[op]] = sizes
+        for index, stage in stage_at.items():
+            scratch[index] = list(stage.scratch)
+        for index in sorted(scratch):
+            for k, size in enumerate(scratch[index]):
+                result.append(memory_planner.PlannedBuffer(int(size), index, index, f"scratch:op{index}:{k}"))
+        return result
+
+    def head(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> int:
+        """TFLM's arena head (`plan_greedy`) with `stages` patched."""
+        return memory_planner.plan_greedy(self.buffers(stages, include_input)).head_bytes
+
+    def live_bytes(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> List[int]:
+        """Bytes alive while each op of the patched network runs (16-byte aligned sizes)."""
+        buffers = self.buffers(stages, include_input)
+        count = self._layout(stages)[2]
+        live = [0] * count
+        for b in buffers:
+            size = memory_planner.align_up(b.size)
+            for op in range(max(b.first_op, 0), min(b.last_op, count - 1) + 1):
+                live[op] += size
+        return live
+
+    def stage_live_bytes(self, first_op: int, last_op: int, scratch: Sequence[int] = (),
+                         include_input: bool = True) -> int:
+        """Bytes alive while a stage over ops `first_op..last_op` runs: the tensors alive across it,
+        its entry and exit, and its scratch (the stage op's live set; `live_bytes` agrees)."""
+        return self.stage_tensor_bytes(first_op, last_op, include_input) + \
+            sum(memory_planner.align_up(s) for s in scratch)
+
+    def stage_tensor_bytes(self, first_op: int, last_op: int, include_input: bool = True) -> int:
+        """The tensors alive while a stage over `first_op..last_op` runs (no scratch)."""
+        internal = (self.producer >= first_op) & (self.producer < last_op)
+        alive = self.needs & (self.first <= last_op) & (self.last >= first_op) & ~internal
+        if not include_input:
+            alive &= ~self.is_input
+        return int(self.aligned[alive].sum())

@@ -1,0 +1,455 @@
+"""`plan`: the set of patch stages that minimizes a whole network's TFLM arena head.
+
+A stage is a contiguous run of ops `[i..j]` that `keras_patch.graph.rules`
+accepts (`rules.patchable_runs`) with a grid. Outside the stages every op
+keeps the live set it had layer by layer; a stage op holds the tensors alive
+across it, its entry and exit and its scratch buffers
+(`arena.network.ArenaNetwork`). The live-set peak of a plan is therefore a
+maximum over segments, and for a threshold `T` a dynamic program over op
+positions finds the plan with the fewest extra MACs whose every op and
+stage keeps at most `T` bytes alive (per run, each grid is a choice):
+
+    f[0] = 0
+    f[k + 1] = min(f[k]             if op k alone keeps <= T alive,
+                   f[i] + extra(c)  for each (run [i..k], grid) c keeping <= T alive)
+
+The smallest feasible `T` (binary search over the distinct live sizes, with
+the extra MACs within the budget `(max_mac_overhead - 1) * MACs`) bounds the
+head from below. The objective is TFLM's greedy head (`plan_greedy`),
+which can lie above the live-set peak (fragmentation), so the DP plans of
+the lowest few thresholds are laid out with the TFLM replica, in memory, and
+the one with the lowest head is kept (ties: the lowest head without the
+input, then the fewest MACs). `tests/test_planner.py` measures this against
+exhaustive search.
+
+Example:
+
+>>> import keras_patch
+>>> p = keras_patch.plan("mbv2-0.35-144.tflite", max_mac_overhead=1.10)  # doctest: +SKIP
+>>> print(p.table())  # doctest: +SKIP
+>>> patched = p.apply("mbv2-0.35-144.tflite")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from keras_patch.arena import memory_planner
+from keras_patch.arena.network import ArenaNetwork, StageSpan
+from keras_patch.errors import KerasPatchError, PlanError, UnsupportedModelError
+from keras_patch.graph import rules
+from keras_patch.graph.patchify import build_stage_options, normalize_grid
+from keras_patch.graph.tflite_model import TFLiteModel, read_model_bytes
+from keras_patch.planner.plan import PatchPlan, PlannedStage
+from keras_patch.stage import geometry
+from keras_patch.stage.executor import ConstantTensor, prepare_stage
+
+#: The default grids: every (rows, columns) up to 8x8 but 1x1, clamped to each stage output.
+DEFAULT_GRIDS = tuple((r, c) for r in range(1, 9) for c in range(1, 9) if (r, c) != (1, 1))
+
+# How many thresholds above the lowest feasible one are laid out with the TFLM replica.
+_THRESHOLDS_TRIED = 8
+
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A run of ops with one grid: what it costs and keeps alive."""
+
+    run: int  # index into _Problem.runs
+    first_op: int
+    last_op: int
+    grid: Tuple[int, int]
+    macs: int
+    patched_macs: int
+    scratch: Tuple[int, ...]
+    patch_arena_bytes: int
+    live: int  # bytes alive while the stage runs
+    live_without_input: int
+
+    @property
+    def extra(self) -> int:
+        return self.patched_macs - self.macs
+
+
+@dataclass
+class _Run:
+    first_op: int
+    last_op: int
+    entry: int
+    exit: int
+    options: object  # StageOptions (grid 1x1)
+    op_inputs: list
+
+
+class _Problem:
+    """Everything the DP needs, computed once per model."""
+
+    def __init__(self, model: TFLiteModel, net: ArenaNetwork, runs: List[_Run],
+                 candidates: List[_Candidate], budget: int, macs: int):
+        self.model = model
+        self.net = net
+        self.runs = runs
+        self.budget = budget
+        self.macs = macs
+        self.num_ops = net.num_ops
+        self.op_live = [int(v) for v in net.layer_live]
+        self.op_live_without_input = [int(v) for v in net.layer_live_without_input]
+        self.by_last: List[List[_Candidate]] = [[] for _ in range(self.num_ops)]
+        for c in sorted(candidates, key=lambda c: (c.extra, c.live, c.grid)):
+            self.by_last[c.last_op].append(c)
+        self.candidates = candidates
+        self.banned: set = set()  # runs whose constants fail the kernel's Prepare
+        self._prepared: Dict[int, bool] = {}
+        self._heads: Dict[tuple, tuple] = {}
+
+    def solve(self, limit: float, limit_without_input: float = _INF) -> Optional[Tuple[int, tuple]]:
+        """(extra MACs, candidates) of the cheapest plan keeping every op/stage within the limits."""
+        n = self.num_ops
+        f = [_INF] * (n + 1)
+        back: List[Optional[_Candidate]] = [None] * (n + 1)
+        f[0] = 0
+        for k in range(n):
+            best, choice = _INF, None
+            if self.op_live[k] <= limit and self.op_live_without_input[k] <= limit_without_input:
+                best = f[k]
+            for c in self.by_last[k]:
+                if c.live > limit or c.live_without_input > limit_without_input or c.run in self.banned:
+                    continue
+                value = f[c.first_op] + c.extra
+                if value < best:
+                    best, choice = value, c
+            f[k + 1], back[k + 1] = best, choice
+        if f[n] > self.budget:
+            return None
+        chosen = []
+        k = n
+        while k > 0:
+            c = back[k]
+            if c is None:
+                k -= 1
+            else:
+                chosen.append(c)
+                k = c.first_op
+        return int(f[n]), tuple(reversed(chosen))
+
+    def prepares(self, run: int) -> bool:
+        """Whether the run's constants pass the kernel's Prepare checks (`prepare_stage`)."""
+        if run not in self._prepared:
+            r = self.runs[run]
+            constants = [None] + [ConstantTensor(self.model.constant(t), self.model.tensor(t).scale)
+                                  for t in r.op_inputs[1:]]
+            try:
+                prepare_stage(r.options, constants)
+                self._prepared[run] = True
+            except KerasPatchError:
+                self._prepared[run] = False
+        return self._prepared[run]
+
+    def solve_checked(self, limit: float, limit_without_input: float = _INF):
+        """`solve`, banning runs whose constants fail Prepare until the plan's runs all pass."""
+        while True:
+            result = self.solve(limit, limit_without_input)
+            if result is None:
+                return None
+            bad = [c.run for c in result[1] if not self.prepares(c.run)]
+            if not bad:
+                return result
+            self.banned.update(bad)
+
+    def heads(self, chosen: Sequence[_Candidate]) -> tuple:
+        """(head, head without input) TFLM's greedy planner gives the network with `chosen`."""
+        key = tuple((c.run, c.grid) for c in chosen)
+        if key not in self._heads:
+            spans = [StageSpan(c.first_op, c.last_op, c.scratch) for c in chosen]
+            self._heads[key] = (self.net.head(spans), self.net.head(spans, include_input=False))
+        return self._heads[key]
+
+
+def plan(
+    model,
+    *,
+    max_mac_overhead: float = 1.10,
+    sram_bytes: Optional[int] = None,
+    grids: Optional[Iterable] = None,
+    kernel: str = "portable",
+    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    representative_dataset=None,
+) -> PatchPlan:
+    """Chooses the patch stages (start, end, grid) that minimize the network's TFLM arena head.
+
+    Args:
+        model: an unpatched int8 `.tflite` (bytes or path), or a Keras model
+            without `PatchStage` layers (converted with `export_tflite`
+            first, with `representative_dataset` or random samples: memory
+            does not depend on the values).
+        max_mac_overhead: the whole network's patched MACs may be at most
+            this many times its layer-by-layer MACs (>= 1).
+        sram_bytes: when given, the plan with the fewest MACs whose arena
+            head fits in this many bytes (the empty plan if the model fits
+            layer by layer), instead of the lowest head.
+        grids: the grids a stage may use, e.g. `[(2, 2), "4x4"]`; by
+            default every grid up to 8x8 but 1x1 (`DEFAULT_GRIDS`), clamped
+            to each stage's output.
+        kernel: how the KP_PATCH_STAGE kernel is built, "portable" or
+            "cmsis_nn" (adds each stage's CMSIS-NN context buffer), as in
+            `profile`.
+        progress: wraps an iterable to show progress, e.g. `tqdm.tqdm`.
+        representative_dataset: calibration data for a Keras model.
+
+    Returns:
+        A `PatchPlan`. Never worse than layer by layer: when no plan lowers
+        the arena head (nor, at the same head, the head without the input),
+        it is the empty plan and its `message` says so.
+
+    Raises:
+        PlanError: `max_mac_overhead` below 1 or not finite, an `sram_bytes`
+            no plan within the overhead fits (the message gives the lowest
+            head reachable), or no run of ops a patch stage can take.
+        UnsupportedModelError: a model keras-patch cannot read as an
+            unpatched int8 network (e.g. one that already has patch stages).
+
+    Example:
+
+    >>> import keras_patch
+    >>> p = keras_patch.plan("model.tflite", max_mac_overhead=1.2)  # doctest: +SKIP
+    >>> p.peak_bytes < p.layer_by_layer_peak_bytes, p.mac_overhead <= 1.2  # doctest: +SKIP
+    (True, True)
+    """
+    started = time.perf_counter()
+    if isinstance(max_mac_overhead, bool) or not isinstance(max_mac_overhead, (int, float, np.number)) \
+            or not math.isfinite(float(max_mac_overhead)) or max_mac_overhead < 1:
+        raise PlanError(
+            f"max_mac_overhead must be a finite number >= 1 (1.0: no recomputation), got {max_mac_overhead!r}.")
+    max_mac_overhead = float(max_mac_overhead)
+    if sram_bytes is not None:
+        if isinstance(sram_bytes, bool) or not isinstance(sram_bytes, (int, np.integer)) or sram_bytes <= 0:
+            raise PlanError(f"sram_bytes must be a positive number of bytes, got {sram_bytes!r}.")
+        sram_bytes = int(sram_bytes)
+    if kernel not in geometry.KERNELS:
+        raise ValueError(f"kernel must be one of {geometry.KERNELS}, not {kernel!r}")
+    data = _model_bytes(model, representative_dataset)
+    tflite = TFLiteModel.from_bytes(data)
+    problem = build_problem(tflite, max_mac_overhead, grids, kernel, progress)
+    return _search(problem, max_mac_overhead, sram_bytes, kernel, started)
+
+
+def _model_bytes(model, representative_dataset) -> bytes:
+    if isinstance(model, (bytes, bytearray, memoryview, str)) or not hasattr(model, "layers"):
+        return read_model_bytes(model)
+    staged = [layer.name for layer in model.layers if type(layer).__name__ == "PatchStage"]
+    if staged:
+        raise PlanError(
+            f"The Keras model already has PatchStage layers ({', '.join(staged)}); plan the model "
+            f"without them (the planner chooses the stages).")
+    from keras_patch.keras.export import export_tflite
+
+    if representative_dataset is None:
+        shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+        representative_dataset = np.random.default_rng(0).random((4, *shape), dtype=np.float32)
+    return export_tflite(model, representative_dataset)
+
+
+def _grid_choices(grids: Optional[Iterable], out_h: int, out_w: int) -> List[tuple]:
+    if grids is None:
+        chosen = {(min(r, out_h), min(c, out_w)) for r, c in DEFAULT_GRIDS}
+        chosen.discard((1, 1))
+    else:
+        chosen = {g for g in grids if g[0] <= out_h and g[1] <= out_w}
+    return sorted(chosen)
+
+
+def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kernel: str = "portable",
+                  progress=None) -> _Problem:
+    """Costs every patchable run with every grid (in memory) for the DP."""
+    from keras_patch.arena.profiler import op_macs
+    from keras_patch.graph.patchify import find_stages
+
+    if find_stages(model):
+        raise UnsupportedModelError(
+            "The model already has KP_PATCH_STAGE ops; plan the unpatched model (keras_patch.unpatchify).")
+    grids = None if grids is None else [normalize_grid(g) for g in grids]
+    net = ArenaNetwork(model)
+    macs = sum(op_macs(model, op) for op in range(model.num_ops))
+    budget = math.floor(max_mac_overhead * macs) - macs
+    found = [r for r in rules.patchable_runs(model) if r[1] > r[0]]  # one op alone never lowers the head
+    if not found:
+        raise PlanError(
+            "No run of two or more ops in this model can become a patch stage: a stage is a "
+            "single-entry/single-exit run of " + ", ".join(sorted(rules.SUPPORTED_STAGE_OPS))
+            + " ops on int8 NHWC tensors.")
+    consumers = model.consumers()
+    runs: List[_Run] = []
+    candidates: List[_Candidate] = []
+    for first, last, entry, exit_tensor in (progress or (lambda x: x))(found):
+        try:
+            options, op_inputs = build_stage_options(model, list(range(first, last + 1)), entry, exit_tensor,
+                                                     (1, 1), consumers)
+        except UnsupportedModelError:
+            continue
+        out_h, out_w, _ = options.output_shape
+        choices = _grid_choices(grids, out_h, out_w)
+        if not choices:
+            continue
+        run = len(runs)
+        runs.append(_Run(first, last, entry, exit_tensor, options, op_inputs))
+        tensors = net.stage_tensor_bytes(first, last)
+        tensors_without_input = net.stage_tensor_bytes(first, last, include_input=False)
+        front = []
+        for grid in choices:
+            opts = dataclasses.replace(options, grid=grid)
+            costs = geometry.stage_costs(opts)
+            if costs.patched_macs - costs.macs > budget:
+                continue
+            context = geometry.kernel_context_bytes(opts, kernel, costs.staging_bytes) if kernel != "portable" else 0
+            scratch = tuple(b for b in (costs.arena.total_bytes, context) if b > 0)
+            scratch_bytes = sum(memory_planner.align_up(b) for b in scratch)
+            front.append(_Candidate(run, first, last, grid, costs.macs, costs.patched_macs, scratch,
+                                    costs.arena.total_bytes, tensors + scratch_bytes,
+                                    tensors_without_input + scratch_bytes))
+        candidates.extend(_pareto(front))
+    if not runs:
+        raise PlanError("No run of ops in this model can become a patch stage with the given grids.")
+    return _Problem(model, net, runs, candidates, budget, macs)
+
+
+def _pareto(front: List[_Candidate]) -> List[_Candidate]:
+    """The grids of one run that no other grid beats on both extra MACs and live bytes."""
+    kept = []
+    best_live = _INF
+    for c in sorted(front, key=lambda c: (c.extra, c.live, c.grid)):
+        if c.live < best_live:
+            kept.append(c)
+            best_live = c.live
+    return kept
+
+
+def _thresholds(problem: _Problem, without_input: bool, upper: float = _INF) -> List[int]:
+    """The distinct live sizes a DP threshold can take (sorted), at least the lower bound."""
+    ops = problem.op_live_without_input if without_input else problem.op_live
+    best_cover = list(ops)
+    values = set(ops)
+    for c in problem.candidates:
+        live = c.live_without_input if without_input else c.live
+        values.add(live)
+        for k in range(c.first_op, c.last_op + 1):
+            if live < best_cover[k]:
+                best_cover[k] = live
+    lower = max(best_cover, default=0)
+    return sorted(v for v in values if lower <= v <= upper)
+
+
+def _lowest_feasible(problem: _Problem, values: List[int], solve) -> Optional[int]:
+    """Index of the smallest value for which `solve(value)` finds a plan (monotone), or None."""
+    lo, hi = 0, len(values) - 1
+    if hi < 0 or solve(values[hi]) is None:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if solve(values[mid]) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _search(problem: _Problem, max_mac_overhead: float, sram_bytes: Optional[int], kernel: str,
+            started: float) -> PatchPlan:
+    base = problem.heads(())
+    results: Dict[tuple, tuple] = {}
+
+    def consider(result) -> Optional[tuple]:
+        if result is None:
+            return None
+        extra, chosen = result
+        head, head_without_input = problem.heads(chosen)
+        key = tuple((c.run, c.grid) for c in chosen)
+        results[key] = (head, head_without_input, extra, chosen)
+        return results[key]
+
+    # Lowest head: the lowest few feasible thresholds on the live set with the input, and for each the
+    # lowest few on the live set without it.
+    values = _thresholds(problem, without_input=False)
+    start = _lowest_feasible(problem, values, problem.solve_checked)
+    best = None
+    if start is not None:
+        for limit in values[start:start + _THRESHOLDS_TRIED]:
+            if best is not None and limit > best[0]:
+                break
+            values2 = _thresholds(problem, without_input=True, upper=limit)
+            start2 = _lowest_feasible(problem, values2, lambda v: problem.solve_checked(limit, v))
+            if start2 is None:
+                continue
+            for limit2 in values2[start2:start2 + _THRESHOLDS_TRIED]:
+                if best is not None and limit == best[0] and limit2 > best[1]:
+                    break
+                r = consider(problem.solve_checked(limit, limit2))
+                if r is not None and (best is None or r[:3] < best[:3]):
+                    best = r
+    if sram_bytes is not None:
+        return _fit_sram(problem, best, base, sram_bytes, max_mac_overhead, kernel, started, values, consider)
+    if best is None or (best[0], best[1]) >= base:
+        how = "" if best is None else (
+            f" (the best plan found has head {best[0]:,} B and {best[1]:,} B without the input)")
+        message = (f"No plan within MAC overhead {max_mac_overhead:.2f} lowers the arena head below "
+                   f"{base[0]:,} B layer by layer{how}: the model runs best layer by layer.")
+        return _make_plan(problem, (), base, kernel, max_mac_overhead, None, started, message)
+    return _make_plan(problem, best[3], best[:2], kernel, max_mac_overhead, None, started, "")
+
+
+def _fit_sram(problem, best, base, sram_bytes, max_mac_overhead, kernel, started, values, consider) -> PatchPlan:
+    if base[0] <= sram_bytes:
+        return _make_plan(problem, (), base, kernel, max_mac_overhead, sram_bytes, started,
+                          f"The model fits in {sram_bytes:,} B layer by layer ({base[0]:,} B): no stage needed.")
+    if best is None or best[0] > sram_bytes:
+        lowest = base[0] if best is None else min(best[0], base[0])
+        raise PlanError(
+            f"No plan within MAC overhead {max_mac_overhead:.2f} fits in {sram_bytes:,} B: the lowest arena "
+            f"head reachable is {lowest:,} B (layer by layer {base[0]:,} B). Allow more SRAM or a higher "
+            f"MAC overhead.")
+    # The fewest MACs: the largest thresholds whose DP plan (fewest MACs within them) fits.
+    fitting = [v for v in values if v <= sram_bytes]
+    chosen = best
+    lo, hi = 0, len(fitting) - 1
+    # Binary search for the largest threshold whose plan's head fits (heads grow with the threshold).
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        r = consider(problem.solve_checked(fitting[mid]))
+        if r is not None and r[0] <= sram_bytes:
+            if (r[2], r[0]) < (chosen[2], chosen[0]):
+                chosen = r
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    for v in fitting[lo:lo + _THRESHOLDS_TRIED]:
+        r = consider(problem.solve_checked(v))
+        if r is not None and r[0] <= sram_bytes and (r[2], r[0]) < (chosen[2], chosen[0]):
+            chosen = r
+    return _make_plan(problem, chosen[3], chosen[:2], kernel, max_mac_overhead, sram_bytes, started, "")
+
+
+def _make_plan(problem: _Problem, chosen: Sequence[_Candidate], heads: tuple, kernel: str,
+               max_mac_overhead: float, sram_bytes: Optional[int], started: float, message: str) -> PatchPlan:
+    model = problem.model
+    stages = tuple(PlannedStage(
+        start=model.tensor(problem.runs[c.run].entry).name,
+        end=model.tensor(problem.runs[c.run].exit).name,
+        grid=tuple(c.grid), first_op=c.first_op, last_op=c.last_op, macs=c.macs,
+        patched_macs=c.patched_macs, patch_arena_bytes=c.patch_arena_bytes,
+    ) for c in chosen)
+    base = problem.heads(())
+    return PatchPlan(
+        stages=stages, kernel=kernel, max_mac_overhead=max_mac_overhead, sram_bytes=sram_bytes,
+        layer_by_layer_peak_bytes=base[0], layer_by_layer_peak_bytes_without_input=base[1],
+        peak_bytes=heads[0], peak_bytes_without_input=heads[1], macs=problem.macs,
+        patched_macs=problem.macs + sum(c.extra for c in chosen),
+        planner_seconds=time.perf_counter() - started, message=message,
+    )

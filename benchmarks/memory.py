@@ -150,7 +150,9 @@ def head_holders(patched: bytes, without_input: bool, kernel: str = "portable", 
     if without_input:
         inputs = {model.tensor(t).name for t in model.inputs}
         buffers = [b for b in buffers if b.name not in inputs]
-    head = memory_planner.plan_greedy(buffers).head_bytes
+    arena = memory_planner.plan_greedy(buffers)
+    head = arena.head_bytes
+    top_buffer = max(arena.buffers, key=lambda b: b.offset + memory_planner.align_up(b.size))
     shapes = {model.tensor(t).name: model.tensor(t).shape for t in range(len(model.subgraph.tensors))}
 
     def live(op):
@@ -172,7 +174,9 @@ def head_holders(patched: bytes, without_input: bool, kernel: str = "portable", 
     if len(alive) > top:
         text += f" + {len(alive) - top} more"
     if head > total:
-        text += f"; greedy placement adds {head - total:,} B"
+        text += (f"; TFLM's greedy placement adds {head - total:,} B (head {head:,} B reached by "
+                 f"{label(top_buffer)} B at offset {top_buffer.offset:,}, alive during ops "
+                 f"{max(top_buffer.first_op, 0)}..{top_buffer.last_op})")
     return text
 
 

@@ -253,6 +253,8 @@ def _cmd_demo(args) -> int:
     print()
     print(prof.table())
     print()
+    print(result.plan.table())
+    print()
     print(_demo_comparison(result))
     print()
     predicted = prof.layer_by_layer_peak_bytes
@@ -285,13 +287,18 @@ def _demo_comparison(result) -> str:
     stock = result.stock_tflm_head_bytes
     rows = [("", "arena head (A)", "without input (A')", "vs layer by layer", "MAC overhead", "search", "stages")]
     for m in result.methods:
+        search = "-" if m.name == "layer by layer" else f"{m.search_seconds:.1f} s"
         if m.note and not m.peak_bytes:
-            rows.append((m.name, "-", "-", "-", "-", f"{m.search_seconds:.1f} s", m.note))
+            rows.append((m.name, "-", "-", "-", "-", search, m.note))
             continue
-        what = "measured (TFLM)" if m.name == "layer by layer" else "; ".join(m.stages) or "none"
+        if m.name == "layer by layer":
+            what = "0 (head measured in TFLM)"
+        elif len(m.stages) == 1:
+            what = f"1: {m.stages[0]}"
+        else:
+            what = f"{len(m.stages)} (the plan above)"
         rows.append((m.name, f"{m.peak_bytes:,} B", f"{m.peak_bytes_without_input:,} B",
-                     f"{stock / m.peak_bytes:.2f}x", f"{m.mac_overhead:.3f}",
-                     f"{m.search_seconds:.1f} s" if m.name != "layer by layer" else "-", what))
+                     f"{stock / m.peak_bytes:.2f}x", f"{m.mac_overhead:.3f}", search, what))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join([c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]).rstrip() for r in rows)
 

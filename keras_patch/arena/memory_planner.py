@@ -162,7 +162,7 @@ def align_up(size: int, alignment: int = BUFFER_ALIGNMENT) -> int:
 # GreedyMemoryPlanner
 # --------------------------------------------------------------------------
 def plan_greedy(
-    buffers: Sequence[PlannedBuffer], alignment: int = BUFFER_ALIGNMENT
+    buffers: Sequence[PlannedBuffer], alignment: int = BUFFER_ALIGNMENT, placed_copies: bool = True
 ) -> ArenaPlan:
     """Lays out `buffers` exactly as TFLM's `GreedyMemoryPlanner` does.
 
@@ -176,6 +176,8 @@ def plan_greedy(
     Args:
         buffers: the buffers in the order TFLM adds them to the planner.
         alignment: size rounding; offsets are then multiples of it.
+        placed_copies: fill `ArenaPlan.buffers` (False leaves it empty: a
+            planner asking only for the head saves the copies).
 
     Returns:
         An `ArenaPlan`.
@@ -270,7 +272,7 @@ def plan_greedy(
                 current = nxt
 
     head = max(entry[0] + sizes[entry[1]] for entry in entries)
-    placed = [dataclasses.replace(b, offset=o) for b, o in zip(buffers, offsets)]
+    placed = [dataclasses.replace(b, offset=o) for b, o in zip(buffers, offsets)] if placed_copies else []
     return ArenaPlan(offsets=offsets, head_bytes=int(head), buffers=placed)
 
 

@@ -225,7 +225,7 @@ class ArenaNetwork:
 
     def head(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> int:
         """TFLM's arena head (`plan_greedy`) with `stages` patched."""
-        return memory_planner.plan_greedy(self.buffers(stages, include_input)).head_bytes
+        return memory_planner.plan_greedy(self.buffers(stages, include_input), placed_copies=False).head_bytes
 
     def live_bytes(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> List[int]:
         """Bytes alive while each op of the patched network runs (16-byte aligned sizes)."""
@@ -252,3 +252,35 @@ class ArenaNetwork:
         if not include_input:
             alive &= ~self.is_input
         return int(self.aligned[alive].sum())
+
+    def head_buffers(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> list:
+        """The buffers TFLM's greedy layout stacks up to the head, bottom to top.
+
+        Starts at a buffer that ends at the head (the lowest-placed one if
+        several do) and walks down through the buffers it sits on (alive at
+        the same time, ending where it starts). Each is a `PlannedBuffer`
+        with `offset`; `first_op`/`last_op` are op indices of the patched
+        network (`unpatched_ops` maps them back). This is what holds the
+        head where it is.
+        """
+        plan = memory_planner.plan_greedy(self.buffers(stages, include_input))
+        placed = [b for b in plan.buffers]
+        size = {id(b): memory_planner.align_up(b.size) for b in placed}
+        top = [b for b in placed if b.offset + size[id(b)] == plan.head_bytes]
+        if not top:
+            return []
+        stack = [min(top, key=lambda b: b.offset)]
+        while stack[-1].offset > 0:
+            b = stack[-1]
+            below = [u for u in placed if u.offset + size[id(u)] == b.offset
+                     and not (u.first_op > b.last_op or b.first_op > u.last_op)]
+            if not below:
+                break
+            stack.append(max(below, key=lambda u: size[id(u)]))
+        return stack[::-1]
+
+    def unpatched_ops(self, stages: Sequence[StageSpan], first_op: int, last_op: int) -> Tuple[int, int]:
+        """The unpatched op range behind patched op indices `first_op..last_op`."""
+        new_index = self._layout(stages)[0]
+        ops = [op for op, n in enumerate(new_index) if first_op <= n <= last_op]
+        return (min(ops), max(ops)) if ops else (0, -1)

@@ -88,7 +88,10 @@ class PatchPlan:
     equal to `profile(plan.apply(model)).patched_peak_bytes`;
     `layer_by_layer_peak_bytes` that of the unpatched model. The empty
     plan (`stages == ()`) means the model is best run layer by layer;
-    `message` then says why.
+    `message` then says why. `head_at` (`head_at_without_input`) says
+    where TFLM's greedy layout reaches `peak_bytes`
+    (`peak_bytes_without_input`): the buffers stacked up to the head, from
+    offset 0 up, with the ops they are alive at.
     """
 
     stages: Tuple[PlannedStage, ...]
@@ -103,6 +106,8 @@ class PatchPlan:
     patched_macs: int
     planner_seconds: float
     message: str = ""
+    head_at: str = ""  # where the greedy layout reaches peak_bytes: the buffers stacked up to it
+    head_at_without_input: str = ""  # the same for peak_bytes_without_input
 
     @property
     def mac_overhead(self) -> float:
@@ -159,6 +164,10 @@ class PatchPlan:
             f"limit {self.max_mac_overhead:.2f}{limit}); kernel {self.kernel}; "
             f"planned in {self.planner_seconds:.2f} s"
         )
+        if self.head_at:
+            lines.append(f"A: {self.head_at}")
+        if self.head_at_without_input and self.head_at_without_input != self.head_at:
+            lines.append(f"A': {self.head_at_without_input}")
         if self.message:
             lines.append(self.message)
         return "\n".join(lines)

@@ -19,8 +19,12 @@ head from below. The objective is TFLM's greedy head (`plan_greedy`),
 which can lie above the live-set peak (fragmentation), so the DP plans of
 the lowest few thresholds are laid out with the TFLM replica, in memory, and
 the one with the lowest head is kept (ties: the lowest head without the
-input, then the fewest MACs). `tests/test_planner.py` measures this against
-exhaustive search.
+input, then the fewest MACs). A local search then moves stages around the
+buffers that hold the greedy head (`ArenaNetwork.head_buffers`): put one
+candidate stage in (dropping those it overlaps) or drop one, keep the move
+when the head goes down. `tests/test_planner.py` compares the result with
+exhaustive search (every set of disjoint stages x grids, the true greedy
+head) on small random graphs: no gap was found.
 
 Example:
 
@@ -90,11 +94,44 @@ class _Run:
     op_inputs: list
 
 
+class _ReadOnlyModel:
+    """A `TFLiteModel` whose tensor and op queries are memoized (the planner never changes it)."""
+
+    def __init__(self, model: TFLiteModel):
+        self._model = model
+        self._cache: dict = {}
+        self.consumers = _memo(self, "consumers", model.consumers)
+        self.producers = _memo(self, "producers", model.producers)
+        self.tensor = _memo(self, "tensor", model.tensor)
+        self.op_inputs = _memo(self, "op_inputs", model.op_inputs)
+        self.op_outputs = _memo(self, "op_outputs", model.op_outputs)
+        self.op_type = _memo(self, "op_type", model.op_type)
+        self.op_label = _memo(self, "op_label", model.op_label)
+        self.is_constant = _memo(self, "is_constant", model.is_constant)
+        self.outputs = model.outputs
+        self.inputs = model.inputs
+        self.num_ops = model.num_ops
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _memo(owner: _ReadOnlyModel, name: str, function):
+    def cached(*args):
+        key = (name, *args)
+        if key not in owner._cache:
+            owner._cache[key] = function(*args)
+        return owner._cache[key]
+
+    return cached
+
+
 class _Problem:
     """Everything the DP needs, computed once per model."""
 
     def __init__(self, model: TFLiteModel, net: ArenaNetwork, runs: List[_Run],
-                 candidates: List[_Candidate], budget: int, macs: int):
+                 candidates: List[_Candidate], budget: int, macs: int,
+                 all_grids: Optional[Dict[int, List[_Candidate]]] = None):
         self.model = model
         self.net = net
         self.runs = runs
@@ -107,6 +144,7 @@ class _Problem:
         for c in sorted(candidates, key=lambda c: (c.extra, c.live, c.grid)):
             self.by_last[c.last_op].append(c)
         self.candidates = candidates
+        self.all_grids = all_grids or {}
         self.banned: set = set()  # runs whose constants fail the kernel's Prepare
         self._prepared: Dict[int, bool] = {}
         self._heads: Dict[tuple, tuple] = {}
@@ -165,13 +203,17 @@ class _Problem:
                 return result
             self.banned.update(bad)
 
-    def heads(self, chosen: Sequence[_Candidate]) -> tuple:
-        """(head, head without input) TFLM's greedy planner gives the network with `chosen`."""
-        key = tuple((c.run, c.grid) for c in chosen)
+    def head(self, chosen: Sequence[_Candidate], include_input: bool = True) -> int:
+        """The head TFLM's greedy planner gives the network with `chosen` (memoized)."""
+        key = (include_input, tuple((c.run, c.grid) for c in chosen))
         if key not in self._heads:
             spans = [StageSpan(c.first_op, c.last_op, c.scratch) for c in chosen]
-            self._heads[key] = (self.net.head(spans), self.net.head(spans, include_input=False))
+            self._heads[key] = self.net.head(spans, include_input)
         return self._heads[key]
+
+    def heads(self, chosen: Sequence[_Candidate]) -> tuple:
+        """(head, head without input) TFLM's greedy planner gives the network with `chosen`."""
+        return self.head(chosen), self.head(chosen, include_input=False)
 
 
 def plan(
@@ -237,7 +279,7 @@ def plan(
     if kernel not in geometry.KERNELS:
         raise ValueError(f"kernel must be one of {geometry.KERNELS}, not {kernel!r}")
     data = _model_bytes(model, representative_dataset)
-    tflite = TFLiteModel.from_bytes(data)
+    tflite = _ReadOnlyModel(TFLiteModel.from_bytes(data))
     problem = build_problem(tflite, max_mac_overhead, grids, kernel, progress)
     return _search(problem, max_mac_overhead, sram_bytes, kernel, started)
 
@@ -277,7 +319,7 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
         raise UnsupportedModelError(
             "The model already has KP_PATCH_STAGE ops; plan the unpatched model (keras_patch.unpatchify).")
     grids = None if grids is None else [normalize_grid(g) for g in grids]
-    net = ArenaNetwork(model)
+    net = ArenaNetwork(model._model if isinstance(model, _ReadOnlyModel) else model)
     macs = sum(op_macs(model, op) for op in range(model.num_ops))
     budget = math.floor(max_mac_overhead * macs) - macs
     found = [r for r in rules.patchable_runs(model) if r[1] > r[0]]  # one op alone never lowers the head
@@ -289,6 +331,7 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
     consumers = model.consumers()
     runs: List[_Run] = []
     candidates: List[_Candidate] = []
+    all_grids: Dict[int, List[_Candidate]] = {}
     for first, last, entry, exit_tensor in (progress or (lambda x: x))(found):
         try:
             options, op_inputs = build_stage_options(model, list(range(first, last + 1)), entry, exit_tensor,
@@ -304,21 +347,22 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
         tensors = net.stage_tensor_bytes(first, last)
         tensors_without_input = net.stage_tensor_bytes(first, last, include_input=False)
         front = []
-        for grid in choices:
-            opts = dataclasses.replace(options, grid=grid)
-            costs = geometry.stage_costs(opts)
-            if costs.patched_macs - costs.macs > budget:
+        costed = geometry.stage_costs_by_grid(options, choices, max_extra_macs=budget, staging=kernel != "portable")
+        for grid, costs in costed.items():
+            if costs is None:
                 continue
-            context = geometry.kernel_context_bytes(opts, kernel, costs.staging_bytes) if kernel != "portable" else 0
+            context = geometry.kernel_context_bytes(dataclasses.replace(options, grid=grid), kernel,
+                                                    costs.staging_bytes) if kernel != "portable" else 0
             scratch = tuple(b for b in (costs.arena.total_bytes, context) if b > 0)
             scratch_bytes = sum(memory_planner.align_up(b) for b in scratch)
             front.append(_Candidate(run, first, last, grid, costs.macs, costs.patched_macs, scratch,
                                     costs.arena.total_bytes, tensors + scratch_bytes,
                                     tensors_without_input + scratch_bytes))
         candidates.extend(_pareto(front))
+        all_grids[run] = front
     if not runs:
         raise PlanError("No run of ops in this model can become a patch stage with the given grids.")
-    return _Problem(model, net, runs, candidates, budget, macs)
+    return _Problem(model, net, runs, candidates, budget, macs, all_grids)
 
 
 def _pareto(front: List[_Candidate]) -> List[_Candidate]:
@@ -361,6 +405,67 @@ def _lowest_feasible(problem: _Problem, values: List[int], solve) -> Optional[in
     return lo
 
 
+#: How many plans the local search lays out at most (it stops earlier at a local optimum).
+LOCAL_SEARCH_EVALUATIONS = 4000
+
+
+def _local_search(problem: _Problem, chosen: Sequence[_Candidate], value,
+                  max_evaluations: Optional[int] = None) -> tuple:
+    """The best of `_descend` with moves ordered around the head without the input, then with it."""
+    results = [_descend(problem, chosen, value, with_input, max_evaluations) for with_input in (False, True)]
+    return min(results, key=lambda r: (r[0] is None, r[0] or ()))
+
+
+def _descend(problem: _Problem, chosen: Sequence[_Candidate], value, with_input: bool,
+             max_evaluations: Optional[int] = None) -> tuple:
+    """First-improvement local search from `chosen` on `value(plan)` (lower is better; None: not allowed).
+
+    A move puts one candidate (any run, Pareto grids; any grid of a run in
+    the plan) in the plan, dropping the stages it overlaps, or drops one
+    stage. Moves touching the ops that hold the greedy head (with or
+    without the input: `with_input`; `ArenaNetwork.head_buffers`) are tried
+    first, the cheapest first. `value(plan, current_value)` may return early with any
+    value above `current_value`.
+    """
+    max_evaluations = LOCAL_SEARCH_EVALUATIONS if max_evaluations is None else max_evaluations
+    current = tuple(sorted(chosen, key=lambda c: c.first_op))
+    current_value = value(current)
+    evaluations = 0
+    improved = True
+    while improved and evaluations < max_evaluations:
+        improved = False
+        spans = [StageSpan(c.first_op, c.last_op, c.scratch) for c in current]
+        lo, hi = problem.num_ops, -1
+        for b in problem.net.head_buffers(spans, with_input):
+            a, z = problem.net.unpatched_ops(spans, max(b.first_op, 0), max(b.last_op, 0))
+            lo, hi = min(lo, a), max(hi, z)
+        pool = list(problem.candidates)
+        for c in current:
+            pool.extend(problem.all_grids.get(c.run, []))
+        pool = [c for c in pool if c.run not in problem.banned]
+        pool.sort(key=lambda c: (c.last_op < lo or c.first_op > hi, c.extra))
+        moves = [tuple(s for s in current if s is not drop) for drop in current]
+        for c in pool:
+            if c in current:
+                continue
+            kept = tuple(s for s in current if s.last_op < c.first_op or s.first_op > c.last_op)
+            moves.append(tuple(sorted(kept + (c,), key=lambda s: s.first_op)))
+        for move in moves:
+            if sum(c.extra for c in move) > problem.budget:
+                continue
+            evaluations += 1
+            v = value(move, current_value)
+            if v is not None and (current_value is None or v < current_value):
+                if not all(problem.prepares(c.run) for c in move):
+                    problem.banned.update(c.run for c in move if not problem.prepares(c.run))
+                    continue
+                current, current_value, improved = move, v, True
+                break
+            if evaluations >= max_evaluations:
+                break
+    return current_value, current
+
+
 def _search(problem: _Problem, max_mac_overhead: float, sram_bytes: Optional[int], kernel: str,
             started: float) -> PatchPlan:
     base = problem.heads(())
@@ -394,6 +499,15 @@ def _search(problem: _Problem, max_mac_overhead: float, sram_bytes: Optional[int
                 r = consider(problem.solve_checked(limit, limit2))
                 if r is not None and (best is None or r[:3] < best[:3]):
                     best = r
+    if best is not None and (sram_bytes is None or best[0] > sram_bytes):
+        def value(chosen, current=None):
+            head = problem.head(chosen)
+            if current is not None and head > current[0]:
+                return head, _INF, 0  # worse whatever the rest
+            return head, problem.head(chosen, include_input=False), sum(c.extra for c in chosen)
+
+        v, chosen = _local_search(problem, best[3], value)
+        best = (*v, chosen)
     if sram_bytes is not None:
         return _fit_sram(problem, best, base, sram_bytes, max_mac_overhead, kernel, started, values, consider)
     if best is None or (best[0], best[1]) >= base:
@@ -433,7 +547,47 @@ def _fit_sram(problem, best, base, sram_bytes, max_mac_overhead, kernel, started
         r = consider(problem.solve_checked(v))
         if r is not None and r[0] <= sram_bytes and (r[2], r[0]) < (chosen[2], chosen[0]):
             chosen = r
+
+    def value(plan, current=None):
+        extra = sum(c.extra for c in plan)
+        if current is not None and extra > current[0]:
+            return extra, _INF, _INF  # worse whatever the head
+        head = problem.head(plan)
+        return None if head > sram_bytes else (extra, head, problem.head(plan, include_input=False))
+
+    v, plan = _local_search(problem, chosen[3], value)
+    chosen = (v[1], v[2], v[0], plan)
     return _make_plan(problem, chosen[3], chosen[:2], kernel, max_mac_overhead, sram_bytes, started, "")
+
+
+def describe_head(net: ArenaNetwork, chosen: Sequence[_Candidate], include_input: bool = True) -> str:
+    """Where TFLM's greedy layout reaches the head, and the buffers stacked up to it (bottom first)."""
+    from keras_patch.planner.schedule import short_tensor_name
+
+    spans = [StageSpan(c.first_op, c.last_op, c.scratch) for c in chosen]
+    stack = net.head_buffers(spans, include_input)
+    if not stack:
+        return ""
+    new_index = net._layout(spans)[0]
+    stage_of = {new_index[c.last_op]: k for k, c in enumerate(chosen)}
+
+    def ops_label(first, last):
+        a, z = net.unpatched_ops(spans, max(first, 0), max(last, 0))
+        return f"op {a}" if a == z else f"ops {a}..{z}"
+
+    def label(b):
+        if b.name.startswith("scratch:op"):
+            index, k = (int(x) for x in b.name[len("scratch:op"):].split(":"))
+            if index in stage_of:
+                what = "patch arena" if k == 0 else "CMSIS-NN context"
+                return f"{what} of stage {stage_of[index]} ({b.size:,} B)"
+            return f"scratch of {ops_label(index, index)} ({b.size:,} B)"
+        return f"{short_tensor_name(b.name)} ({b.size:,} B, {ops_label(b.first_op, b.last_op)})"
+
+    top = stack[-1]
+    head = top.offset + memory_planner.align_up(top.size)
+    return (f"head {head:,} B at {ops_label(top.first_op, top.last_op)}: "
+            + " + ".join(label(b) for b in stack))
 
 
 def _make_plan(problem: _Problem, chosen: Sequence[_Candidate], heads: tuple, kernel: str,
@@ -452,4 +606,5 @@ def _make_plan(problem: _Problem, chosen: Sequence[_Candidate], heads: tuple, ke
         peak_bytes=heads[0], peak_bytes_without_input=heads[1], macs=problem.macs,
         patched_macs=problem.macs + sum(c.extra for c in chosen),
         planner_seconds=time.perf_counter() - started, message=message,
+        head_at=describe_head(problem.net, chosen), head_at_without_input=describe_head(problem.net, chosen, False),
     )

@@ -344,10 +344,11 @@ class StageCosts:
     staging_bytes: int  # cmsis_nn_staging_bytes
 
 
-def _axis_spans(options: StageOptions, axis: int) -> Optional[list]:
+def _axis_spans(options: StageOptions, axis: int, parts: Optional[int] = None) -> Optional[list]:
     """Per stage tensor, per tile along one axis (0: rows, 1: columns), the half-open span a patch
-    needs; None when a span comes out empty (then regions are not a product of the two axes)."""
-    parts = options.grid[axis]
+    needs; None when a span comes out empty (then regions are not a product of the two axes).
+    `parts`: tiles along the axis (default: the options' grid)."""
+    parts = options.grid[axis] if parts is None else parts
     spans: list = [None] * (options.num_layers + 1)
     spans[-1] = tile_bounds(options.output_shape[axis], parts)
     for l in range(options.num_layers - 1, -1, -1):
@@ -356,8 +357,9 @@ def _axis_spans(options: StageOptions, axis: int) -> Optional[list]:
             return None
         layer = options.layers[l]
         size = options.tensor_shapes[layer.inputs[0]][axis]
-        needed = [input_span(o0, o1, layer.kernel[axis], layer.stride[axis], layer.dilation[axis],
-                             layer.pad[axis], size) for (o0, o1) in out]
+        k, st, d, p = layer.kernel[axis], layer.stride[axis], layer.dilation[axis], layer.pad[axis]
+        reach = (k - 1) * d + 1 - p
+        needed = [(max(o0 * st - p, 0), min((o1 - 1) * st + reach, size)) for (o0, o1) in out]
         if any(a >= b for a, b in needed):
             return None
         for t in set(u for u in layer.inputs if u >= 0):
@@ -378,22 +380,63 @@ def stage_costs(options: StageOptions) -> StageCosts:
     alone makes a tile), the patch-by-patch functions are used. Equal to
     them in every case.
     """
+    return stage_costs_by_grid(options, [options.grid])[tuple(options.grid)]
+
+
+def stage_costs_by_grid(options: StageOptions, grids, max_extra_macs: Optional[int] = None,
+                        staging: bool = True) -> dict:
+    """`stage_costs` of the stage with each grid of `grids` (the options' own grid is ignored).
+
+    The per-axis spans are computed once per number of rows and of columns.
+    Grids whose extra MACs (`patched_macs - macs`) exceed `max_extra_macs`
+    map to None; `staging=False` leaves `staging_bytes` 0 (the portable
+    kernel does not need it).
+    """
     per_pixel = [layer_macs_per_pixel(options, l) for l in range(options.num_layers)]
     full = sum(options.tensor_shapes[l + 1][0] * options.tensor_shapes[l + 1][1] * per_pixel[l]
                for l in range(options.num_layers))
-    rows, cols = _axis_spans(options, 0), _axis_spans(options, 1)
-    if rows is None or cols is None:
-        _, patched = stage_macs(options)
-        return StageCosts(full, patched, plan_patch_arena(options), cmsis_nn_staging_bytes(options))
+    spans = {}
 
-    def length(span):
-        return span[1] - span[0]
+    def cached(key, make):
+        if key not in spans:
+            spans[key] = make()
+        return spans[key]
 
-    patched = sum(per_pixel[l] * sum(map(length, rows[l + 1])) * sum(map(length, cols[l + 1]))
-                  for l in range(options.num_layers) if per_pixel[l])
-    sizes = [0] * (options.num_layers + 1)
-    for t in range(1, options.num_layers):
-        sizes[t] = _align(max(map(length, rows[t])) * max(map(length, cols[t])) * options.tensor_shapes[t][2])
+    result = {}
+    for grid in grids:
+        grid = tuple(grid)
+        rows = cached((0, grid[0]), lambda: _axis_spans(options, 0, grid[0]))
+        cols = cached((1, grid[1]), lambda: _axis_spans(options, 1, grid[1]))
+        opts = options if tuple(options.grid) == grid else StageOptions(
+            grid=grid, tensor_shapes=options.tensor_shapes, tensor_scales=options.tensor_scales,
+            tensor_zero_points=options.tensor_zero_points, layers=options.layers, version=options.version)
+        if rows is None or cols is None:
+            _, patched = stage_macs(opts)
+            if max_extra_macs is not None and patched - full > max_extra_macs:
+                result[grid] = None
+                continue
+            result[grid] = StageCosts(full, patched, plan_patch_arena(opts),
+                                      cmsis_nn_staging_bytes(opts) if staging else 0)
+            continue
+        totals = cached(("sum", 0, grid[0]), lambda: [sum(b - a for a, b in s) for s in rows])
+        totals_c = cached(("sum", 1, grid[1]), lambda: [sum(b - a for a, b in s) for s in cols])
+        patched = sum(per_pixel[l] * totals[l + 1] * totals_c[l + 1]
+                      for l in range(options.num_layers) if per_pixel[l])
+        if max_extra_macs is not None and patched - full > max_extra_macs:
+            result[grid] = None
+            continue
+        longest = cached(("max", 0, grid[0]), lambda: [max(b - a for a, b in s) for s in rows])
+        longest_c = cached(("max", 1, grid[1]), lambda: [max(b - a for a, b in s) for s in cols])
+        sizes = [0] * (options.num_layers + 1)
+        for t in range(1, options.num_layers):
+            sizes[t] = _align(longest[t] * longest_c[t] * options.tensor_shapes[t][2])
+        result[grid] = StageCosts(full, patched, place_patch_arena(opts, sizes),
+                                  _staging_per_axis(opts, rows, cols) if staging else 0)
+    return result
+
+
+def _staging_per_axis(options: StageOptions, rows: list, cols: list) -> int:
+    """`cmsis_nn_staging_bytes` from the per-axis spans."""
     staging = 0
     for l, layer in enumerate(options.layers):
         if layer.op not in (OP_CONV_2D, OP_DEPTHWISE_CONV_2D):
@@ -414,4 +457,4 @@ def stage_costs(options: StageOptions) -> StageCosts:
         height = max(min(y * sh - ph + (kh - 1) * dh + 1, in_h) - max(y * sh - ph, 0)
                      for (y0, y1) in rows[l + 1] for y in range(y0, y1))
         staging = max(staging, height * width * options.tensor_shapes[t][2])
-    return StageCosts(full, patched, place_patch_arena(options, sizes), staging)
+    return staging

@@ -26,7 +26,7 @@ from keras_patch.planner.search import plan
 from keras_patch.stage import geometry
 
 PROFILE = os.environ.get("KP_HYPOTHESIS_PROFILE", "ci")
-EXAMPLES = {"ci": 6, "dev": 2}.get(PROFILE, 6)
+EXAMPLES = {"ci": 10, "dev": 2}.get(PROFILE, 10)
 KERNELS = ("portable", "cmsis_nn")
 
 
@@ -245,6 +245,7 @@ def test_plan_is_never_worse_than_layer_by_layer():
     assert "lowers the arena head" in p.message and p.message in p.table()
     assert p.apply(data) == data and p.stage_requests() == []
     assert p.patched_macs == p.macs and p.mac_overhead == 1.0
+    assert PatchPlan.from_json(p.to_json()) == p
 
 
 def test_sram_mode_gives_fewest_macs_that_fit(residual):
@@ -326,3 +327,20 @@ def test_keras_model_and_grids(residual):
     staged = keras_patch.wrap_stage(model, until="b1_project_bn", grid=(2, 2))
     with pytest.raises(PlanError, match="already has PatchStage layers"):
         plan(staged)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from keras_patch.arena import network
+    from keras_patch.planner import plan as plan_module
+    from keras_patch.planner import search
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    examples = 0
+    for module in (plan_module, rules, network, search):
+        for test in finder.find(module):
+            examples += sum(not ex.options.get(doctest.SKIP) for ex in test.examples)
+            runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0 and examples >= 5

@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
 import time

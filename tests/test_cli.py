@@ -256,7 +256,8 @@ def test_missing_model_file(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    """`keras-patch demo` as a user runs it: memory table, bit-exactness, plot."""
+    """`keras-patch demo` as a user runs it: layer by layer vs one stage vs the plan, bit-exactness
+    against TFLM, a model that fits the Nano 33 BLE Sense, the plot."""
     proc = subprocess.run(
         [sys.executable, "-m", "keras_patch.cli", "demo", "--out-dir", str(tmp_path), "--images", "2"],
         capture_output=True, text=True, timeout=900,
@@ -265,14 +266,27 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "stock TFLM arena head, measured (tflite-micro): 311,040 B" in out
-    assert "bit-exact vs the unpatched int8 model on 2 images: YES (reference executor), YES (C++ kernel core)" in out
+    assert ("bit-exact vs TFLM's output of the unpatched int8 model (tflite-micro) on 2 images: "
+            "YES (reference executor), YES (C++ kernel core)") in out
     # ...on logits that are not all the same value (random weights easily fade to nothing).
     distinct = int(re.search(r"the logits \((\d+) distinct int8 values\)", out).group(1))
     assert distinct >= 8, out[-800:]
-    assert "all 10,368 int8 values of the stage output" in out  # 2 images x 18x18x16
-    assert "KP_PATCH_STAGE" in out or "stage #" in out
+    planned = keras_patch.profile(str(tmp_path / "mobilenetv2_patched.tflite"))
+    assert planned.num_stages >= 1 and planned.mac_overhead <= 1.10
+    assert f"{planned.num_stages} stage output(s)" in out
+    # The three ways side by side; the plan is no worse than the best single stage at the same cap.
+    heads = {name: int(value.replace(",", "")) for name, value in
+             re.findall(r"^(layer by layer|best single stage|whole-network plan) +([\d,]+) B", out, re.M)}
+    assert heads["whole-network plan"] == planned.patched_peak_bytes
+    assert heads["whole-network plan"] <= heads["best single stage"] < heads["layer by layer"] == 311_040
+    assert "fits: tensor arena" in out
     assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "mobilenetv2_patched.tflite").exists()
+    assert (tmp_path / "KerasPatchDemo" / "KerasPatchDemo.ino").exists()
+    # The demo's own model fits the Nano 33 BLE Sense: `export-arduino --board nano33ble` succeeds
+    # (before whole-network plans the demo's patched model needed 222,480 B with 212,992 B left).
+    code = main(["export-arduino", str(tmp_path / "mobilenetv2_patched.tflite"), "--out", str(tmp_path / "Nano"),
+                 "--board", "nano33ble"])
+    assert code == 0 and (tmp_path / "Nano" / "Nano.ino").exists()
 
 
 def _one_line_error(err: str, *words) -> str:
@@ -299,10 +313,13 @@ def _one_line_error(err: str, *words) -> str:
         (["demo", "--out-dir", "{out}/d", "--images", "0"], ["--images", "1 or more, got 0"]),
         (["demo", "--out-dir", "{out}/d", "--images", "-2"], ["--images", "got -2"]),
         (["demo", "--out-dir", "{out}/d", "--grid", "2.5x2"], ["--grid", "'2.5x2'"]),
+        (["demo", "--out-dir", "{out}/d", "--max-overhead", "0.9"], ["--max-overhead", "1.0 or more", "got 0.9"]),
+        (["demo", "--out-dir", "{out}/d", "--max-overhead", "x"], ["--max-overhead", "'x'"]),
         (["patchify", "{model}", "{out}/o.tflite"], ["--split", "required"]),
     ],
     ids=["grid-negative", "grid-fullwidth", "grid-zero", "tail-bytes", "arena-zero", "arena-negative",
-         "arena-fullwidth", "person-class", "images-0", "images-negative", "demo-grid", "missing-split"],
+         "arena-fullwidth", "person-class", "images-0", "images-negative", "demo-grid", "demo-overhead",
+         "demo-overhead-text", "missing-split"],
 )
 def test_bad_arguments_are_one_line_and_exit_2(capsys, residual_tflite, tmp_path, monkeypatch, argv, words):
     import keras_patch.demo

@@ -33,11 +33,13 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
 
 from ai_edge_litert import schema_py_generated as schema
 
-from keras_patch.errors import UnsupportedModelError
+from keras_patch.errors import KerasPatchError, UnsupportedModelError
 from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 
 #: Arena tried first when `arena_size` is None; doubled on "arena too small".
@@ -177,20 +179,7 @@ def measure_tflm_arena(
     """
     data = read_model_bytes(tflite_bytes)
     model = TFLiteModel.from_bytes(data)
-    custom = sorted(
-        {
-            f"{model.op_type(i)} (op {i})"
-            for i in range(model.num_ops)
-            if _is_custom(model, i) and model.op_type(i) not in WHEEL_CUSTOM_OPS
-        }
-    )
-    if custom:
-        raise UnsupportedModelError(
-            "The tflite_micro wheel cannot load this model: its op resolver has no "
-            "kernel for the custom op(s) "
-            + ", ".join(custom)
-            + ". Measure the unpatched model instead."
-        )
+    _check_wheel_ops(model)
     num_inputs = len(model.inputs)
 
     size = int(arena_size) if arena_size is not None else DEFAULT_ARENA_SIZE
@@ -208,6 +197,133 @@ def measure_tflm_arena(
                     raise
                 size *= 2
     return parse_allocation_report(text, arena_size=size)
+
+
+_RUN_CHILD = _CHILD.replace(
+    """for i in range(num_inputs):
+    details = interpreter.get_input_details(i)
+    interpreter.set_input(np.zeros(tuple(details["shape"]), details["dtype"]), i)
+interpreter.invoke()
+""",
+    """inputs = np.load(sys.argv[4])
+arrays = [inputs[f"x{i}"] for i in range(num_inputs)]
+step = int(interpreter.get_input_details(0)["shape"][0]) or 1
+num_outputs = int(sys.argv[6])
+results = [[] for _ in range(num_outputs)]
+for n in range(0, arrays[0].shape[0], step):
+    for i in range(num_inputs):
+        interpreter.set_input(arrays[i][n:n + step], i)
+    interpreter.invoke()
+    for k in range(num_outputs):
+        results[k].append(np.array(interpreter.get_output(k)))
+np.savez(sys.argv[5], **{f"y{k}": np.concatenate(r, axis=0) for k, r in enumerate(results)})
+""")
+
+
+@dataclass
+class TFLMRun:
+    """What `run_tflm` returns.
+
+    Attributes:
+        outputs: one array per model output, batched like the inputs.
+        arena: the arena the interpreter used (`TFLMArenaReport`).
+    """
+
+    outputs: List[np.ndarray]
+    arena: TFLMArenaReport
+
+
+def run_tflm(
+    tflite_bytes: ModelSource,
+    inputs: Union[np.ndarray, Sequence[np.ndarray]],
+    arena_size: Optional[int] = None,
+    timeout: float = 300.0,
+) -> TFLMRun:
+    """Runs `tflite_bytes` in TFLM itself (the `tflite_micro` wheel) on `inputs`.
+
+    Where `keras_patch.run_tflite` runs built-in ops with LiteRT's reference
+    kernels, this runs the model in TFLM's `MicroInterpreter` (a child
+    process, as `measure_tflm_arena`): the outputs real TFLM computes, and the
+    arena it used for them.
+
+    Args:
+        tflite_bytes: the `.tflite` model (bytes or a path); no KP_PATCH_STAGE.
+        inputs: one array per model input (a single array for one input), each
+            with a leading batch of N samples (N a multiple of the model's
+            declared batch), of the input's dtype.
+        arena_size: as in `measure_tflm_arena`.
+        timeout: seconds before the child process is killed.
+
+    Returns:
+        A `TFLMRun`: the outputs (one array per model output, N samples) and
+        the arena report.
+
+    Raises:
+        UnsupportedModelError: custom ops the wheel cannot run.
+        KerasPatchError: the inputs do not match the model's.
+        TFLMError: TFLM failed or aborted.
+
+    Example:
+
+    >>> run = run_tflm(model_bytes, np.zeros((2, 8, 8, 3), np.int8))  # doctest: +SKIP
+    >>> run.outputs[0].shape, run.arena.head_bytes  # doctest: +SKIP
+    ((2, 10), 2720)
+    """
+    data = read_model_bytes(tflite_bytes)
+    model = TFLiteModel.from_bytes(data)
+    _check_wheel_ops(model)
+    arrays = [np.asarray(inputs)] if isinstance(inputs, np.ndarray) else [np.asarray(x) for x in inputs]
+    if len(arrays) != len(model.inputs):
+        raise KerasPatchError(f"The model has {len(model.inputs)} inputs, got {len(arrays)} arrays.")
+    batch = None
+    for x, t in zip(arrays, model.inputs):
+        info = model.tensor(t)
+        step = int(info.shape[0]) if len(info.shape) and int(info.shape[0]) > 0 else 1
+        dtype = np.dtype(model.tensor_type_name(t).lower())
+        if x.dtype != dtype or x.ndim != len(info.shape) or tuple(x.shape[1:]) != tuple(info.shape[1:]) \
+                or x.shape[0] == 0 or x.shape[0] % step or (batch is not None and x.shape[0] != batch):
+            raise KerasPatchError(
+                f"Input '{info.name}' must be {dtype.name} of shape (N, *{tuple(info.shape[1:])}) with N a "
+                f"multiple of {step} (the same N for every input), got {x.dtype} {x.shape}."
+            )
+        batch = x.shape[0]
+    size = int(arena_size) if arena_size is not None else DEFAULT_ARENA_SIZE
+    with tempfile.TemporaryDirectory(prefix="kp_tflm_") as tmp:
+        path, x_path, y_path = (os.path.join(tmp, n) for n in ("model.tflite", "x.npz", "y.npz"))
+        with open(path, "wb") as f:
+            f.write(data)
+        np.savez(x_path, **{f"x{i}": x for i, x in enumerate(arrays)})
+        extra = (x_path, y_path, str(len(model.outputs)))
+        while True:
+            try:
+                text = _run_child(path, size, len(model.inputs), timeout, code=_RUN_CHILD, extra_args=extra)
+                break
+            except TFLMError as e:
+                too_small = any(s in e.output for s in _ARENA_TOO_SMALL)
+                if arena_size is not None or not too_small or size >= MAX_ARENA_SIZE:
+                    raise
+                size *= 2
+        with np.load(y_path) as y:
+            outputs = [y[f"y{k}"] for k in range(len(model.outputs))]
+    return TFLMRun(outputs=outputs, arena=parse_allocation_report(text, arena_size=size))
+
+
+def _check_wheel_ops(model: TFLiteModel) -> None:
+    """Raises `UnsupportedModelError` for custom ops the wheel's op resolver does not know."""
+    custom = sorted(
+        {
+            f"{model.op_type(i)} (op {i})"
+            for i in range(model.num_ops)
+            if _is_custom(model, i) and model.op_type(i) not in WHEEL_CUSTOM_OPS
+        }
+    )
+    if custom:
+        raise UnsupportedModelError(
+            "The tflite_micro wheel cannot load this model: its op resolver has no "
+            "kernel for the custom op(s) "
+            + ", ".join(custom)
+            + ". Measure the unpatched model instead."
+        )
 
 
 def parse_allocation_report(text: str, arena_size: int = 0) -> TFLMArenaReport:
@@ -234,12 +350,13 @@ def parse_allocation_report(text: str, arena_size: int = 0) -> TFLMArenaReport:
     )
 
 
-def _run_child(path: str, arena_size: int, num_inputs: int, timeout: float) -> str:
+def _run_child(path: str, arena_size: int, num_inputs: int, timeout: float, code: str = _CHILD,
+               extra_args: Sequence[str] = ()) -> str:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, path, str(arena_size), str(num_inputs)],
+            [sys.executable, "-c", code, path, str(arena_size), str(num_inputs), *extra_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             timeout=timeout,

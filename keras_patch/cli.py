@@ -384,17 +384,62 @@ def _grid_arg(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _demo_overhead_arg(text: str) -> float:
-    """argparse type of demo --max-overhead: a decimal number >= 1."""
+#: Multipliers of the size suffixes `--sram` takes (K, M: 1024 and 1024 ** 2, as RAM sizes are given).
+SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2, "MIB": 1024 ** 2}
+
+
+def parse_size(text: str) -> int:
+    """A byte count such as '262144', '256K', '256KiB', '1.5M' (K = 1024 B, M = 1024 * 1024 B).
+
+    Raises:
+        KerasPatchError: anything else (an unknown suffix such as '12Q', no
+            number, a size that is not a positive whole number of bytes).
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise KerasPatchError(f"expected a size in bytes such as 262144, 256K or 1M (K = 1024 B, M = 1024 KiB), "
+                              f"got {text!r}.")
+    number = match.group(1)
+    value = float(number) * SIZE_UNITS[unit] if "." in number else int(number) * SIZE_UNITS[unit]
+    if value != int(value):
+        raise KerasPatchError(f"{text!r} is not a whole number of bytes ({value:g} B).")
+    if value <= 0:
+        raise KerasPatchError(f"must be more than 0 bytes, got {text!r}.")
+    return int(value)
+
+
+def _size_arg(text: str) -> int:
+    """argparse type of --sram: `parse_size`."""
     try:
-        value = float(text) if re.fullmatch(r"\s*[0-9]+(\.[0-9]*)?\s*", text) else None
+        return parse_size(text)
+    except KerasPatchError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _overhead_arg(text: str) -> float:
+    """argparse type of --max-overhead: a finite number >= 1 (whole-network patched MACs / layer-by-layer MACs)."""
+    import math
+
+    try:
+        value = float(text) if re.fullmatch(r"\s*[+-]?[0-9.eE+-]+\s*", text) else math.nan
     except ValueError:
-        value = None
-    if value is None:
+        value = math.nan
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a number such as 1.1, got {text!r}.")
     if value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be 1.0 or more (1.1: 10 % more MACs than layer by layer), got {text}.")
+        raise argparse.ArgumentTypeError(
+            f"must be 1 or more (patched MACs / layer-by-layer MACs: 1.0 allows no recomputation, 1.1 allows 10 %), "
+            f"got {value:g}.")
     return value
+
+
+def _grids_arg(text: str) -> list:
+    """argparse type of --grids: comma-separated grids, e.g. '2x2,3x3,4x4' (each as --grid)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError(f"expected grids such as 2x2,4x4, got {text!r}.")
+    return [_grid_arg(part) for part in parts if part]
 
 
 def _int_arg(minimum: int):
@@ -508,12 +553,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-worse", action="store_true", help=_ALLOW_WORSE_HELP.replace("write the model", "export it"))
     p.set_defaults(func=_cmd_export_arduino)
 
+    p = sub.add_parser("plan", help="choose the patch stages that minimize the arena head of an int8 .tflite")
+    p.add_argument("model", help="int8 .tflite, unpatched")
+    p.add_argument("--max-overhead", type=_overhead_arg, default=1.10, metavar="X",
+                   help="whole-network MAC overhead cap (patched / layer-by-layer MACs), default 1.1")
+    p.add_argument("--sram", type=_size_arg, metavar="SIZE",
+                   help="arena head budget, e.g. 256K or 262144: the fewest MACs among plans that fit it")
+    p.add_argument("--grids", type=_grids_arg, metavar="GRIDS",
+                   help="grids to try, comma-separated (e.g. 2x2,3x3,4x4; default: the planner's)")
+    p.add_argument("--kernel", choices=["portable", "cmsis_nn"], default="portable",
+                   help="KP_PATCH_STAGE build to predict scratch for (cmsis_nn: -DCMSIS_NN, adds buffer #1)")
+    p.add_argument("--out", metavar="PATCHED.tflite", help="write the model with the plan applied here")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (PatchPlan.to_json)")
+    p.set_defaults(func=_cmd_plan)
+
     from keras_patch.demo import DEMO_MAX_MAC_OVERHEAD  # numpy only, no TensorFlow
 
     p = sub.add_parser("demo", help="MobileNetV2 0.35@144 end to end: layer by layer vs one stage vs a "
                                     "whole-network plan, bit-exactness vs TFLM, Nano 33 BLE fit, plot")
     p.add_argument("--out-dir", default="keras_patch_demo")
-    p.add_argument("--max-overhead", type=_demo_overhead_arg, default=DEMO_MAX_MAC_OVERHEAD,
+    p.add_argument("--max-overhead", type=_overhead_arg, default=DEMO_MAX_MAC_OVERHEAD,
                    help=f"MAC-overhead cap of the plan and the single stage (default {DEMO_MAX_MAC_OVERHEAD})")
     p.add_argument("--grid", type=_grid_arg, default=None, help="only this grid, e.g. 4x4 (default: all)")
     p.add_argument("--images", type=_int_arg(1), default=4)

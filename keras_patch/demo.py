@@ -289,20 +289,20 @@ def compare_schedules(
 
 def best_single_stage(unpatched: bytes, max_mac_overhead: float, grids: Optional[Sequence] = None) -> DemoMethod:
     """The best single stage from the model input (the method before whole-network plans):
-    every single-exit end x every grid patched and profiled (`planner.schedule.evaluate_schedules`),
-    the lowest arena head among those within `max_mac_overhead`."""
-    from keras_patch.planner.schedule import candidate_splits, evaluate_schedules, schedule_rank
+    every single-exit end x every grid, the lowest arena head among those within
+    `max_mac_overhead` (`planner.schedule.best_schedule`, costed in memory)."""
+    from keras_patch.errors import KerasPatchError
+    from keras_patch.planner.schedule import best_schedule, candidate_splits
 
     start = time.perf_counter()
-    results = evaluate_schedules(unpatched, grids or SINGLE_STAGE_GRIDS, candidate_splits(unpatched, min_output_size=2))
-    seconds = time.perf_counter() - start
-    fits = [r for r in results if r.mac_overhead <= max_mac_overhead]
-    if not fits:
-        return DemoMethod("best single stage", 0, 0, 1.0, [], seconds,
+    try:
+        best = best_schedule(unpatched, grids or SINGLE_STAGE_GRIDS, candidate_splits(unpatched, min_output_size=2),
+                             max_mac_overhead=max_mac_overhead)
+    except KerasPatchError:
+        return DemoMethod("best single stage", 0, 0, 1.0, [], time.perf_counter() - start,
                           f"no single stage from the input within MAC overhead {max_mac_overhead:.2f}")
-    best = min(fits, key=schedule_rank)
     return DemoMethod("best single stage", best.patched_peak_bytes, best.patched_peak_bytes_without_input,
-                      best.mac_overhead, [_stage_text("", best.split_layer, best.grid)], seconds)
+                      best.mac_overhead, [_stage_text("", best.split_layer, best.grid)], time.perf_counter() - start)
 
 
 def _stage_text(start: str, end: str, grid) -> str:

@@ -313,7 +313,7 @@ def _one_line_error(err: str, *words) -> str:
         (["demo", "--out-dir", "{out}/d", "--images", "0"], ["--images", "1 or more, got 0"]),
         (["demo", "--out-dir", "{out}/d", "--images", "-2"], ["--images", "got -2"]),
         (["demo", "--out-dir", "{out}/d", "--grid", "2.5x2"], ["--grid", "'2.5x2'"]),
-        (["demo", "--out-dir", "{out}/d", "--max-overhead", "0.9"], ["--max-overhead", "1.0 or more", "got 0.9"]),
+        (["demo", "--out-dir", "{out}/d", "--max-overhead", "0.9"], ["--max-overhead", "1 or more", "got 0.9"]),
         (["demo", "--out-dir", "{out}/d", "--max-overhead", "x"], ["--max-overhead", "'x'"]),
         (["patchify", "{model}", "{out}/o.tflite"], ["--split", "required"]),
     ],

@@ -16,7 +16,7 @@ import strategies as kst
 import keras_patch
 from keras_patch.arena import memory_planner
 from keras_patch.arena.network import ArenaNetwork, StageSpan, stage_scratch_sizes
-from keras_patch.arena.profiler import op_macs, profile
+from keras_patch.arena.profiler import op_macs, profile, stage_scratch_bytes
 from keras_patch.errors import KerasPatchError, PlanError, UnsupportedModelError
 from keras_patch.graph import rules
 from keras_patch.graph.patchify import build_stage_options, patchify_stages, plan_stage
@@ -90,8 +90,15 @@ def test_network_head_equals_profile_of_patched_model(small_models, mbv2_144, ke
                 _, span = _stage(model, run, grid, kernel)
                 spans.append(span)
                 requests.append((model.tensor(run[2]).name, model.tensor(run[3]).name, grid))
-            prof = profile(patchify_stages(data, requests), kernel=kernel)
+            patched_bytes = patchify_stages(data, requests)
+            prof = profile(patched_bytes, kernel=kernel)
             assert net.head(spans) == prof.patched_peak_bytes, (name, chosen)
+            # profile() asks the cost model too: check it against the TFLM replica on the patched file itself
+            patched = TFLiteModel.from_bytes(patched_bytes)
+            replica = memory_planner.model_buffers(
+                patched, memory_planner.merged_scratch_bytes(patched, stage_scratch_bytes(patched, kernel)))
+            assert net.buffers(spans) == replica, (name, chosen)
+            assert net.head(spans) == memory_planner.plan_greedy(replica).head_bytes, (name, chosen)
             assert net.head(spans, include_input=False) == prof.patched_peak_bytes_without_input, (name, chosen)
             live = net.live_bytes(spans)
             for span in spans:  # the stage op's live set, as the DP sees it

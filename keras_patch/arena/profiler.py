@@ -39,6 +39,7 @@ from typing import List, Optional, Union
 import numpy as np
 
 from keras_patch.arena import memory_planner
+from keras_patch.arena.network import ArenaNetwork, StageSpan, stage_scratch_sizes
 from keras_patch.stage import geometry
 from keras_patch.graph.patchify import find_stages, stage_options
 from keras_patch.planner.schedule import short_tensor_name
@@ -469,13 +470,24 @@ def _live_bytes(buffers: list, op_index: int, exclude: set = frozenset()) -> int
     )
 
 
-def _plan(model: TFLiteModel, scratch: dict, exclude_inputs: bool) -> tuple:
-    merged = memory_planner.merged_scratch_bytes(model, scratch)
-    buffers = memory_planner.model_buffers(model, merged)
-    input_names = {model.tensor(t).name for t in model.inputs}
-    if exclude_inputs:
-        buffers = [b for b in buffers if b.name not in input_names]
-    return buffers, memory_planner.plan_greedy(buffers).head_bytes
+def _arena_figures(plain: TFLiteModel, spans: list) -> tuple:
+    """(layer-by-layer buffers, patched buffers, and the four heads) from the cost model.
+
+    `arena.network.ArenaNetwork` (the one place that knows how a patched
+    network's arena is laid out, the planner's cost model) on the unpatched
+    network with the stages as spans. A model carrying an offline memory
+    plan (`OfflineMemoryAllocation`) has no stages to place: the TFLM
+    replica reads its offsets directly.
+    """
+    if memory_planner._offline_offsets(plain) is not None and not spans:
+        buffers = memory_planner.model_buffers(plain, memory_planner.merged_scratch_bytes(plain, {}))
+        inputs = {plain.tensor(t).name for t in plain.inputs}
+        head = memory_planner.plan_greedy(buffers).head_bytes
+        head_no_input = memory_planner.plan_greedy([b for b in buffers if b.name not in inputs]).head_bytes
+        return buffers, buffers, head, head_no_input, head, head_no_input
+    net = ArenaNetwork(plain)
+    return (net.buffers(()), net.buffers(spans), net.head(()), net.head((), include_input=False),
+            net.head(spans), net.head(spans, include_input=False))
 
 
 def stage_scratch_bytes(model: TFLiteModel, kernel: str = "portable") -> dict:
@@ -484,13 +496,7 @@ def stage_scratch_bytes(model: TFLiteModel, kernel: str = "portable") -> dict:
     In request order: the patch arena (#0) if non-zero, then, for
     `kernel="cmsis_nn"`, the CMSIS-NN context (#1) if non-zero.
     """
-    scratch = {}
-    for op in find_stages(model):
-        opts = stage_options(model, op)
-        arena = geometry.plan_patch_arena(opts).total_bytes
-        context = geometry.kernel_context_bytes(opts, kernel)
-        scratch[op] = [b for b in (arena, context) if b > 0]
-    return scratch
+    return {op: list(stage_scratch_sizes(stage_options(model, op), kernel)) for op in find_stages(model)}
 
 
 def profile(
@@ -533,11 +539,16 @@ def profile(
     if kernel not in geometry.KERNELS:
         raise ValueError(f"kernel must be one of {geometry.KERNELS}, not {kernel!r}")
     scratch = stage_scratch_bytes(patched, kernel)
-
-    plain_buffers, lbl_peak = _plan(plain, {}, exclude_inputs=False)
-    _, lbl_peak_no_input = _plan(plain, {}, exclude_inputs=True)
-    patched_buffers, patched_peak = _plan(patched, scratch, exclude_inputs=False)
-    _, patched_peak_no_input = _plan(patched, scratch, exclude_inputs=True)
+    spans, plain_op = [], 0
+    for p in range(patched.num_ops):  # unpatchify expands each stage in place, in order
+        if p in scratch:
+            layers = stage_options(patched, p).num_layers
+            spans.append(StageSpan(plain_op, plain_op + layers - 1, tuple(scratch[p])))
+            plain_op += layers
+        else:
+            plain_op += 1
+    plain_buffers, patched_buffers, lbl_peak, lbl_peak_no_input, patched_peak, patched_peak_no_input = \
+        _arena_figures(plain, spans)
 
     # Map layer-by-layer ops to patched ops: each stage expands in place.
     plain_to_patched, plain_stage = [], []

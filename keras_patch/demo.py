@@ -261,7 +261,7 @@ def compare_schedules(
     sketch_path, message = "", ""
     arena = estimate_arena(patched, tail_bytes=stock.tail_bytes)
     try:
-        sketch = export_sketch(patched_path, os.path.join(out_dir, DEMO_SKETCH), board, tail_bytes=stock.tail_bytes,
+        export_sketch(patched_path, os.path.join(out_dir, DEMO_SKETCH), board, tail_bytes=stock.tail_bytes,
                                overwrite=True)
         sketch_path = os.path.join(out_dir, DEMO_SKETCH)
     except BoardBudgetError as e:

@@ -153,13 +153,6 @@ def test_export_unsupported_stage_leaves_no_file(capsys, tmp_path, monkeypatch):
     assert not out_path.exists() and not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
 
 
-def _one_line_error(err, command):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"keras-patch {command}: error:"), err
-    assert ".kp-" not in err and ".tmp" not in err, err  # never a hidden temporary file
-    return lines[0]
-
-
 def _split_arg(tflite_path):
     m = TFLiteModel.from_bytes(tflite_path.read_bytes())
     return str(next(i for i in range(m.num_ops) if m.op_type(i) == "ADD"))

@@ -377,13 +377,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 try:
     from tests import strategies as kps
-    from tests.model_zoo import to_int8_tflite
 except ImportError:  # tests/ itself on sys.path
     import strategies as kps
-    from model_zoo import to_int8_tflite
 
 from keras_patch.graph.patchify import SUPPORTED_STAGE_OPS, default_entry_tensor  # noqa: E402
-from keras_patch.runtime.host import check_reference_kernel_limits  # noqa: E402
 
 PROFILE = os.environ.get("KP_HYPOTHESIS_PROFILE", "ci")
 _SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=PROFILE == "ci",
@@ -426,17 +423,9 @@ NETWORKS = (
 
 def _convert(spec) -> bytes:
     """The network (stage blocks + head) as a full-int8 .tflite; rejects models no kernel can run."""
-    import contextlib
-    import io
+    from test_bit_exact import convert
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        data = to_int8_tflite(kps.build_model(spec))
-    try:
-        check_reference_kernel_limits(TFLiteModel.from_bytes(data))
-    except UnsupportedModelError as e:
-        note(f"rejected: {e}")
-        reject()
-    return data
+    return convert(kps.build_model(spec))
 
 
 def candidate_stages(m: TFLiteModel) -> list:

@@ -20,7 +20,6 @@ from keras_patch.arena.profiler import profile
 from keras_patch.cli import main, parse_size
 from keras_patch.errors import KerasPatchError, WorseThanLayerByLayerError
 from keras_patch.graph.patchify import patchify
-from keras_patch.graph.tflite_model import TFLiteModel
 from keras_patch.runtime.host import run_tflite
 
 WORSE_SPLIT, WORSE_GRID = "b1_expand_relu", (2, 2)  # raises residual_model's head (see the module docstring)

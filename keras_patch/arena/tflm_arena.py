@@ -182,20 +182,11 @@ def measure_tflm_arena(
     _check_wheel_ops(model)
     num_inputs = len(model.inputs)
 
-    size = int(arena_size) if arena_size is not None else DEFAULT_ARENA_SIZE
     with tempfile.TemporaryDirectory(prefix="kp_tflm_") as tmp:
         path = os.path.join(tmp, "model.tflite")
         with open(path, "wb") as f:
             f.write(data)
-        while True:
-            try:
-                text = _run_child(path, size, num_inputs, timeout)
-                break
-            except TFLMError as e:
-                too_small = any(s in e.output for s in _ARENA_TOO_SMALL)
-                if arena_size is not None or not too_small or size >= MAX_ARENA_SIZE:
-                    raise
-                size *= 2
+        text, size = _run_growing_arena(lambda n: _run_child(path, n, num_inputs, timeout), arena_size)
     return parse_allocation_report(text, arena_size=size)
 
 
@@ -287,25 +278,31 @@ def run_tflm(
                 f"multiple of {step} (the same N for every input), got {x.dtype} {x.shape}."
             )
         batch = x.shape[0]
-    size = int(arena_size) if arena_size is not None else DEFAULT_ARENA_SIZE
     with tempfile.TemporaryDirectory(prefix="kp_tflm_") as tmp:
         path, x_path, y_path = (os.path.join(tmp, n) for n in ("model.tflite", "x.npz", "y.npz"))
         with open(path, "wb") as f:
             f.write(data)
         np.savez(x_path, **{f"x{i}": x for i, x in enumerate(arrays)})
         extra = (x_path, y_path, str(len(model.outputs)))
-        while True:
-            try:
-                text = _run_child(path, size, len(model.inputs), timeout, code=_RUN_CHILD, extra_args=extra)
-                break
-            except TFLMError as e:
-                too_small = any(s in e.output for s in _ARENA_TOO_SMALL)
-                if arena_size is not None or not too_small or size >= MAX_ARENA_SIZE:
-                    raise
-                size *= 2
+        text, size = _run_growing_arena(
+            lambda n: _run_child(path, n, len(model.inputs), timeout, code=_RUN_CHILD, extra_args=extra), arena_size)
         with np.load(y_path) as y:
             outputs = [y[f"y{k}"] for k in range(len(model.outputs))]
     return TFLMRun(outputs=outputs, arena=parse_allocation_report(text, arena_size=size))
+
+
+def _run_growing_arena(run, arena_size: Optional[int]) -> tuple:
+    """(output, arena size) of `run(arena size)`: from `arena_size`, or from `DEFAULT_ARENA_SIZE`
+    doubled while TFLM says the arena is too small (up to `MAX_ARENA_SIZE`)."""
+    size = int(arena_size) if arena_size is not None else DEFAULT_ARENA_SIZE
+    while True:
+        try:
+            return run(size), size
+        except TFLMError as e:
+            too_small = any(s in e.output for s in _ARENA_TOO_SMALL)
+            if arena_size is not None or not too_small or size >= MAX_ARENA_SIZE:
+                raise
+            size *= 2
 
 
 def _check_wheel_ops(model: TFLiteModel) -> None:

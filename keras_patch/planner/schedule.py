@@ -26,7 +26,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from keras_patch.errors import KerasPatchError, UnsupportedModelError
 from keras_patch.graph import rules
-from keras_patch.graph.patchify import default_entry_tensor, find_stages, normalize_grid, patchify
+from keras_patch.graph.patchify import default_entry_tensor, normalize_grid, patchify
 from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
 
 logger = logging.getLogger(__name__)

@@ -45,6 +45,7 @@ test_tflm_runner_transpose_resize_two_outputs).
 #include <new>
 
 #include "keras_patch_ops.h"
+#include "tests/tflm_runner_common.h"
 #include "tensorflow/lite/micro/arena_allocator/single_arena_buffer_allocator.h"
 #include "tensorflow/lite/micro/memory_helpers.h"
 #include "tensorflow/lite/micro/micro_arena_constants.h"
@@ -55,6 +56,10 @@ test_tflm_runner_transpose_resize_two_outputs).
 #include "tensorflow/lite/schema/schema_generated.h"
 
 namespace {
+
+using keras_patch_runner::CreateAllocator;
+using keras_patch_runner::PrintArenaReport;
+using keras_patch_runner::PrintTensor;
 
 bool ReadFile(const char* path, std::vector<unsigned char>* out) {
   FILE* f = fopen(path, "rb");
@@ -179,15 +184,6 @@ TfLiteStatus AddOps(Resolver& r) {
   return kTfLiteOk;
 }
 
-// "input 0 INT8 1x96x96x3 27648": the line a reader splits the files by.
-void PrintTensor(const char* kind, size_t index, const TfLiteTensor* t) {
-  printf("%s %d %s ", kind, static_cast<int>(index), TfLiteTypeGetName(t->type));
-  for (int d = 0; t->dims != nullptr && d < t->dims->size; ++d) {
-    printf(d == 0 ? "%d" : "x%d", t->dims->data[d]);
-  }
-  printf(" %d\n", static_cast<int>(t->bytes));
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -214,16 +210,9 @@ int main(int argc, char** argv) {
     fprintf(stderr, "registering the ops failed (resolver capacity %d)\n", static_cast<int>(kNumBuiltinOps + 1));
     return 3;
   }
-  // What MicroAllocator::Create(arena, size) does, keeping a handle on the
-  // arena allocator to read the head and tail sizes.
-  uint8_t* aligned_arena = tflite::AlignPointerUp(arena, tflite::MicroArenaBufferAlignment());
-  tflite::SingleArenaBufferAllocator* memory = tflite::SingleArenaBufferAllocator::Create(
-      aligned_arena, arena_size - static_cast<size_t>(aligned_arena - arena));
-  uint8_t* planner_buffer = memory->AllocatePersistentBuffer(
-      sizeof(tflite::GreedyMemoryPlanner), alignof(tflite::GreedyMemoryPlanner));
-  if (planner_buffer == nullptr) return 4;
-  tflite::MicroMemoryPlanner* planner = new (planner_buffer) tflite::GreedyMemoryPlanner();
-  tflite::MicroAllocator* allocator = tflite::MicroAllocator::Create(memory, planner);
+  tflite::SingleArenaBufferAllocator* memory = nullptr;
+  tflite::MicroAllocator* allocator = CreateAllocator(arena, arena_size, &memory);
+  if (allocator == nullptr) return 4;
   tflite::MicroInterpreter interpreter(model, resolver, allocator);
   if (interpreter.AllocateTensors() != kTfLiteOk) {
     fprintf(stderr, "AllocateTensors failed\n");
@@ -266,8 +255,6 @@ int main(int argc, char** argv) {
     }
   }
   if (fclose(out) != 0) return 2;
-  printf("arena_head_bytes %d\n", static_cast<int>(memory->GetNonPersistentUsedBytes()));
-  printf("arena_tail_bytes %d\n", static_cast<int>(memory->GetPersistentUsedBytes()));
-  printf("arena_used_bytes %d\n", static_cast<int>(interpreter.arena_used_bytes()));
+  PrintArenaReport(memory, interpreter);
   return 0;
 }

@@ -33,6 +33,7 @@ Built by `make -C tflm_ops tflm-runner-m4 TFLM_DIR=... TFLM_M4_LIB=...
 #include <new>
 
 #include "keras_patch_ops.h"
+#include "tests/tflm_runner_common.h"
 #include "patch_stage_cmsis.h"
 #include "tensorflow/lite/micro/arena_allocator/single_arena_buffer_allocator.h"
 #include "tensorflow/lite/micro/memory_helpers.h"
@@ -44,6 +45,10 @@ Built by `make -C tflm_ops tflm-runner-m4 TFLM_DIR=... TFLM_M4_LIB=...
 #include "tensorflow/lite/schema/schema_generated.h"
 
 namespace {
+
+using keras_patch_runner::CreateAllocator;
+using keras_patch_runner::PrintArenaReport;
+using keras_patch_runner::PrintTensor;
 
 uint8_t* const kModel = reinterpret_cast<uint8_t*>(0x21000000u);
 constexpr long kModelCapacity = 6l << 20;
@@ -100,14 +105,6 @@ TfLiteStatus AddOps(Resolver& r) {
   return kTfLiteOk;
 }
 
-void PrintTensor(const char* kind, size_t index, const TfLiteTensor* t) {
-  printf("%s %d %s ", kind, static_cast<int>(index), TfLiteTypeGetName(t->type));
-  for (int d = 0; t->dims != nullptr && d < t->dims->size; ++d) {
-    printf(d == 0 ? "%d" : "x%d", t->dims->data[d]);
-  }
-  printf(" %d\n", static_cast<int>(t->bytes));
-}
-
 // Static storage without static destructors (-nostartfiles: no __dso_handle).
 alignas(Resolver) uint8_t g_resolver[sizeof(Resolver)];
 alignas(tflite::MicroInterpreter) uint8_t g_interpreter[sizeof(tflite::MicroInterpreter)];
@@ -150,16 +147,9 @@ int main() {
     return 3;
   }
   const tflite::Model* model = tflite::GetModel(kModel);
-  // What MicroAllocator::Create(arena, size) does, keeping a handle on the
-  // arena allocator to read the head and tail sizes (as tests/tflm_runner.cc).
-  uint8_t* aligned_arena = tflite::AlignPointerUp(kArena, tflite::MicroArenaBufferAlignment());
-  tflite::SingleArenaBufferAllocator* memory = tflite::SingleArenaBufferAllocator::Create(
-      aligned_arena, arena_size - static_cast<size_t>(aligned_arena - kArena));
-  uint8_t* planner_buffer = memory->AllocatePersistentBuffer(
-      sizeof(tflite::GreedyMemoryPlanner), alignof(tflite::GreedyMemoryPlanner));
-  if (planner_buffer == nullptr) return 4;
-  tflite::MicroMemoryPlanner* planner = new (planner_buffer) tflite::GreedyMemoryPlanner();
-  tflite::MicroAllocator* allocator = tflite::MicroAllocator::Create(memory, planner);
+  tflite::SingleArenaBufferAllocator* memory = nullptr;
+  tflite::MicroAllocator* allocator = CreateAllocator(kArena, arena_size, &memory);
+  if (allocator == nullptr) return 4;
   tflite::MicroInterpreter* interpreter = new (g_interpreter) tflite::MicroInterpreter(model, *resolver, allocator);
   if (interpreter->AllocateTensors() != kTfLiteOk) {
     printf("AllocateTensors failed\n");
@@ -207,9 +197,7 @@ int main() {
     }
   }
   if (fclose(out) != 0) return 2;
-  printf("arena_head_bytes %d\n", static_cast<int>(memory->GetNonPersistentUsedBytes()));
-  printf("arena_tail_bytes %d\n", static_cast<int>(memory->GetPersistentUsedBytes()));
-  printf("arena_used_bytes %d\n", static_cast<int>(interpreter->arena_used_bytes()));
+  PrintArenaReport(memory, *interpreter);
   // keras_patch.profile(model, kernel=...) predicts the head of this build.
   printf("kernel %s\n", keras_patch::KpCmsisEnabled() ? "cmsis_nn" : "portable");
   printf("instructions %llu\n", static_cast<unsigned long long>(ticks) * 40ull);

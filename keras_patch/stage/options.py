@@ -105,6 +105,7 @@ class StageOptions:
     tensor_zero_points: List[int]
     layers: List[LayerOptions] = field(default_factory=list)
     version: int = OPTIONS_VERSION
+    in_place: bool = False  # docs/patch_stage_op.md "In place" (options version 2)
 
     def __post_init__(self):
         # Scales travel as float32 (the spec's type): hold exactly those values.

@@ -36,6 +36,9 @@ from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, int_list, r
 from keras_patch.stage import geometry
 from keras_patch.stage.options import StageOptions
 
+#: Time `plan_offline` may spend per layout while the planner searches (the exported plan gets more).
+OFFLINE_SEARCH_SECONDS = 0.2
+
 
 @dataclass(frozen=True)
 class StageSpan:
@@ -66,13 +69,21 @@ class ArenaNetwork:
 
     Args:
         model: an unpatched int8 model with one subgraph.
+        in_place: with `offline_plan`, ops outside the stages may write over
+            a dying input (`keras_patch.arena.aliases`): ADD/MUL/RESHAPE as
+            they are, an eligible DEPTHWISE_CONV_2D as a one-layer in-place
+            stage (its scratch: one input plane). The live bytes count each
+            such pair once.
+        offline_plan: `head` is the lower of TFLM's greedy layout and the
+            offline plan (`keras_patch.arena.offline_plan.plan_offline`) the
+            model would carry.
 
     Raises:
         UnsupportedModelError: several subgraphs, an `OfflineMemoryAllocation`
             (offline-planned) model, or what `memory_planner` refuses.
     """
 
-    def __init__(self, model: TFLiteModel):
+    def __init__(self, model: TFLiteModel, in_place: bool = False, offline_plan: bool = False):
         if len(model.model.subgraphs) != 1:
             raise UnsupportedModelError(
                 f"The model has {len(model.model.subgraphs)} subgraphs; keras-patch plans one.")
@@ -117,6 +128,15 @@ class ArenaNetwork:
         first, last = self._lifetimes(list(range(self.num_ops)), self.num_ops)
         self.first = np.array(first, np.int64)
         self.last = np.array(last, np.int64)
+        self.in_place = bool(in_place)
+        self.offline_plan = bool(offline_plan)
+        self._offline_heads: Dict[tuple, int] = {}
+        # In-place pairs (only an offline plan realises them): output tensor -> input tensor it
+        # occupies, and the one-plane save buffer of each depthwise op that would run in place.
+        self.alias_of: Dict[int, int] = {}
+        self.depthwise_save: Dict[int, int] = {}
+        if self.in_place and self.offline_plan:
+            self._find_in_place(model)
         self.input_names = {self.names[t] for t in self.inputs}
         self.is_input = np.array([name in self.input_names for name in self.names], bool)
         # Layer-by-layer live bytes per op (tensors + built-in scratch), with and without the input.
@@ -127,6 +147,31 @@ class ArenaNetwork:
             scratch = sum(memory_planner.align_up(s) for s in self.builtin_scratch.get(op, []))
             self.layer_live[op] = int(self.aligned[alive].sum()) + scratch
             self.layer_live_without_input[op] = int(self.aligned[alive & ~self.is_input].sum()) + scratch
+        for out, source in self.alias_of.items():
+            op = int(self.producer[out])
+            shared = int(min(self.aligned[out], self.aligned[source]))
+            extra = 0
+            if op in self.depthwise_save:
+                extra = memory_planner.align_up(self.depthwise_save[op]) - \
+                    sum(memory_planner.align_up(s) for s in self.builtin_scratch.get(op, []))
+            self.layer_live[op] += extra - shared
+            self.layer_live_without_input[op] += extra - (0 if self.is_input[source] else shared)
+
+    def _find_in_place(self, model: TFLiteModel) -> None:
+        from keras_patch.arena import aliases
+
+        last_readers = aliases._last_readers(model)
+        for op in range(self.num_ops):
+            if model.op_type(op) == "DEPTHWISE_CONV_2D":
+                if aliases.depthwise_in_place_failure(model, op, last_readers) is None:
+                    source = model.op_inputs(op)[0]
+                    _, in_h, in_w, _ = model.tensor(source).shape
+                    self.depthwise_save[op] = aliases.depthwise_save_bytes(in_h, in_w)
+                    self.alias_of[model.op_outputs(op)[0]] = source
+                continue
+            source = aliases.op_alias(model, op, last_readers)
+            if source is not None:
+                self.alias_of[model.op_outputs(op)[0]] = source
 
     @classmethod
     def from_tflite(cls, source: ModelSource) -> "ArenaNetwork":
@@ -194,6 +239,25 @@ class ArenaNetwork:
         `patchify_stages(model, stages)`; `include_input=False` drops the
         model input tensor(s), as `profile`'s `..._without_input` figures do.
         """
+        return self._buffers(stages, include_input, in_place=False)[0]
+
+    def in_place_buffers(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> tuple:
+        """`(buffers, aliases)` with the in-place pairs outside `stages` applied: the depthwise ops
+        that run in place request their save plane instead of their built-in scratch, and
+        `aliases` maps a buffer's index to the index of the buffer whose memory it occupies (what
+        `offline_plan.plan_offline` takes)."""
+        buffers, tensor_of = self._buffers(stages, include_input, in_place=True)
+        index = {t: i for i, t in enumerate(tensor_of) if t >= 0}
+        removed = self._layout(stages)[1]
+        in_stage = set(removed) | {s.last_op for s in stages}
+        aliases = {}
+        for out, source in self.alias_of.items():
+            if int(self.producer[out]) in in_stage or out not in index or source not in index:
+                continue
+            aliases[index[out]] = index[source]
+        return buffers, aliases
+
+    def _buffers(self, stages: Sequence[StageSpan], include_input: bool, in_place: bool) -> tuple:
         new_index, removed, count, stage_at = self._layout(stages)
         internal = set()
         for op in removed:
@@ -205,27 +269,48 @@ class ArenaNetwork:
             for op in range(self.num_ops):
                 used.update(self.op_ins[op])
                 used.update(self.op_outs[op])
-        result = []
+        result, tensor_of = [], []
         for t, name in enumerate(self.names):
             if not self.needs[t] or t in internal or (used is not None and t not in used):
                 continue
             if not include_input and name in self.input_names:
                 continue
             result.append(memory_planner.PlannedBuffer(int(self.sizes[t]), first[t], last[t], name))
+            tensor_of.append(t)
         scratch = {}
         for op, sizes in self.builtin_scratch.items():
             if op not in removed and new_index[op] not in stage_at:
                 scratch[new_index[op]] = sizes
+        if in_place:
+            for op, save in self.depthwise_save.items():
+                if op not in removed and new_index[op] not in stage_at:
+                    scratch[new_index[op]] = [save]
         for index, stage in stage_at.items():
             scratch[index] = list(stage.scratch)
         for index in sorted(scratch):
             for k, size in enumerate(scratch[index]):
                 result.append(memory_planner.PlannedBuffer(int(size), index, index, f"scratch:op{index}:{k}"))
-        return result
+                tensor_of.append(-1)
+        return result, tensor_of
 
     def head(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> int:
-        """TFLM's arena head (`plan_greedy`) with `stages` patched."""
-        return memory_planner.plan_greedy(self.buffers(stages, include_input), placed_copies=False).head_bytes
+        """TFLM's arena head with `stages` patched: its greedy layout (`plan_greedy`), or with
+        `offline_plan` the lower of that and the offline plan with the in-place pairs."""
+        greedy = memory_planner.plan_greedy(self.buffers(stages, include_input), placed_copies=False).head_bytes
+        if not self.offline_plan:
+            return greedy
+        return min(greedy, self.offline_head(stages, include_input))
+
+    def offline_head(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> int:
+        """The head under the offline plan `plan_offline` finds (with the in-place pairs when
+        `in_place`), as TFLM lays it out (scratch buffers placed online around it)."""
+        from keras_patch.arena.offline_plan import plan_offline
+
+        key = (include_input, tuple(sorted((s.first_op, s.last_op, tuple(s.scratch)) for s in stages)))
+        if key not in self._offline_heads:
+            buffers, aliases = self.in_place_buffers(stages, include_input)
+            self._offline_heads[key] = plan_offline(buffers, aliases, time_limit_s=OFFLINE_SEARCH_SECONDS).head_bytes
+        return self._offline_heads[key]
 
     def live_bytes(self, stages: Sequence[StageSpan] = (), include_input: bool = True) -> List[int]:
         """Bytes alive while each op of the patched network runs (16-byte aligned sizes)."""

@@ -8,7 +8,8 @@ them. This module computes such offsets:
 
 * buffers that must share memory (an op writing its output over an input
   that dies there, `keras_patch.arena.aliases`) form one *group*: one offset,
-  the union of the lifetimes and the larger size;
+  the union of the lifetimes and the larger size (a block: "exact" is
+  optimal among plans that reserve the larger size for the whole pair);
 * small problems are solved exactly (branch and bound over placements in
   offset order, pruned with the live-bytes lower bound); larger ones take the
   best of several orderings (size, lifetime start, size x duration, ...),
@@ -143,9 +144,9 @@ def live_lower_bound(
 ) -> int:
     """The most bytes alive at one time step: no plan of `buffers` has a smaller head.
 
-    Sizes are rounded up to `alignment`; an aliased pair (`aliases`: buffer
-    index -> the buffer index whose memory it occupies) counts once, as the
-    larger of the two, over the union of their lifetimes.
+    Sizes are rounded up to `alignment`; buffers joined by `aliases`
+    (buffer index -> the buffer index whose memory it occupies) count once
+    at a step where several of them are alive, as the largest of those.
 
     Example:
 
@@ -155,7 +156,17 @@ def live_lower_bound(
     >>> live_lower_bound([PlannedBuffer(20, 0, 1), PlannedBuffer(30, 1, 2)], {1: 0})
     32
     """
-    return _live_peak(_groups(buffers, aliases, alignment))
+    if not aliases:
+        return _live_peak(_groups(buffers, None, alignment))
+    peak = 0
+    groups = _groups(buffers, aliases, alignment)
+    for t in sorted({int(b.first_op) for b in buffers}):
+        live = 0
+        for g in groups:
+            live += max((align_up(buffers[m].size, alignment) for m in g.members
+                         if buffers[m].first_op <= t <= buffers[m].last_op), default=0)
+        peak = max(peak, live)
+    return peak
 
 
 # --------------------------------------------------------------------------

@@ -393,7 +393,8 @@ def _tflm_agrees(data: bytes, seed: int) -> None:
     assert run_plan.arena.head_bytes == predicted, run_plan.arena.report
     for a, b in zip(run_plan.outputs, run_plain.outputs):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(run_tflite(with_plan, x), run_plain.outputs):
+    # run_tflite (LiteRT's kernels, which may differ from TFLM's by one LSB) ignores the plan too.
+    for a, b in zip(run_tflite(with_plan, x), run_tflite(data, x)):
         np.testing.assert_array_equal(a, b)
 
 

@@ -51,6 +51,8 @@ from keras_patch.arena.memory_planner import BUFFER_ALIGNMENT, PlannedBuffer, al
 ONLINE = -1
 #: Branch-and-bound nodes (and heuristic placements) per second of `time_limit_s`.
 _NODES_PER_SECOND = 40_000
+#: Group pairs examined per second of `time_limit_s` by the randomized orderings.
+_PLACEMENT_WORK_PER_SECOND = 20_000_000
 #: Above this many groups the exact search is not tried.
 _EXACT_MAX_GROUPS = 24
 
@@ -316,15 +318,18 @@ def _pack(groups: List[_Group], time_limit_s: float, floor: int) -> tuple:
             if best_peak is None or peak < best_peak:
                 best_offsets, best_peak, best_order = offsets, peak, order
     # Seeded perturbations of the best order (a budget of placements, not seconds).
-    budget = max(8, int(time_limit_s * _NODES_PER_SECOND * 20 / max(n * n, 1)))
+    budget = max(8, int(time_limit_s * _PLACEMENT_WORK_PER_SECOND / max(n * n, 1)))
     rng = random.Random(0)
     order = list(best_order)
-    for _ in range(min(budget, 2000)):
+    for step in range(min(budget, 20000)):
         if best_peak <= floor:
             break
         trial = list(order)
         a, b = rng.randrange(n), rng.randrange(n)
-        trial[a], trial[b] = trial[b], trial[a]
+        if step % 2:  # move one group to an earlier place
+            trial.insert(min(a, b), trial.pop(max(a, b)))
+        else:  # swap two groups
+            trial[a], trial[b] = trial[b], trial[a]
         for best_fit in (False, True):
             offsets, peak = packer.place(trial, best_fit)
             if peak <= best_peak:

@@ -413,3 +413,22 @@ def test_tflm_uses_the_plan_with_in_place_adds(planned, residual):
 def test_tflm_head_equals_prediction_on_random_models(spec):
     data = model_zoo.to_int8_tflite(kps.build_model(spec), num_samples=2)
     _tflm_agrees(data, spec.seed)
+
+
+@pytest.mark.parametrize("kernel", ["portable", "cmsis_nn"])
+def test_patched_model_with_plan(residual, kernel):
+    """KP_PATCH_STAGE scratch stays online under the plan; profile and run_tflite accept the plan, same bits."""
+    patched = keras_patch.patchify(residual, 3, (2, 2))
+    model = TFLiteModel.from_bytes(patched)
+    plan = attach_offline_plan(model, kernel)
+    assert plan is not None  # the ADDs
+    assert any(b.name.startswith("scratch:op0") for b in plan_buffers(model, kernel))
+    with_plan = model.to_bytes()
+    assert check_offline_plan(TFLiteModel.from_bytes(with_plan), kernel) == plan.head_bytes
+    prof = keras_patch.profile(with_plan, kernel=kernel)
+    assert prof.patched_peak_bytes == prof.offline_plan_head_bytes == plan.head_bytes
+    assert prof.lower_bound_bytes <= plan.head_bytes
+    assert prof.greedy_head_bytes == keras_patch.profile(patched, kernel=kernel).patched_peak_bytes
+    x = np.random.default_rng(0).integers(-128, 128, (2, 48, 48, 3), dtype=np.int8)
+    for a, b in zip(run_tflite(with_plan, x), run_tflite(patched, x)):
+        np.testing.assert_array_equal(a, b)

@@ -92,6 +92,16 @@ def _alias_buffers(model: TFLiteModel, tensors: Sequence[int]) -> Dict[int, int]
     }
 
 
+def _needs_alias(model: TFLiteModel, tensor: int) -> bool:
+    """Whether the op writing `tensor` is an in-place KP_PATCH_STAGE (its kernel writes over its input)."""
+    from keras_patch.stage import options as o
+
+    for op in range(model.num_ops):
+        if tensor in model.op_outputs(op):
+            return model.op_type(op) == o.CUSTOM_CODE
+    return False
+
+
 def attach_offline_plan(model: TFLiteModel, kernel: str = "portable", time_limit_s: float = 2.0) -> Optional[OfflinePlan]:
     """Writes an offline memory plan into `model` when it beats TFLM's greedy plan.
 
@@ -108,7 +118,10 @@ def attach_offline_plan(model: TFLiteModel, kernel: str = "portable", time_limit
     Returns:
         The `OfflinePlan` written (its `head_bytes` is the arena head TFLM
         will use), or None when TFLM's greedy plan is as good and no alias
-        needs an offline plan (then the model carries none).
+        needs an offline plan (then the model carries none). Where
+        aliasing the builtin in-place ops (ADD, MUL, RESHAPE) would give a
+        larger head than greedy, they are left out of the plan (in-place
+        patch stages always keep theirs).
 
     Example:
 
@@ -121,6 +134,12 @@ def attach_offline_plan(model: TFLiteModel, kernel: str = "portable", time_limit
     tensors = planned_tensors(model)
     aliases = _alias_buffers(model, tensors)
     plan = plan_offline(buffers, aliases, time_limit_s=time_limit_s, offline_indices=range(len(tensors)))
+    greedy = memory_planner.plan_greedy(buffers, placed_copies=False).head_bytes
+    if aliases and plan.head_bytes > greedy:
+        # Sharing memory cost more than it saved (an aliased pair is one block of the larger size):
+        # keep only the aliases a kernel needs (in-place patch stages), the builtin ones are optional.
+        required = {a: b for a, b in aliases.items() if _needs_alias(model, tensors[a])}
+        plan = plan_offline(buffers, required, time_limit_s=time_limit_s, offline_indices=range(len(tensors)))
     if not plan.beats_greedy:
         return None
     total = sum(len(sg.tensors or []) for sg in model.model.subgraphs)

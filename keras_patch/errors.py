@@ -54,3 +54,13 @@ class PlanError(KerasPatchError):
     plan within the overhead limit fits (the message says the lowest head
     reachable), or a model without a run of ops a patch stage can take.
     """
+
+
+class OfflinePlanError(KerasPatchError):
+    """An offline memory plan (`OfflineMemoryAllocation` metadata) TFLM must not trust.
+
+    It does not match the model (version, subgraph, one offset per tensor),
+    has an offset below -1, unaligned, or on a constant/variable tensor, or
+    places two buffers alive at the same op on overlapping bytes (other than
+    an in-place pair at one offset). The message names the tensors and ops.
+    """

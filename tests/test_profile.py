@@ -107,7 +107,8 @@ def test_profile_of_a_keras_model_with_a_patch_stage():
 
 SUMMARY_KEYS = ("layer_by_layer_peak_bytes", "patched_peak_bytes", "layer_by_layer_peak_bytes_without_input",
                 "patched_peak_bytes_without_input", "macs", "patched_macs", "mac_overhead", "patched_peak_op",
-                "num_stages")
+                "num_stages", "greedy_head_bytes", "greedy_head_bytes_without_input", "offline_plan_head_bytes",
+                "offline_plan_head_bytes_without_input", "lower_bound_bytes", "lower_bound_bytes_without_input")
 
 
 @pytest.fixture(scope="module")

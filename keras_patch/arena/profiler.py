@@ -33,7 +33,7 @@ name form one block.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import List, Optional, Union
 
 import numpy as np
@@ -161,6 +161,12 @@ class ProfileSummary:
     mac_overhead: float
     patched_peak_op: str
     num_stages: int
+    greedy_head_bytes: int = 0
+    greedy_head_bytes_without_input: int = 0
+    offline_plan_head_bytes: Optional[int] = None
+    offline_plan_head_bytes_without_input: Optional[int] = None
+    lower_bound_bytes: int = 0
+    lower_bound_bytes_without_input: int = 0
 
     def to_dict(self) -> dict:
         """The fields as a dict, in declaration order."""
@@ -183,7 +189,15 @@ class Profile:
       (`patched_macs / macs`);
     * `patched_peak_op`: the patched network's op where the head is reached,
       e.g. `"op 0 (KP_PATCH_STAGE -> block_2_add)"`;
-    * `num_stages`: the number of KP_PATCH_STAGE ops.
+    * `num_stages`: the number of KP_PATCH_STAGE ops;
+    * `greedy_head_bytes`: the arena head of the model as given with TFLM's
+      greedy planner alone (any offline plan ignored);
+      `offline_plan_head_bytes`: the head under the offline memory plan the
+      model carries (`OfflineMemoryAllocation`, checked first), None without
+      one; `lower_bound_bytes`: the most bytes alive at one op (in-place
+      pairs counted once), which no plan goes below; all three also
+      `..._without_input`. With a plan, `patched_peak_bytes` (the head TFLM
+      will use) is `offline_plan_head_bytes`.
 
     `rows` has one `OpProfile` per layer-by-layer op, `stages` one
     `StageProfile` per KP_PATCH_STAGE op, `blocks()` groups the rows per
@@ -258,6 +272,36 @@ class Profile:
         """The number of KP_PATCH_STAGE ops."""
         return self.summary.num_stages
 
+    @property
+    def greedy_head_bytes(self) -> int:
+        """The model's TFLM arena head under TFLM's greedy planner alone (no offline plan)."""
+        return self.summary.greedy_head_bytes
+
+    @property
+    def greedy_head_bytes_without_input(self) -> int:
+        """`greedy_head_bytes` without the model's input tensor."""
+        return self.summary.greedy_head_bytes_without_input
+
+    @property
+    def offline_plan_head_bytes(self) -> Optional[int]:
+        """The arena head under the offline memory plan the model carries (None without one)."""
+        return self.summary.offline_plan_head_bytes
+
+    @property
+    def offline_plan_head_bytes_without_input(self) -> Optional[int]:
+        """`offline_plan_head_bytes` without the model's input tensor."""
+        return self.summary.offline_plan_head_bytes_without_input
+
+    @property
+    def lower_bound_bytes(self) -> int:
+        """The live-bytes lower bound of the model's arena head (in-place pairs counted once)."""
+        return self.summary.lower_bound_bytes
+
+    @property
+    def lower_bound_bytes_without_input(self) -> int:
+        """`lower_bound_bytes` without the model's input tensor."""
+        return self.summary.lower_bound_bytes_without_input
+
     def blocks(self) -> List[BlockProfile]:
         """The rows grouped per block (module docstring, "Blocks"), in execution order.
 
@@ -319,6 +363,13 @@ class Profile:
         lines.append(
             f"without the input tensor: layer-by-layer {s.layer_by_layer_peak_bytes_without_input:,} B, "
             f"patched {s.patched_peak_bytes_without_input:,} B"
+        )
+        plan = (f"offline plan {s.offline_plan_head_bytes:,} B (without input {s.offline_plan_head_bytes_without_input:,} B)"
+                if s.offline_plan_head_bytes is not None else "no offline plan")
+        lines.append(
+            f"arena head of this model: TFLM greedy {s.greedy_head_bytes:,} B (without input "
+            f"{s.greedy_head_bytes_without_input:,} B), {plan}, lower bound {s.lower_bound_bytes:,} B "
+            f"(without input {s.lower_bound_bytes_without_input:,} B)"
         )
         lines.append(
             f"MACs: {s.macs:,} layer-by-layer, {s.patched_macs:,} patched "
@@ -490,6 +541,51 @@ def _arena_figures(plain: TFLiteModel, spans: list) -> tuple:
             net.head(spans), net.head(spans, include_input=False))
 
 
+def _offline_figures(data: bytes, kernel: str) -> tuple:
+    """(the model bytes without its offline plan, the greedy / offline-plan / lower-bound heads).
+
+    A plan the model carries is checked first (`check_offline_plan` raises
+    `OfflinePlanError`); the figures are for the model as given (patch
+    stages as KP_PATCH_STAGE ops with their scratch for `kernel`).
+    """
+    from keras_patch.arena.offline_metadata import read_offline_offsets, remove_offline_offsets
+    from keras_patch.arena.offline_plan import live_lower_bound
+    from keras_patch.graph.passes import offline_plan as pass_
+
+    model = TFLiteModel.from_bytes(data)
+    plan_head = pass_.check_offline_plan(model, kernel)
+    offsets = None
+    if plan_head is not None:
+        offsets = read_offline_offsets(model)
+        remove_offline_offsets(model)
+        data = model.to_bytes()
+        model = TFLiteModel.from_bytes(data)
+    buffers = pass_.plan_buffers(model, kernel)
+    tensors = pass_.planned_tensors(model)
+    aliases = pass_._alias_buffers(model, tensors)
+    inputs = {tensors.index(t) for t in model.inputs if t in tensors}
+
+    def figures(drop: set) -> tuple:
+        keep = [i for i in range(len(buffers)) if i not in drop]
+        where = {i: k for k, i in enumerate(keep)}
+        kept = [buffers[i] for i in keep]
+        greedy = memory_planner.plan_greedy(kept, placed_copies=False).head_bytes
+        lower = live_lower_bound(kept, {where[a]: where[b] for a, b in aliases.items() if a in where and b in where})
+        head = None
+        if offsets is not None:
+            fixed = [replace(buffers[i], offline_offset=None if i >= len(tensors) or offsets[tensors[i]] < 0
+                             else offsets[tensors[i]]) for i in keep]
+            head = memory_planner.plan_greedy(fixed, placed_copies=False).head_bytes
+        return greedy, head, lower
+
+    (greedy, head, lower), (greedy_ni, head_ni, lower_ni) = figures(set()), figures(inputs)
+    return data, dict(
+        greedy_head_bytes=greedy, greedy_head_bytes_without_input=greedy_ni,
+        offline_plan_head_bytes=head, offline_plan_head_bytes_without_input=head_ni,
+        lower_bound_bytes=lower, lower_bound_bytes_without_input=lower_ni,
+    )
+
+
 def stage_scratch_bytes(model: TFLiteModel, kernel: str = "portable") -> dict:
     """op index -> scratch sizes each KP_PATCH_STAGE op requests (docs: "Scratch buffers").
 
@@ -533,11 +629,12 @@ def profile(
         data = export_tflite(keras_model, representative_dataset)
     else:
         data = read_model_bytes(model_or_tflite)
+    if kernel not in geometry.KERNELS:
+        raise ValueError(f"kernel must be one of {geometry.KERNELS}, not {kernel!r}")
+    data, heads = _offline_figures(data, kernel)
     patched = TFLiteModel.from_bytes(data)
     plain = TFLiteModel.from_bytes(unpatchify(data))
     stage_ops = find_stages(patched)
-    if kernel not in geometry.KERNELS:
-        raise ValueError(f"kernel must be one of {geometry.KERNELS}, not {kernel!r}")
     scratch = stage_scratch_bytes(patched, kernel)
     spans, plain_op = [], 0
     for p in range(patched.num_ops):  # unpatchify expands each stage in place, in order
@@ -549,6 +646,11 @@ def profile(
             plain_op += 1
     plain_buffers, patched_buffers, lbl_peak, lbl_peak_no_input, patched_peak, patched_peak_no_input = \
         _arena_figures(plain, spans)
+    if heads["offline_plan_head_bytes"] is not None:  # what TFLM will use
+        patched_peak = heads["offline_plan_head_bytes"]
+        patched_peak_no_input = heads["offline_plan_head_bytes_without_input"]
+        if not spans:
+            lbl_peak, lbl_peak_no_input = patched_peak, patched_peak_no_input
 
     # Map layer-by-layer ops to patched ops: each stage expands in place.
     plain_to_patched, plain_stage = [], []
@@ -615,5 +717,6 @@ def profile(
         mac_overhead=patched_macs / macs if macs else 1.0,
         patched_peak_op=_short_op_label(patched, peak_op) if patched.num_ops else "",
         num_stages=len(stages),
+        **heads,
     )
     return Profile(rows=rows, stages=stages, summary=summary)

@@ -415,6 +415,15 @@ def _declared_batch(input_details: Sequence) -> int:
     return batches.pop() if batches else 1
 
 
+def _check_offline_plan(data: bytes) -> None:
+    """Refuses (OfflinePlanError) a model whose offline memory plan TFLM must not trust."""
+    if b"OfflineMemoryAllocation" not in data:
+        return
+    from keras_patch.graph.passes.offline_plan import check_offline_plan
+
+    check_offline_plan(TFLiteModel.from_bytes(data))
+
+
 def run_tflite(
     tflite_bytes: ModelSource,
     inputs: Union[np.ndarray, Sequence[np.ndarray]],
@@ -433,10 +442,17 @@ def run_tflite(
 
     Returns:
         A list with one array per model output, batched like the inputs.
+
+    Raises:
+        OfflinePlanError: the model carries an offline memory plan
+            (`OfflineMemoryAllocation`) that does not match it or overlaps
+            live buffers (`graph.passes.offline_plan.check_offline_plan`).
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}.")
-    runner = _runner(read_model_bytes(tflite_bytes), executor)
+    data = read_model_bytes(tflite_bytes)
+    _check_offline_plan(data)
+    runner = _runner(data, executor)
     if isinstance(inputs, np.ndarray):
         inputs = [inputs]
     inputs = [np.asarray(x) for x in inputs]

@@ -21,7 +21,9 @@ struct KpReporter {
   void* context;
 };
 
-static const int32_t kKpOptionsVersion = 1;
+// Newest options version read; version 1 files (no 'in_place') are read too.
+static const int32_t kKpOptionsVersion = 2;
+static const int32_t kKpMinOptionsVersion = 1;
 static const int32_t kKpMaxLayers = 256;
 static const int32_t kKpMaxGrid = 64;
 static const int32_t kKpMaxDim = 65536;
@@ -63,6 +65,7 @@ enum KpOptionKeyIndex {
   kKeyLayerParams,
   kKeyLayerActivation,
   kKeyLayerWeights,
+  kKeyInPlace,
   kKpNumOptionKeys
 };
 struct KpOptionKey {
@@ -83,6 +86,7 @@ static const KpOptionKey kKpOptionKeys[kKpNumOptionKeys] = {
     {"layer_params", "int vector", "8 * L"},
     {"layer_activation", "int vector", "L"},
     {"layer_weights", "int vector", "2 * L"},
+    {"in_place", "int", "scalar"},
 };
 // KP_OPTION_KEYS_END
 

@@ -53,16 +53,17 @@ def _scale(draw):
 
 
 @st.composite
-def stages(draw, max_layers=6, max_size=12, max_channels=6):
-    """(StageOptions, op_inputs) of a random valid stage."""
+def stages(draw, max_layers=6, max_size=12, max_channels=6, min_layers=1, ops=ALL_OPS,
+           depth_multipliers=(1, 2)):
+    """(StageOptions, op_inputs) of a random valid stage (layer ops drawn from `ops`)."""
     shapes = [(draw(st.integers(1, max_size)), draw(st.integers(1, max_size)),
                draw(st.integers(1, max_channels)))]
     scales = [_scale(draw)]
     zps = [draw(st.integers(-128, 127))]
     layers, op_inputs = [], [None]
-    for l in range(draw(st.integers(1, max_layers))):
+    for l in range(draw(st.integers(min_layers, max_layers))):
         h, w, c = shapes[l]
-        op = draw(st.sampled_from(ALL_OPS))
+        op = draw(st.sampled_from(ops))
         kernel, stride, dilation, pad, act, weights = (1, 1), (1, 1), (1, 1), (0, 0), 0, (-1, -1)
         inputs = (l, -1)
         if op in WINDOW_OPS:
@@ -78,7 +79,7 @@ def stages(draw, max_layers=6, max_size=12, max_channels=6):
             if op == o.OP_CONV_2D:
                 out_c = draw(st.integers(1, max_channels))
             elif op == o.OP_DEPTHWISE_CONV_2D:
-                out_c = c * draw(st.integers(1, 2))
+                out_c = c * draw(st.sampled_from(depth_multipliers))
             out_shape = (out_hw[0], out_hw[1], out_c)
             act = draw(st.integers(0, 3))
         elif op == o.OP_PAD:

@@ -67,6 +67,10 @@ int kp_stage_eval_ctx(void* buffer, const int8_t* input, int8_t* output,
 int kp_stage_arena_plan(const void* buffer, int32_t* offsets, int32_t* sizes,
                         int32_t num_tensors);
 
+/* The in-place save buffers (docs/patch_stage_op.md "In place"): offsets[l]
+   (-1: layer l does not run in place) and sizes[l] for l = 0 .. num_layers-1. */
+int kp_stage_save_plan(const void* buffer, int32_t* offsets, int32_t* sizes, int32_t num_layers);
+
 /* The option keys the core reads: field 0 name, 1 type, 2 length. */
 int kp_num_option_keys(void);
 const char* kp_option_key(int index, int field);

@@ -583,6 +583,8 @@ KpStatus KpPrepareStage(const KpOptionsView& v, int32_t num_op_inputs, KpGetCons
     layer.filter_input = static_cast<int32_t>(V(v, kKeyLayerWeights, 2 * l));
     layer.bias_input = static_cast<int32_t>(V(v, kKeyLayerWeights, 2 * l + 1));
     layer.channel_offset = -1;
+    layer.save_offset = -1;
+    layer.save_bytes = 0;
     for (int i = 0; i < 3; ++i) layer.multiplier[i] = layer.shift[i] = 0;
     if (stage->tensors[layer.in_a].last_use < l) stage->tensors[layer.in_a].last_use = l;
     if (layer.in_b >= 0 && stage->tensors[layer.in_b].last_use < l) {
@@ -631,7 +633,7 @@ KpStatus KpPrepareStage(const KpOptionsView& v, int32_t num_op_inputs, KpGetCons
                   static_cast<int>(l), name);
     }
   }
-  if (PlanPatchArena(stage, reporter) != kKpOk) return kKpError;
+  if (PlanPatchArena(stage, v.in_place != 0, reporter) != kKpOk) return kKpError;
   if (KpCmsisPlanContext(stage, reporter) != kKpOk) return kKpError;
   *out_stage = stage;
   return kKpOk;

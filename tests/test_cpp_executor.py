@@ -285,9 +285,9 @@ def test_float_vector_where_int_expected_is_named(key):
     assert f"'{key}'" in _cpp_error(spec_tests._encode_raw(entries))
 
 
-def test_version_2_is_rejected_naming_version():
+def test_version_3_is_rejected_naming_version():
     entries = spec_tests._raw_entries()
-    entries["version"] = 2
+    entries["version"] = 3
     assert "'version'" in _cpp_error(spec_tests._encode_raw(entries))
 
 
@@ -363,7 +363,7 @@ def test_arithmetic_helpers_match_python():
             assert lib.kp_multiply_by_quantized_multiplier(x, m.value, s.value) == want
 
 
-@pytest.mark.parametrize("first, last", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("first, last", [(3, 1), (1, 3)])
 def test_duplicate_key_last_one_counts(first, last):
     """Like the Python reader, the core reads the last of repeated keys."""
     from flatbuffers import flexbuffers

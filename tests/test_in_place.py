@@ -73,6 +73,53 @@ def one_layer_depthwise(draw, max_size=13, max_channels=7):
     return opts, op_inputs
 
 
+@st.composite
+def inverted_residual_stage(draw):
+    """(StageOptions, op_inputs): 1-2 MobileNetV2 blocks (1x1 expand, k x k depthwise, 1x1 project,
+    ADD when shapes allow) on a random input, random grid, `in_place` set."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    shapes = [(draw(st.integers(3, 17)), draw(st.integers(3, 17)), draw(st.integers(1, 6)))]
+    scales = [float(np.float32(draw(st.floats(0.01, 0.3))))]
+    zps = [draw(st.integers(-128, 127))]
+    layers, op_inputs = [], [None]
+
+    def add_layer(op, inputs, shape, kernel=(1, 1), stride=(1, 1), dilation=(1, 1), pad=(0, 0), weighted=True):
+        weights = (-1, -1)
+        if weighted:
+            c_in, c_out = shapes[inputs[0]][2], shape[2]
+            fshape = (c_out, *kernel, c_in) if op == o.OP_CONV_2D else (1, *kernel, c_out)
+            op_inputs.append(ConstantTensor(rng.integers(-127, 128, fshape).astype(np.int8),
+                                            rng.uniform(0.001, 0.03, c_out).astype(np.float32)))
+            op_inputs.append(ConstantTensor(rng.integers(-2000, 2000, c_out).astype(np.int32)))
+            weights = (len(op_inputs) - 2, len(op_inputs) - 1)
+        layers.append(o.LayerOptions(op=op, inputs=inputs, kernel=kernel, stride=stride, dilation=dilation,
+                                     pad=pad, activation=draw(st.sampled_from([0, 3])), weights=weights))
+        shapes.append(shape)
+        scales.append(float(np.float32(draw(st.floats(0.01, 0.3)))))
+        zps.append(draw(st.integers(-128, 127)))
+        return len(shapes) - 1
+
+    for _ in range(draw(st.integers(1, 2))):
+        x = len(shapes) - 1
+        h, w, c = shapes[x]
+        e = c * draw(st.integers(2, 6))
+        t = add_layer(o.OP_CONV_2D, (x, -1), (h, w, e))
+        k, s, d = draw(st.sampled_from([3, 5])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 1, 2]))
+        eff = (k - 1) * d + 1
+        oh, ow = -(-h // s), -(-w // s)
+        pad = (max((oh - 1) * s + eff - h, 0) // 2, max((ow - 1) * s + eff - w, 0) // 2)
+        t = add_layer(o.OP_DEPTHWISE_CONV_2D, (t, -1), (oh, ow, e), (k, k), (s, s), (d, d), pad)
+        c2 = draw(st.sampled_from([c, c + 1])) if s == 1 else draw(st.integers(1, 8))
+        t = add_layer(o.OP_CONV_2D, (t, -1), (oh, ow, c2))
+        if (oh, ow, c2) == (h, w, c) and draw(st.booleans()):
+            add_layer(o.OP_ADD, (x, t), (oh, ow, c2), weighted=False)
+    out_h, out_w, _ = shapes[-1]
+    grid = (draw(st.integers(1, min(out_h, 4))), draw(st.integers(1, min(out_w, 4))))
+    opts = o.StageOptions(grid=grid, tensor_shapes=shapes, tensor_scales=scales, tensor_zero_points=zps,
+                          layers=layers, in_place=True)
+    return opts, op_inputs
+
+
 def _cpp_plan(cpp: cpp_executor.CppStage) -> tuple:
     return (*cpp.arena_plan(), *cpp.save_plan(), cpp.arena_bytes)
 
@@ -104,7 +151,7 @@ def test_one_layer_in_place_aliased_equals_reference(stage, seed):
 
 
 @settings(max_examples=N_EXAMPLES, **_SETTINGS)
-@given(stage=stages(min_layers=3, ops=IN_PLACE_OPS, depth_multipliers=(1, 1, 1, 2)), seed=st.integers(0, 2**32 - 1))
+@given(stage=st.one_of(inverted_residual_stage(), stages(min_layers=3, max_channels=10, ops=IN_PLACE_OPS, depth_multipliers=(1, 1, 1, 2))), seed=st.integers(0, 2**32 - 1))
 def test_multi_layer_in_place_equals_reference_and_python_plan(stage, seed):
     opts, op_inputs = stage
     opts = dataclasses.replace(opts, in_place=True)

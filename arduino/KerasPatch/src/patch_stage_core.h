@@ -34,6 +34,7 @@ namespace keras_patch {
 struct KpOptionsView {
   int32_t version;
   int32_t num_layers;
+  int32_t in_place;  // 0 or 1 ("in_place", version 2; 0 in version 1 files)
   flexbuffer::TypedVector vectors[kKpNumOptionKeys];  // by KpOptionKeyIndex
 };
 

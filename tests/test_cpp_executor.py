@@ -15,6 +15,7 @@ tests/test_bit_exact.py (it runs both executors on the same examples).
 """
 
 import array
+import dataclasses
 import os
 import re
 
@@ -132,9 +133,11 @@ def _inputs(opts, seed, n=2):
 
 
 @settings(max_examples=N_EXAMPLES, **_SETTINGS)
-@given(stage=stages(), seed=st.integers(0, 2**32 - 1))
-def test_cpp_equals_reference_executor(stage, seed):
+@given(stage=stages(), seed=st.integers(0, 2**32 - 1), in_place=st.booleans())
+def test_cpp_equals_reference_executor(stage, seed, in_place):
     opts, op_inputs = stage
+    if in_place and opts.num_layers > 1:  # docs "In place": same outputs, the plan may differ
+        opts = dataclasses.replace(opts, in_place=True)
     note(repr(opts))
     ref = prepare_stage(opts, op_inputs)
     cpp = cpp_executor.CppStage(o.encode_options(opts), op_inputs)
@@ -142,6 +145,7 @@ def test_cpp_equals_reference_executor(stage, seed):
     np.testing.assert_array_equal(cpp.run(x), run_stage(ref, x))
     plan = geometry.plan_patch_arena(opts)
     assert cpp.arena_plan() == (plan.offsets, plan.sizes)
+    assert cpp.save_plan() == (list(plan.save_offsets), list(plan.save_sizes))
     assert cpp.arena_bytes == plan.total_bytes
     assert cpp_executor.persistent_bytes(o.encode_options(opts)) == geometry.kernel_persistent_bytes(
         opts, pointer_bytes=8)

@@ -63,7 +63,9 @@ KpStatus KpCheckStageIo(const KpStage& stage, bool is_output, int32_t type, int3
 
 // Runs the stage on one sample.  op_inputs[i] is the data of op input i (the
 // filters and biases; entry 0 is not read).  `arena` holds stage->arena_bytes
-// bytes (may be NULL when that is 0).  Allocates nothing.
+// bytes (may be NULL when that is 0).  Allocates nothing.  `output` may equal
+// `input` for a one-layer in-place stage (docs "In place"); otherwise the two
+// must not overlap.
 KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
                      const void* const* op_inputs, uint8_t* arena, const KpReporter& reporter);
 

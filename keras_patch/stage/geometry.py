@@ -327,6 +327,13 @@ def _cmsis_in_place(layer, block_x0: int, block_x1: int, region: Region) -> bool
     return not fast_1x1 or block_x1 - block_x0 == region[3] - region[2]
 
 
+def _portable_layers(options: StageOptions) -> set:
+    """Layers the CMSIS-NN build runs with the portable code: the in-place ones (docs "In place")."""
+    if not getattr(options, "in_place", False):
+        return set()
+    return set(plan_patch_arena(options).in_place_layers)
+
+
 def cmsis_nn_staging_bytes(options: StageOptions) -> int:
     """Largest input band the CMSIS-NN path copies (docs: "Scratch buffers", #1).
 
@@ -339,7 +346,7 @@ def cmsis_nn_staging_bytes(options: StageOptions) -> int:
     the whole output region reads.
     """
     staging = 0
-    portable = set(plan_patch_arena(options).in_place_layers)  # in-place layers run the portable kernel
+    portable = _portable_layers(options)
     for regions in all_patch_regions(options):
         for l, layer in enumerate(options.layers):
             region = regions[l + 1]
@@ -371,7 +378,7 @@ def kernel_context_bytes(options: StageOptions, kernel: str = "portable", stagin
         raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
     if kernel == "portable":
         return 0
-    portable = set(plan_patch_arena(options).in_place_layers)  # in-place layers run the portable kernel
+    portable = _portable_layers(options)
     cmsis = max([cmsis_nn_layer_buffer_bytes(options, l) for l in range(options.num_layers) if l not in portable],
                 default=0)
     staging = cmsis_nn_staging_bytes(options) if staging_bytes is None else staging_bytes

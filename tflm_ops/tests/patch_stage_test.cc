@@ -710,6 +710,10 @@ void TestOneLayerInPlaceAliasedEqualsSeparateBuffers() {
     memcpy(&shared[0], &input[0], in_bytes);
     CHECK(EvalInPlace(&in_place, &shared[0], &shared[0]) == kKpOk);  // output over input
     CHECK(memcmp(&shared[0], &want[0], out_bytes) == 0);
+    // Overlapping at another address, or sharing memory without in_place: refused.
+    std::vector<int8_t> big(in_bytes + 1);
+    CHECK(EvalInPlace(&in_place, &big[0], &big[1]) == kKpError);
+    CHECK(EvalInPlace(&plain, &shared[0], &shared[0]) == kKpError);
   }
 }
 

@@ -271,6 +271,24 @@ KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
                     "KP_PATCH_STAGE Eval: missing input, output, arena or CMSIS-NN context.");
     return kKpError;
   }
+  {
+    // Input and output may share memory only as docs "In place" allows: a
+    // one-layer in-place stage with output == input (an offline plan that
+    // overlaps them otherwise would give wrong bits: refuse it).
+    const KpTensor& in_t = s.tensors[0];
+    const KpTensor& out_t = s.tensors[s.num_layers];
+    const uintptr_t in0 = reinterpret_cast<uintptr_t>(input);
+    const uintptr_t out0 = reinterpret_cast<uintptr_t>(output);
+    const uintptr_t in1 = in0 + static_cast<uintptr_t>(in_t.h) * in_t.w * in_t.c;
+    const uintptr_t out1 = out0 + static_cast<uintptr_t>(out_t.h) * out_t.w * out_t.c;
+    const bool in_place = s.num_layers == 1 && s.layers[0].save_offset >= 0;
+    if (in0 < out1 && out0 < in1 && !(in_place && in0 == out0)) {
+      reporter.report(reporter.context,
+                      "KP_PATCH_STAGE Eval: the output overlaps the input; only a one-layer "
+                      "in-place stage may share its input's memory, at the same address.");
+      return kKpError;
+    }
+  }
   for (int32_t l = 0; l < s.num_layers; ++l) {
     const KpLayer& layer = s.layers[l];
     if ((layer.op == kKpOpConv2D || layer.op == kKpOpDepthwiseConv2D) &&

@@ -17,13 +17,19 @@ Both change only the ops they list in their result; what other passes
 need (aliases, scratch sizes) follows from the options
 (`keras_patch.stage.geometry.plan_patch_arena`).
 
-Example:
+Example (the docs/arena.md section "In-place operators" runs it in full):
 
->>> from keras_patch.graph.tflite_model import TFLiteModel
->>> from tests.model_zoo import mobilenet_v2_block_tflite  # doctest: +SKIP
->>> model = TFLiteModel.from_bytes(mobilenet_v2_block_tflite())  # doctest: +SKIP
->>> make_depthwise_in_place(model)  # doctest: +SKIP
-[1]
+>>> import keras, numpy as np, keras_patch  # doctest: +SKIP
+>>> from keras_patch.graph.patchify import stage_options  # doctest: +SKIP
+>>> from keras_patch.graph.tflite_model import TFLiteModel  # doctest: +SKIP
+>>> base = keras.applications.MobileNetV2((96, 96, 3), alpha=0.35, weights=None, classes=10)  # doctest: +SKIP
+>>> tflite = keras_patch.export_tflite(base, np.random.rand(4, 96, 96, 3).astype("float32"))  # doctest: +SKIP
+>>> model = TFLiteModel.from_bytes(keras_patch.patchify(tflite, "block_2_add", (3, 3)))  # doctest: +SKIP
+>>> set_stages_in_place(model)  # doctest: +SKIP
+[0]
+>>> changed = make_depthwise_in_place(model)  # doctest: +SKIP
+>>> stage_options(model, changed[0]).in_place  # doctest: +SKIP
+True
 """
 
 from __future__ import annotations

@@ -259,8 +259,11 @@ RAW_KEYS = sorted(o.OPTION_KEYS)
 def _raw_entries(opts: o.StageOptions) -> dict:
     """key -> (kind, value) as encode_options writes them."""
     layers = opts.layers
+    version = max(opts.version, 2 if opts.in_place else 1)
+    extra = {"in_place": ("int", int(opts.in_place))} if version >= 2 else {}
     return {
-        "version": ("int", opts.version),
+        **extra,
+        "version": ("int", version),
         "grid": ("ivec", list(opts.grid)),
         "num_layers": ("int", len(layers)),
         "tensor_shape": ("ivec", [v for s in opts.tensor_shapes for v in s]),
@@ -337,7 +340,7 @@ def _option_value_mutation(draw, opts: o.StageOptions) -> o.StageOptions:
 @st.composite
 def _option_key_mutation(draw, opts: o.StageOptions) -> bytes:
     entries = _raw_entries(opts)
-    key = draw(st.sampled_from(RAW_KEYS))
+    key = draw(st.sampled_from(sorted(entries)))
     kind, value = entries[key]
     change = draw(st.sampled_from(["delete", "as_float", "as_string", "wide_ints", "shorter", "longer",
                                    "unknown_key", "version"]))
@@ -356,7 +359,7 @@ def _option_key_mutation(draw, opts: o.StageOptions) -> bytes:
     elif change == "unknown_key":
         entries["zz_unknown"] = ("ivec", [1, 2, 3])
     elif change == "version":
-        entries["version"] = ("int", draw(st.sampled_from([0, 2, -1])))
+        entries["version"] = ("int", draw(st.sampled_from([0, 3, -1])))
     return _encode_raw(entries)
 
 

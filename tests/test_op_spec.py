@@ -69,6 +69,7 @@ def _good_options(**changes) -> o.StageOptions:
         tensor_scales=[0.02, 0.05, 0.04, 0.06, 0.06, 0.06],
         tensor_zero_points=[-1, -128, -5, 3, 3, 3],
         layers=layers,
+        in_place=True,  # options version 2: every key of the table is present
     )
     base.update(changes)
     return o.StageOptions(**base)
@@ -162,7 +163,8 @@ def test_garbage_bytes_raise_invalid_options(data):
 @pytest.mark.parametrize(
     "changes, key",
     [
-        (dict(version=2), "version"),
+        (dict(version=3), "version"),
+        (dict(version=0), "version"),
         (dict(grid=(3, 2)), "grid"),
         (dict(grid=(0, 1)), "grid"),
         (dict(tensor_zero_points=[-1, -128, -5, 3, 3, 300]), "tensor_zero_point"),

@@ -466,7 +466,8 @@ def good_entries(patched_add2) -> dict:
     p = TFLiteModel.from_bytes(patched_add2)
     raw = bytes(np.asarray(p.operator(1).customOptions, np.uint8))
     entries = {k: (_typed(k, v) if isinstance(v, list) else v) for k, v in flexbuffers.Loads(raw).items()}
-    assert set(entries) == set(o.OPTION_KEYS)
+    # patchify writes version 1 (no in-place stage): the keys of version 1.
+    assert set(entries) == set(o.OPTION_KEYS) - set(o.KEY_SINCE)
     assert o.decode_options(encode_entries(entries)) == o.decode_options(raw)
     return entries
 
@@ -499,7 +500,8 @@ CORRUPTIONS = {
     "missing-layer_weights": (
         lambda e: encode_entries({k: v for k, v in e.items() if k != "layer_weights"}), ["'layer_weights'", "missing"]),
     "version-wrong-type": (lambda e: encode_entries({**e, "version": "1"}), ["'version'", "int"]),
-    "version-2": (lambda e: encode_entries({**e, "version": 2}), ["'version'"]),
+    "version-3": (lambda e: encode_entries({**e, "version": 3}), ["'version'"]),
+    "version-2-without-in_place": (lambda e: encode_entries({**e, "version": 2}), ["'in_place'", "missing"]),
     "num_layers-float": (lambda e: encode_entries({**e, "num_layers": 10.0}), ["'num_layers'"]),
     "num_layers-0": (lambda e: encode_entries({**e, "num_layers": 0}), ["'num_layers'"]),
     "grid-float-vector": (lambda e: encode_entries({**e, "grid": array.array("f", [2.0, 2.0])}), ["'grid'"]),

@@ -151,6 +151,16 @@ int kp_stage_arena_plan(const void* buffer, int32_t* offsets, int32_t* sizes,
   return 0;
 }
 
+int kp_stage_save_plan(const void* buffer, int32_t* offsets, int32_t* sizes, int32_t num_layers) {
+  const KpStage* stage = static_cast<const KpStage*>(buffer);
+  if (num_layers != stage->num_layers) return 1;
+  for (int32_t l = 0; l < num_layers; ++l) {
+    offsets[l] = stage->layers[l].save_offset;
+    sizes[l] = stage->layers[l].save_bytes;
+  }
+  return 0;
+}
+
 int kp_num_option_keys(void) { return keras_patch::kKpNumOptionKeys; }
 
 const char* kp_option_key(int index, int field) {

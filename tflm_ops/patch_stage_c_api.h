@@ -50,7 +50,9 @@ int kp_stage_check_io(const void* buffer, int is_output, int32_t type,
                       int32_t num_dims, const int32_t* dims, float scale,
                       int32_t zero_point, char* err, size_t err_size);
 
-/* Runs one sample; inputs[i].data are read for the filters and biases. */
+/* Runs one sample; inputs[i].data are read for the filters and biases.
+   `input` and `output` may be the same pointer for a one-layer in-place
+   stage (docs/patch_stage_op.md "In place"); otherwise they must not overlap. */
 int kp_stage_eval(void* buffer, const int8_t* input, int8_t* output,
                   const kp_const_tensor* inputs, int32_t num_op_inputs,
                   void* arena, size_t arena_size, char* err, size_t err_size);
@@ -66,6 +68,10 @@ int kp_stage_eval_ctx(void* buffer, const int8_t* input, int8_t* output,
 /* The patch-arena plan: offsets[t] / sizes[t] for t = 0 .. num_tensors-1. */
 int kp_stage_arena_plan(const void* buffer, int32_t* offsets, int32_t* sizes,
                         int32_t num_tensors);
+
+/* The in-place save buffers (docs/patch_stage_op.md "In place"): offsets[l]
+   (-1: layer l does not run in place) and sizes[l] for l = 0 .. num_layers-1. */
+int kp_stage_save_plan(const void* buffer, int32_t* offsets, int32_t* sizes, int32_t num_layers);
 
 /* The option keys the core reads: field 0 name, 1 type, 2 length. */
 int kp_num_option_keys(void);

@@ -96,10 +96,13 @@ KpStatus KpParseOptions(const uint8_t* data, size_t size, const KpReporter& repo
                       kKpOptionKeys[k].name);
       return kKpError;
     }
-    if (k == kKeyVersion && values[i] != kKpOptionsVersion) {
+    if (k == kKeyVersion &&
+        (values[i] < kKpMinOptionsVersion || values[i] > kKpOptionsVersion)) {
       reporter.report(reporter.context,
-                      "KP_PATCH_STAGE options: key 'version' is %d; this kernel reads version %d.",
-                      I(values[i]), static_cast<int>(kKpOptionsVersion));
+                      "KP_PATCH_STAGE options: key 'version' is %d; this kernel reads versions "
+                      "%d..%d.",
+                      I(values[i]), static_cast<int>(kKpMinOptionsVersion),
+                      static_cast<int>(kKpOptionsVersion));
       return kKpError;
     }
     if (k == kKeyNumLayers && (values[i] < 1 || values[i] > kKpMaxLayers)) {
@@ -111,6 +114,26 @@ KpStatus KpParseOptions(const uint8_t* data, size_t size, const KpReporter& repo
   }
   view->version = static_cast<int32_t>(values[0]);
   view->num_layers = static_cast<int32_t>(values[1]);
+  view->in_place = 0;
+  if (view->version >= 2) {  // 'in_place' exists from version 2 on
+    flexbuffer::Ref ref;
+    int64_t in_place = 0;
+    if (flexbuffer::Find(map, kKpOptionKeys[kKeyInPlace].name, &ref) != flexbuffer::kOk) {
+      reporter.report(reporter.context, "KP_PATCH_STAGE options: missing key 'in_place'.");
+      return kKpError;
+    }
+    if (flexbuffer::ReadInt(ref, &in_place) != flexbuffer::kOk) {
+      reporter.report(reporter.context, "KP_PATCH_STAGE options: key 'in_place' must be an int.");
+      return kKpError;
+    }
+    if (in_place != 0 && in_place != 1) {
+      reporter.report(reporter.context,
+                      "KP_PATCH_STAGE options: key 'in_place' is %d; allowed 0 or 1.",
+                      I(in_place));
+      return kKpError;
+    }
+    view->in_place = static_cast<int32_t>(in_place);
+  }
   const int64_t L = view->num_layers;
   const struct {
     KpOptionKeyIndex key;
@@ -152,6 +175,7 @@ KpStatus KpParseOptions(const uint8_t* data, size_t size, const KpReporter& repo
   // Unused slots (the scalars) stay empty.
   view->vectors[kKeyVersion].length = 0;
   view->vectors[kKeyNumLayers].length = 0;
+  view->vectors[kKeyInPlace].length = 0;
   return kKpOk;
 }
 
@@ -331,6 +355,20 @@ KpStatus KpValidateOptions(const KpOptionsView& v, int32_t num_op_inputs,
     if (!consumed) {
       KP_FAIL_KEY(kKeyLayerInputs,
                   "tensor %d is never read; only the last tensor may leave the stage.", I(t));
+    }
+  }
+  if (v.in_place != 0 && L == 1) {
+    const int64_t op = V(v, kKeyLayerOp, 0);
+    const int64_t in_h = Shape(v, 0, 0), in_w = Shape(v, 0, 1), in_c = Shape(v, 0, 2);
+    const int64_t out_h = Shape(v, 1, 0), out_w = Shape(v, 1, 1), out_c = Shape(v, 1, 2);
+    if (op != kKpOpDepthwiseConv2D || out_c != in_c || gh != 1 || gw != 1 ||
+        out_h * out_w > in_h * in_w) {
+      KP_FAIL_KEY(kKeyInPlace,
+                  "a one-layer in-place stage must be one DEPTHWISE_CONV_2D with depth "
+                  "multiplier 1, grid 1x1 and no more output than input pixels; got %s "
+                  "%dx%dx%d -> %dx%dx%d, grid %dx%d.",
+                  OpName(op), I(in_h), I(in_w), I(in_c), I(out_h), I(out_w), I(out_c), I(gh),
+                  I(gw));
     }
   }
   return kKpOk;
@@ -545,6 +583,8 @@ KpStatus KpPrepareStage(const KpOptionsView& v, int32_t num_op_inputs, KpGetCons
     layer.filter_input = static_cast<int32_t>(V(v, kKeyLayerWeights, 2 * l));
     layer.bias_input = static_cast<int32_t>(V(v, kKeyLayerWeights, 2 * l + 1));
     layer.channel_offset = -1;
+    layer.save_offset = -1;
+    layer.save_bytes = 0;
     for (int i = 0; i < 3; ++i) layer.multiplier[i] = layer.shift[i] = 0;
     if (stage->tensors[layer.in_a].last_use < l) stage->tensors[layer.in_a].last_use = l;
     if (layer.in_b >= 0 && stage->tensors[layer.in_b].last_use < l) {
@@ -593,7 +633,7 @@ KpStatus KpPrepareStage(const KpOptionsView& v, int32_t num_op_inputs, KpGetCons
                   static_cast<int>(l), name);
     }
   }
-  if (PlanPatchArena(stage, reporter) != kKpOk) return kKpError;
+  if (PlanPatchArena(stage, v.in_place != 0, reporter) != kKpOk) return kKpError;
   if (KpCmsisPlanContext(stage, reporter) != kKpOk) return kKpError;
   *out_stage = stage;
   return kKpOk;

@@ -32,6 +32,7 @@ namespace keras_patch {
 struct KpOptionsView {
   int32_t version;
   int32_t num_layers;
+  int32_t in_place;  // 0 or 1 ("in_place", version 2; 0 in version 1 files)
   flexbuffer::TypedVector vectors[kKpNumOptionKeys];  // by KpOptionKeyIndex
 };
 
@@ -62,7 +63,9 @@ KpStatus KpCheckStageIo(const KpStage& stage, bool is_output, int32_t type, int3
 
 // Runs the stage on one sample.  op_inputs[i] is the data of op input i (the
 // filters and biases; entry 0 is not read).  `arena` holds stage->arena_bytes
-// bytes (may be NULL when that is 0).  Allocates nothing.
+// bytes (may be NULL when that is 0).  Allocates nothing.  `output` may equal
+// `input` for a one-layer in-place stage (docs "In place"); otherwise the two
+// must not overlap.
 KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
                      const void* const* op_inputs, uint8_t* arena, const KpReporter& reporter);
 

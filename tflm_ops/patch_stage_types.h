@@ -21,7 +21,9 @@ struct KpReporter {
   void* context;
 };
 
-static const int32_t kKpOptionsVersion = 1;
+// Newest options version read; version 1 files (no 'in_place') are read too.
+static const int32_t kKpOptionsVersion = 2;
+static const int32_t kKpMinOptionsVersion = 1;
 static const int32_t kKpMaxLayers = 256;
 static const int32_t kKpMaxGrid = 64;
 static const int32_t kKpMaxDim = 65536;
@@ -63,6 +65,7 @@ enum KpOptionKeyIndex {
   kKeyLayerParams,
   kKeyLayerActivation,
   kKeyLayerWeights,
+  kKeyInPlace,
   kKpNumOptionKeys
 };
 struct KpOptionKey {
@@ -83,6 +86,7 @@ static const KpOptionKey kKpOptionKeys[kKpNumOptionKeys] = {
     {"layer_params", "int vector", "8 * L"},
     {"layer_activation", "int vector", "L"},
     {"layer_weights", "int vector", "2 * L"},
+    {"in_place", "int", "scalar"},
 };
 // KP_OPTION_KEYS_END
 
@@ -115,6 +119,10 @@ struct KpLayer {
   int32_t multiplier[3];
   int32_t shift[3];
   int32_t channel_offset;  // CONV/DEPTHWISE: first entry in the per-channel arrays
+  // DEPTHWISE_CONV_2D run in place (docs "In place"): offset of its one-plane
+  // save buffer in the patch arena, -1 otherwise; save_bytes: that buffer's size.
+  int32_t save_offset;
+  int32_t save_bytes;
 };
 
 // A prepared stage: lives in one caller-provided persistent buffer.
@@ -136,7 +144,7 @@ struct KpStage {
 // docs/patch_stage_op.md ("Persistent data") gives the persistent-memory
 // formula with these sizes; keep them in sync.
 static_assert(sizeof(KpTensor) == 36, "KpTensor layout is documented");
-static_assert(sizeof(KpLayer) == 92, "KpLayer layout is documented");
+static_assert(sizeof(KpLayer) == 100, "KpLayer layout is documented");
 static_assert(sizeof(KpRegion) == 16, "KpRegion layout is documented");
 static_assert(sizeof(KpStage) == 32 + 5 * sizeof(void*), "KpStage layout is documented");
 

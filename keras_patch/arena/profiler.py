@@ -684,9 +684,7 @@ def profile(
         # what layer l of one patch keeps alive.
         p, opts, layer = entry
         arena = geometry.plan_patch_arena(opts)
-        lifetimes = geometry.tensor_lifetimes(opts)
-        in_patch = sum(size for t, size in enumerate(arena.sizes)
-                       if arena.offsets[t] >= 0 and lifetimes[t][0] <= layer <= lifetimes[t][1])
+        in_patch = geometry.patch_live_bytes(opts, arena, layer)
         return _live_bytes(patched_buffers, p) - memory_planner.align_up(arena.total_bytes) * (arena.total_bytes > 0) + in_patch
 
     rows = []

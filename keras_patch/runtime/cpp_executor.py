@@ -100,6 +100,7 @@ def load_library() -> ctypes.CDLL:
     lib.kp_cmsis_nn_enabled.argtypes = []
     lib.kp_stage_arena_plan.argtypes = [
         ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]
+    lib.kp_stage_save_plan.argtypes = lib.kp_stage_arena_plan.argtypes
     lib.kp_option_key.restype = ctypes.c_char_p
     lib.kp_option_key.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.kp_quantize_multiplier.argtypes = [
@@ -108,7 +109,7 @@ def load_library() -> ctypes.CDLL:
     lib.kp_multiply_by_quantized_multiplier.argtypes = [ctypes.c_int32] * 3
     for name in ("kp_stage_persistent_bytes", "kp_stage_prepare", "kp_stage_check_io",
                  "kp_stage_eval", "kp_stage_eval_ctx", "kp_stage_context_bytes", "kp_cmsis_nn_enabled",
-                 "kp_stage_arena_plan", "kp_num_option_keys"):
+                 "kp_stage_arena_plan", "kp_stage_save_plan", "kp_num_option_keys"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -229,6 +230,15 @@ class CppStage:
             raise AssertionError("kp_stage_arena_plan failed")
         return list(offsets), list(sizes)
 
+    def save_plan(self) -> tuple:
+        """(offsets, sizes) per layer of the in-place save buffers (offset -1: not in place)."""
+        n = self.options.num_layers
+        offsets = (ctypes.c_int32 * n)()
+        sizes = (ctypes.c_int32 * n)()
+        if self._lib.kp_stage_save_plan(self._persistent.ctypes.data, offsets, sizes, n):
+            raise AssertionError("kp_stage_save_plan failed")
+        return list(offsets), list(sizes)
+
     def check_io(self, is_output: bool, dtype, shape, scale: float, zero_point: int) -> None:
         """The adapter's Prepare check of the op's input / output tensor."""
         dims = (ctypes.c_int32 * 4)(*[int(np.int64(d).astype(np.int32)) for d in tuple(shape)[:4]])
@@ -239,8 +249,19 @@ class CppStage:
                                        float(np.float32(scale)), zero_point, err, _ERR_SIZE):
             raise InvalidOptionsError(_error(err))
 
-    def run(self, inputs: np.ndarray) -> np.ndarray:
-        """(N, H, W, C) int8 -> (N, H', W', C') int8, one Eval per sample."""
+    def run(self, inputs: np.ndarray, aliased: Optional[bool] = None) -> np.ndarray:
+        """(N, H, W, C) int8 -> (N, H', W', C') int8, one Eval per sample.
+
+        `aliased=True` passes one buffer as both input and output (as an
+        offline memory plan that aliases them does); only a one-layer in-place
+        stage (docs "In place") may run so.  Default: aliased exactly for those.
+        """
+        from keras_patch.arena.aliases import in_place_stage
+
+        if aliased is None:
+            aliased = in_place_stage(self.options)
+        if aliased and not in_place_stage(self.options):
+            raise ValueError("only a one-layer in-place DEPTHWISE_CONV_2D stage may share its input and output.")
         inputs = np.asarray(inputs)
         expected = tuple(self.options.input_shape)
         if inputs.dtype != np.int8 or inputs.ndim != 4 or tuple(inputs.shape[1:]) != expected:
@@ -251,10 +272,18 @@ class CppStage:
         inputs = np.ascontiguousarray(inputs)
         outputs = np.empty((inputs.shape[0], *self.options.output_shape), np.int8)
         err = ctypes.create_string_buffer(_ERR_SIZE)
+        out_bytes = outputs[0].nbytes
         for n in range(inputs.shape[0]):
-            if self._lib.kp_stage_eval_ctx(self._persistent.ctypes.data, inputs[n].ctypes.data,
-                                           outputs[n].ctypes.data, self._inputs, self.num_op_inputs,
-                                           self._arena.ctypes.data, self._arena.nbytes,
+            if aliased:  # one buffer, input first, output written over it
+                shared = np.zeros(max(inputs[n].nbytes, out_bytes), np.int8)
+                shared[:inputs[n].nbytes] = inputs[n].reshape(-1)
+                src = dst = shared.ctypes.data
+            else:
+                src, dst = inputs[n].ctypes.data, outputs[n].ctypes.data
+            if self._lib.kp_stage_eval_ctx(self._persistent.ctypes.data, src, dst, self._inputs,
+                                           self.num_op_inputs, self._arena.ctypes.data, self._arena.nbytes,
                                            self._context.ctypes.data, self._context.nbytes, err, _ERR_SIZE):
                 raise RuntimeError(_error(err))
+            if aliased:
+                outputs[n] = shared[:out_bytes].reshape(outputs[n].shape)
         return outputs

@@ -200,7 +200,7 @@ def stage_vectors_header(
 
 
 def stage_vectors_header_from_options(opts: o.StageOptions, constants: Sequence, input_image: np.ndarray,
-                                      label: str = "") -> str:
+                                      label: str = "", aliased: bool = False) -> str:
     """`stage_vectors_header` for a stage given as options and op inputs.
 
     Args:
@@ -208,7 +208,15 @@ def stage_vectors_header_from_options(opts: o.StageOptions, constants: Sequence,
         constants: op inputs as `ConstantTensor`s (entry 0 is not read).
         input_image: the stage's int8 input, shape (1, H, W, C) or (H, W, C).
         label: a comment line for the header.
+        aliased: the firmware passes one buffer as input and output (a
+            one-layer in-place stage, docs/patch_stage_op.md "In place");
+            the expected output is the stage's own output either way.
     """
+    if aliased:
+        from keras_patch.arena.aliases import in_place_stage
+
+        if not in_place_stage(opts):
+            raise KerasPatchError("aliased=True needs a one-layer in-place DEPTHWISE_CONV_2D stage.")
     x = np.asarray(input_image, np.int8).reshape((1, *opts.input_shape))
     expected = run_stage(prepare_stage(opts, constants), x)
     parts = [
@@ -216,6 +224,7 @@ def stage_vectors_header_from_options(opts: o.StageOptions, constants: Sequence,
         "#ifndef KP_STAGE_VECTORS_H_\n#define KP_STAGE_VECTORS_H_\n",
         "#include <stdint.h>\n#include \"patch_stage_c_api.h\"\n\n",
         f"// {label or 'stage'}, grid {opts.grid[0]}x{opts.grid[1]}, {opts.num_layers} layers\n",
+        "#define KP_STAGE_ALIASED 1\n" if aliased else "",
         _c_array("kOptions", "uint8_t", np.frombuffer(o.encode_options(opts), np.uint8)),
     ]
     entries = ["    {0, 0, {0, 0, 0, 0}, 0, nullptr, nullptr}"]

@@ -104,11 +104,23 @@ def all_patch_regions(options: StageOptions) -> List[List[Optional[Region]]]:
 
 @dataclass(frozen=True)
 class PatchArenaPlan:
-    """Placement of the intermediate tensors inside the patch-arena scratch buffer."""
+    """Placement of the intermediate tensors inside the patch-arena scratch buffer.
+
+    Layers that run in place (docs "In place") have a one-plane save buffer
+    at `save_offsets[l]` (`save_sizes[l]` bytes); -1 / 0 for the others.  A
+    tensor written in place shares its input's offset.
+    """
 
     offsets: List[int]  # per stage tensor; -1 for the stage input/output
     sizes: List[int]  # bytes reserved per stage tensor (max over patches)
     total_bytes: int
+    save_offsets: tuple = ()  # per layer; -1: the layer does not run in place
+    save_sizes: tuple = ()  # per layer; bytes of its one-plane save buffer
+
+    @property
+    def in_place_layers(self) -> List[int]:
+        """Layers that run in place (write their output over their input)."""
+        return [l for l, offset in enumerate(self.save_offsets) if offset >= 0]
 
 
 def tensor_lifetimes(options: StageOptions) -> list:
@@ -125,47 +137,135 @@ def _align(value: int, alignment: int = PATCH_ARENA_ALIGNMENT) -> int:
     return (value + alignment - 1) // alignment * alignment
 
 
+def in_place_candidates(options: StageOptions) -> List[int]:
+    """Layers of a multi-layer `in_place` stage that may write over their input (docs "In place").
+
+    A DEPTHWISE_CONV_2D layer `l` with depth multiplier 1 whose input is an
+    intermediate tensor (1 .. L-1) that no later layer reads, and whose
+    output is an intermediate too (`l + 1 < L`).
+    """
+    L = options.num_layers
+    if not getattr(options, "in_place", False) or L < 2:
+        return []
+    lifetimes = tensor_lifetimes(options)
+    result = []
+    for l, layer in enumerate(options.layers):
+        a = layer.inputs[0]
+        if (layer.op == OP_DEPTHWISE_CONV_2D and 1 <= a and l + 1 < L and lifetimes[a][1] == l
+                and options.tensor_shapes[a][2] == options.tensor_shapes[l + 1][2]):
+            result.append(l)
+    return result
+
+
 def plan_patch_arena(options: StageOptions) -> PatchArenaPlan:
-    """First-fit plan of the per-patch intermediates (docs: "Scratch buffers").
+    """First-fit plan of the per-patch intermediates (docs: "Scratch buffers", "In place").
 
     Size of tensor t = channels * max over patches of its region area, rounded
     up to 4 bytes.  Tensors are placed in order of decreasing size (ties: lower
     tensor index first), each at the lowest 4-aligned offset where it overlaps
-    no already placed tensor whose lifetime overlaps its own.
+    no already placed tensor whose lifetime overlaps its own.  With
+    `options.in_place`, a one-layer DEPTHWISE_CONV_2D stage's arena is one
+    plane of its input region; a multi-layer stage runs all its
+    `in_place_candidates` in place when that gives a smaller arena.
     """
     num_tensors = options.num_layers + 1
     sizes = [0] * num_tensors
+    planes = [0] * num_tensors  # max region area per tensor (one channel plane)
     for regions in all_patch_regions(options):
-        for t in range(1, num_tensors - 1):
-            sizes[t] = max(sizes[t], region_area(regions[t]) * options.tensor_shapes[t][2])
-    return place_patch_arena(options, [_align(s) for s in sizes])
+        for t in range(0, num_tensors - 1):
+            area = region_area(regions[t])
+            planes[t] = max(planes[t], area)
+            if t >= 1:
+                sizes[t] = max(sizes[t], area * options.tensor_shapes[t][2])
+    return _plan_from_sizes(options, [_align(s) for s in sizes], planes)
 
 
-def place_patch_arena(options: StageOptions, sizes: List[int]) -> PatchArenaPlan:
-    """First-fit placement of per-tensor sizes (4-aligned, 0 for tensors 0 and L) (`plan_patch_arena`)."""
+def _plan_from_sizes(options: StageOptions, sizes: List[int], planes: List[int]) -> PatchArenaPlan:
+    """`plan_patch_arena` from per-tensor sizes (4-aligned) and largest region areas."""
+    L = options.num_layers
+    save_sizes = [_align(planes[layer.inputs[0]]) for layer in options.layers]
+    if getattr(options, "in_place", False) and L == 1:
+        total = save_sizes[0]
+        return PatchArenaPlan(offsets=[-1, -1], sizes=[0, 0], total_bytes=total,
+                              save_offsets=(0 if total else -1,), save_sizes=(total,))
+    plan = place_patch_arena(options, sizes)
+    candidates = in_place_candidates(options)
+    if candidates:
+        in_place = place_patch_arena(options, sizes, candidates, save_sizes)
+        if in_place.total_bytes < plan.total_bytes:
+            return in_place
+    return plan
+
+
+def place_patch_arena(options: StageOptions, sizes: List[int], in_place_layers=(),
+                      save_sizes=None) -> PatchArenaPlan:
+    """First-fit placement of per-tensor sizes (4-aligned, 0 for tensors 0 and L) (`plan_patch_arena`).
+
+    Each layer `l` of `in_place_layers` merges its output tensor into its
+    input's slot (one buffer: the largest member's size, from the first
+    member's producer to the last member's last reader) and adds its save
+    buffer of `save_sizes[l]` bytes alive at layer `l` only.  Buffers are
+    placed by decreasing size; ties: tensors by lowest member index, then
+    save buffers by layer.
+    """
     num_tensors = options.num_layers + 1
+    L = options.num_layers
     lifetimes = tensor_lifetimes(options)
-    order = sorted(range(1, num_tensors - 1), key=lambda t: (-sizes[t], t))
-    offsets = [-1] * num_tensors
-    placed: list = []
-    for t in order:
-        if sizes[t] == 0:
+    head = list(range(num_tensors))
+    for l in sorted(in_place_layers):
+        head[l + 1] = head[options.layers[l].inputs[0]]
+    # buffer key -> [size, first, last]; tensors keyed by head index, saves by L + 1 + l.
+    buffers = {}
+    for t in range(1, num_tensors - 1):
+        h = head[t]
+        size, first, last = buffers.get(h, [0, lifetimes[h][0], lifetimes[h][1]])
+        buffers[h] = [max(size, sizes[t]), first, max(last, lifetimes[t][1])]
+    for l in in_place_layers:
+        buffers[L + 1 + l] = [save_sizes[l], l, l]
+    order = sorted(buffers, key=lambda k: (-buffers[k][0], k))
+    placed = {}
+    for key in order:
+        size, first, last = buffers[key]
+        if size == 0:
             continue
-        first, last = lifetimes[t]
         conflicts = sorted(
-            (offsets[u], offsets[u] + sizes[u])
+            (placed[u], placed[u] + buffers[u][0])
             for u in placed
-            if not (lifetimes[u][1] < first or last < lifetimes[u][0])
+            if not (buffers[u][2] < first or last < buffers[u][1])
         )
         offset = 0
         for start, end in conflicts:
-            if offset + sizes[t] <= start:
+            if offset + size <= start:
                 break
             offset = max(offset, end)
-        offsets[t] = offset
-        placed.append(t)
-    total = max([offsets[t] + sizes[t] for t in placed], default=0)
-    return PatchArenaPlan(offsets=offsets, sizes=sizes, total_bytes=total)
+        placed[key] = offset
+    offsets = [-1] * num_tensors
+    for t in range(1, num_tensors - 1):
+        if sizes[t] > 0:
+            offsets[t] = placed[head[t]]
+    save_offsets = [-1] * L
+    save_bytes = [0] * L
+    for l in in_place_layers:
+        save_offsets[l] = placed.get(L + 1 + l, -1)
+        save_bytes[l] = save_sizes[l]
+    total = max([placed[k] + buffers[k][0] for k in placed], default=0)
+    return PatchArenaPlan(offsets=offsets, sizes=list(sizes), total_bytes=total,
+                          save_offsets=tuple(save_offsets), save_sizes=tuple(save_bytes))
+
+
+def patch_live_bytes(options: StageOptions, plan: PatchArenaPlan, layer: int) -> int:
+    """Bytes of the patch arena alive while layer `layer` of one patch runs.
+
+    Tensors written in place share their input's slot (counted once, the
+    larger of the two); the layer's save buffer counts while it runs.
+    """
+    lifetimes = tensor_lifetimes(options)
+    slots = {}
+    for t, size in enumerate(plan.sizes):
+        if plan.offsets[t] >= 0 and lifetimes[t][0] <= layer <= lifetimes[t][1]:
+            slots[plan.offsets[t]] = max(slots.get(plan.offsets[t], 0), size)
+    save = plan.save_sizes[layer] if layer < len(plan.save_offsets) and plan.save_offsets[layer] >= 0 else 0
+    return sum(slots.values()) + save
 
 
 def _align8(n: int) -> int:
@@ -182,7 +282,7 @@ def kernel_persistent_bytes(options: StageOptions, pointer_bytes: int = 4) -> in
     L = options.num_layers
     channels = sum(options.tensor_shapes[l + 1][2] for l, layer in enumerate(options.layers)
                    if layer.op in (OP_CONV_2D, OP_DEPTHWISE_CONV_2D))
-    return (_align8(32 + 5 * pointer_bytes) + _align8(36 * (L + 1)) + _align8(92 * L)
+    return (_align8(32 + 5 * pointer_bytes) + _align8(36 * (L + 1)) + _align8(100 * L)
             + 2 * _align8(4 * channels) + _align8(16 * (L + 1)))
 
 
@@ -227,6 +327,13 @@ def _cmsis_in_place(layer, block_x0: int, block_x1: int, region: Region) -> bool
     return not fast_1x1 or block_x1 - block_x0 == region[3] - region[2]
 
 
+def _portable_layers(options: StageOptions) -> set:
+    """Layers the CMSIS-NN build runs with the portable code: the in-place ones (docs "In place")."""
+    if not getattr(options, "in_place", False):
+        return set()
+    return set(plan_patch_arena(options).in_place_layers)
+
+
 def cmsis_nn_staging_bytes(options: StageOptions) -> int:
     """Largest input band the CMSIS-NN path copies (docs: "Scratch buffers", #1).
 
@@ -239,10 +346,11 @@ def cmsis_nn_staging_bytes(options: StageOptions) -> int:
     the whole output region reads.
     """
     staging = 0
+    portable = _portable_layers(options)
     for regions in all_patch_regions(options):
         for l, layer in enumerate(options.layers):
             region = regions[l + 1]
-            if layer.op not in (OP_CONV_2D, OP_DEPTHWISE_CONV_2D) or is_empty(region):
+            if layer.op not in (OP_CONV_2D, OP_DEPTHWISE_CONV_2D) or is_empty(region) or l in portable:
                 continue
             t = layer.inputs[0]
             if t == 0:
@@ -270,7 +378,9 @@ def kernel_context_bytes(options: StageOptions, kernel: str = "portable", stagin
         raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
     if kernel == "portable":
         return 0
-    cmsis = max([cmsis_nn_layer_buffer_bytes(options, l) for l in range(options.num_layers)], default=0)
+    portable = _portable_layers(options)
+    cmsis = max([cmsis_nn_layer_buffer_bytes(options, l) for l in range(options.num_layers) if l not in portable],
+                default=0)
     staging = cmsis_nn_staging_bytes(options) if staging_bytes is None else staging_bytes
     return _align(cmsis) + _align(staging)
 
@@ -409,7 +519,8 @@ def stage_costs_by_grid(options: StageOptions, grids, max_extra_macs: Optional[i
         cols = cached((1, grid[1]), lambda: _axis_spans(options, 1, grid[1]))
         opts = options if tuple(options.grid) == grid else StageOptions(
             grid=grid, tensor_shapes=options.tensor_shapes, tensor_scales=options.tensor_scales,
-            tensor_zero_points=options.tensor_zero_points, layers=options.layers, version=options.version)
+            tensor_zero_points=options.tensor_zero_points, layers=options.layers, version=options.version,
+            in_place=options.in_place)
         if rows is None or cols is None:
             _, patched = stage_macs(opts)
             if max_extra_macs is not None and patched - full > max_extra_macs:
@@ -428,18 +539,20 @@ def stage_costs_by_grid(options: StageOptions, grids, max_extra_macs: Optional[i
         longest = cached(("max", 0, grid[0]), lambda: [max(b - a for a, b in s) for s in rows])
         longest_c = cached(("max", 1, grid[1]), lambda: [max(b - a for a, b in s) for s in cols])
         sizes = [0] * (options.num_layers + 1)
+        planes = [longest[t] * longest_c[t] for t in range(options.num_layers + 1)]
         for t in range(1, options.num_layers):
-            sizes[t] = _align(longest[t] * longest_c[t] * options.tensor_shapes[t][2])
-        result[grid] = StageCosts(full, patched, place_patch_arena(opts, sizes),
-                                  _staging_per_axis(opts, rows, cols) if staging else 0)
+            sizes[t] = _align(planes[t] * options.tensor_shapes[t][2])
+        arena = _plan_from_sizes(opts, sizes, planes)
+        result[grid] = StageCosts(full, patched, arena,
+                                  _staging_per_axis(opts, rows, cols, arena.in_place_layers) if staging else 0)
     return result
 
 
-def _staging_per_axis(options: StageOptions, rows: list, cols: list) -> int:
-    """`cmsis_nn_staging_bytes` from the per-axis spans."""
+def _staging_per_axis(options: StageOptions, rows: list, cols: list, portable=()) -> int:
+    """`cmsis_nn_staging_bytes` from the per-axis spans (`portable`: in-place layers, not staged)."""
     staging = 0
     for l, layer in enumerate(options.layers):
-        if layer.op not in (OP_CONV_2D, OP_DEPTHWISE_CONV_2D):
+        if layer.op not in (OP_CONV_2D, OP_DEPTHWISE_CONV_2D) or l in portable:
             continue
         t = layer.inputs[0]
         width = 0

@@ -32,7 +32,10 @@ from keras_patch.errors import InvalidOptionsError
 from keras_patch.stage.quantization import SUPPORTED_ACTIVATIONS
 
 CUSTOM_CODE = "KP_PATCH_STAGE"
-OPTIONS_VERSION = 1
+#: The newest options version this keras-patch reads and writes (docs "Versioning").
+OPTIONS_VERSION = 2
+#: Versions `decode_options` accepts; `encode_options` writes 1 unless `in_place` is set.
+READ_VERSIONS = (1, 2)
 
 # Layer op codes are TFLite's BuiltinOperator values.
 OP_ADD = 0
@@ -70,7 +73,10 @@ OPTION_KEYS = {
     "layer_params": ("int vector", "8 * L"),
     "layer_activation": ("int vector", "L"),
     "layer_weights": ("int vector", "2 * L"),
+    "in_place": ("int", "scalar"),
 }
+#: Keys that exist only from a version on (older files do not carry them).
+KEY_SINCE = {"in_place": 2}
 LAYER_PARAMS_WIDTH = 8  # kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left
 MAX_LAYERS = 256
 MAX_GRID = 64
@@ -104,7 +110,9 @@ class StageOptions:
     tensor_scales: List[float]
     tensor_zero_points: List[int]
     layers: List[LayerOptions] = field(default_factory=list)
-    version: int = OPTIONS_VERSION
+    # The version the options were read with (`encode_options` writes the lowest
+    # version that holds them: 2 with `in_place`, else 1); not part of equality.
+    version: int = field(default=1, compare=False)
     in_place: bool = False  # docs/patch_stage_op.md "In place" (options version 2)
 
     def __post_init__(self):
@@ -134,8 +142,11 @@ def encode_options(options: StageOptions) -> bytes:
     """FlexBuffer map of `options` (int vectors 32-bit, float vectors float32)."""
     builder = flexbuffers.Builder()
     layers = options.layers
+    version = max(int(options.version), 2 if options.in_place else 1)
     with builder.Map():
-        builder.Int("version", int(options.version))
+        builder.Int("version", version)
+        if version >= KEY_SINCE["in_place"]:
+            builder.Int("in_place", 1 if options.in_place else 0)
         builder.TypedVectorFromElements("grid", _int_vector(options.grid))
         builder.Int("num_layers", len(layers))
         builder.TypedVectorFromElements(
@@ -212,15 +223,21 @@ def decode_options(data: bytes) -> StageOptions:
         return result
 
     version = scalar("version")
-    if version != OPTIONS_VERSION:
+    if version not in READ_VERSIONS:
         raise InvalidOptionsError(
-            f"KP_PATCH_STAGE options: key 'version' is {version}; this keras-patch reads version {OPTIONS_VERSION}."
+            f"KP_PATCH_STAGE options: key 'version' is {version}; this keras-patch reads versions "
+            f"{READ_VERSIONS[0]}..{OPTIONS_VERSION}."
         )
     num_layers = scalar("num_layers")
     if not 1 <= num_layers <= MAX_LAYERS:
         raise InvalidOptionsError(
             f"KP_PATCH_STAGE options: key 'num_layers' is {num_layers}, allowed 1..{MAX_LAYERS}."
         )
+    in_place = 0
+    if version >= KEY_SINCE["in_place"]:
+        in_place = scalar("in_place")
+        if in_place not in (0, 1):
+            raise InvalidOptionsError(f"KP_PATCH_STAGE options: key 'in_place' is {in_place}; allowed 0 or 1.")
     grid = tuple(vector("grid", 2))
     shapes_flat = vector("tensor_shape", 3 * (num_layers + 1))
     scales = [float(s) for s in vector("tensor_scale", num_layers + 1, "float")]
@@ -252,6 +269,7 @@ def decode_options(data: bytes) -> StageOptions:
         tensor_zero_points=[int(z) for z in zero_points],
         layers=layers,
         version=version,
+        in_place=bool(in_place),
     )
     validate_options(options)
     return options
@@ -349,3 +367,11 @@ def validate_options(options: StageOptions, num_op_inputs: int = None) -> None:
     for t in range(options.num_layers):
         if t not in consumed:
             fail("layer_inputs", f"tensor {t} is never read; only the last tensor may leave the stage.")
+    if options.in_place and options.num_layers == 1:
+        layer = options.layers[0]
+        (in_h, in_w, in_c), (out_h, out_w, out_c) = options.tensor_shapes
+        if (layer.op != OP_DEPTHWISE_CONV_2D or out_c != in_c or tuple(options.grid) != (1, 1)
+                or out_h * out_w > in_h * in_w):
+            fail("in_place", f"a one-layer in-place stage must be one DEPTHWISE_CONV_2D with depth multiplier 1, "
+                 f"grid 1x1 and no more output than input pixels; got {layer.op_name} "
+                 f"{in_h}x{in_w}x{in_c} -> {out_h}x{out_w}x{out_c}, grid {options.grid}.")

@@ -58,8 +58,18 @@ int main() {
     return 2;
   }
   uint8_t* persistent = Allocate(persistent_bytes);
+#if defined(KP_STAGE_ALIASED)
+  // A one-layer in-place stage (docs/patch_stage_op.md "In place"): the output
+  // is written over the input, as an offline memory plan that aliases them runs it.
+  const int aliased = 1;
+  int8_t* input = reinterpret_cast<int8_t*>(
+      Allocate(sizeof(kInput) > sizeof(kExpected) ? sizeof(kInput) : sizeof(kExpected)));
+  int8_t* output = input;
+#else
+  const int aliased = 0;
   int8_t* input = reinterpret_cast<int8_t*>(Allocate(sizeof(kInput)));
   int8_t* output = reinterpret_cast<int8_t*>(Allocate(sizeof(kExpected)));
+#endif
   if (persistent == nullptr || input == nullptr || output == nullptr) {
     printf("KP_RESULT status=error where=pool message=out of memory\n");
     return 2;
@@ -84,8 +94,8 @@ int main() {
            static_cast<unsigned long>(context_bytes));
     return 2;
   }
+  if (!aliased) memset(output, 0, sizeof(kExpected));
   memcpy(input, kInput, sizeof(kInput));
-  memset(output, 0, sizeof(kExpected));
 
   StartTimer();
   const uint32_t start = TimerValue();
@@ -105,10 +115,10 @@ int main() {
     }
   }
   printf("KP_RESULT status=%s mismatches=%lu first=%ld ticks=%lu persistent=%lu arena=%lu "
-         "context=%lu cmsis_nn=%d output=%lu\n",
+         "context=%lu cmsis_nn=%d output=%lu aliased=%d\n",
          mismatches == 0 ? "ok" : "mismatch", mismatches, first, static_cast<unsigned long>(ticks),
          static_cast<unsigned long>(persistent_bytes), static_cast<unsigned long>(arena_bytes),
          static_cast<unsigned long>(context_bytes), kp_cmsis_nn_enabled(),
-         static_cast<unsigned long>(sizeof(kExpected)));
+         static_cast<unsigned long>(sizeof(kExpected)), aliased);
   return mismatches == 0 ? 0 : 1;
 }

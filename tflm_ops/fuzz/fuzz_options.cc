@@ -8,7 +8,9 @@ data seed.  For every input the core must either report exactly one error
 or prepare the stage; nothing may read or write out of bounds (ASan) or hit
 undefined behaviour (UBSan).  Small prepared stages are also run: the
 patch-by-patch output must equal the same stage run as one tile (grid 1x1,
-i.e. layer by layer), and a second Eval must give the same bits.
+i.e. layer by layer), and a second Eval must give the same bits.  A stage
+with `in_place` set must give the bits of the same stage without it; a
+one-layer in-place stage also runs with input and output at one address.
 
   make -C tflm_ops fuzz FUZZ_SECONDS=60
 ==============================================================================*/
@@ -148,10 +150,10 @@ void SetGridOne(KpOptionsView* v) {
 }
 
 // Outcome counts, printed at exit (how deep the inputs get).
-long g_parsed = 0, g_validated = 0, g_prepared = 0, g_evaluated = 0;
+long g_parsed = 0, g_validated = 0, g_prepared = 0, g_evaluated = 0, g_in_place = 0;
 void PrintStats() {
-  fprintf(stderr, "kp_fuzz: parsed %ld, validated %ld, prepared %ld, evaluated %ld\n", g_parsed,
-          g_validated, g_prepared, g_evaluated);
+  fprintf(stderr, "kp_fuzz: parsed %ld, validated %ld, prepared %ld, evaluated %ld (in place %ld)\n",
+          g_parsed, g_validated, g_prepared, g_evaluated, g_in_place);
 }
 
 }  // namespace
@@ -213,6 +215,39 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (KpEvalStage(stage, &input[0], &patched[0], data_ptr, &arena[0], reporter) != kKpOk) abort();
   if (KpEvalStage(stage, &input[0], &again[0], data_ptr, &arena[0], reporter) != kKpOk) abort();
   if (memcmp(&patched[0], &again[0], out_size) != 0) abort();
+  if (view.in_place != 0) {
+    ++g_in_place;
+    // In place (docs "In place") computes what the stage without it computes.
+    KpOptionsView plain = view;
+    plain.in_place = 0;
+    std::vector<uint64_t> buffer0(persistent / 8 + 1);
+    KpStage* not_in_place = NULL;
+    if (KpPrepareStage(plain, num_inputs, GetConst, &weights, &buffer0[0], persistent, reporter,
+                       &not_in_place) != kKpOk) {
+      abort();
+    }
+    if (not_in_place->arena_bytes < stage->arena_bytes && stage->num_layers > 1) abort();
+    std::vector<uint8_t> arena0(not_in_place->arena_bytes + 1, 0x3C);
+    std::vector<int8_t> want(out_size);
+    if (KpEvalStage(not_in_place, &input[0], &want[0], data_ptr, &arena0[0], reporter) != kKpOk) {
+      abort();
+    }
+    if (memcmp(&patched[0], &want[0], out_size) != 0) {
+      fprintf(stderr, "in-place output differs from the stage without in_place\n");
+      abort();
+    }
+    if (stage->num_layers == 1) {  // output written over the input
+      std::vector<int8_t> shared(input.size() > out_size ? input.size() : out_size);
+      memcpy(&shared[0], &input[0], input.size());
+      if (KpEvalStage(stage, &shared[0], &shared[0], data_ptr, &arena[0], reporter) != kKpOk) {
+        abort();
+      }
+      if (memcmp(&shared[0], &want[0], out_size) != 0) {
+        fprintf(stderr, "aliased in-place output differs\n");
+        abort();
+      }
+    }
+  }
   // The same stage as one tile.
   SetGridOne(&view);
   std::vector<uint64_t> buffer1(persistent / 8 + 1);

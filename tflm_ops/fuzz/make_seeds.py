@@ -35,6 +35,30 @@ def main(count: int = 40) -> None:
         with open(os.path.join(OUT, f"stage_{i:02d}"), "wb") as f:
             f.write(data)
     print(f"wrote {len(written)} seeds to {OUT}")
+    in_place_seeds(count // 4)
+
+
+def in_place_seeds(count: int) -> None:
+    """Seeds with `in_place` set (options version 2): one-layer depthwise and MobileNetV2 blocks."""
+    from hypothesis import strategies as st
+
+    from tests.test_in_place import inverted_residual_stage, one_layer_depthwise
+
+    written = []
+
+    @settings(max_examples=count, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(stage=st.one_of(one_layer_depthwise(max_size=9, max_channels=4), inverted_residual_stage()))
+    def collect(stage):
+        data = o.encode_options(stage[0]) + bytes(8)
+        if data not in written:
+            written.append(data)
+
+    collect()
+    for i, data in enumerate(written):
+        with open(os.path.join(OUT, f"in_place_{i:02d}"), "wb") as f:
+            f.write(data)
+    print(f"wrote {len(written)} in-place seeds to {OUT}")
 
 
 if __name__ == "__main__":

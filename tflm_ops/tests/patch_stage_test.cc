@@ -77,9 +77,10 @@ void Capture(void* context, const char* format, ...) {
 struct Options {
   std::vector<int64_t> grid, shape, zp, op, inputs, params, act, weights;
   std::vector<float> scale;
-  int64_t version, num_layers;
+  int64_t version, num_layers, in_place;
   Options() {
-    version = 1;
+    version = 2;
+    in_place = 0;
     num_layers = 5;
     grid = {2, 2};
     shape = {9, 9, 3, 4, 4, 8, 4, 4, 8, 4, 4, 8, 5, 5, 8, 2, 2, 8};
@@ -98,6 +99,7 @@ struct Options {
   MapBuilder Builder() const {
     MapBuilder b;
     b.Int("version", version);
+    if (version >= 2) b.Int("in_place", in_place);
     b.Ints("grid", grid);
     b.Int("num_layers", num_layers);
     b.Ints("tensor_shape", shape);
@@ -181,7 +183,7 @@ void TestFlexbufferReadsBuilderOutput() {
 void TestFlexbufferReadsPythonEncoderOutput() {
   flexbuffer::Map map;
   CHECK(flexbuffer::GetRootMap(kGoldenOptions, sizeof(kGoldenOptions), &map));
-  CHECK_EQ(map.length, kKpNumOptionKeys);
+  CHECK_EQ(map.length, kKpNumOptionKeys - 1);  // version 1: every key but 'in_place'
   flexbuffer::Ref ref;
   int64_t v = 0;
   CHECK(flexbuffer::Find(map, "num_layers", &ref) == flexbuffer::kOk);
@@ -265,7 +267,8 @@ struct Case {
 void TestInconsistentOptionsNameTheKey() {
   std::vector<Case> cases;
   Options o;
-  o = Options(); o.version = 2; cases.push_back({"version", o});
+  o = Options(); o.version = 3; cases.push_back({"version", o});
+  o = Options(); o.version = 0; cases.push_back({"version", o});
   o = Options(); o.num_layers = 0; cases.push_back({"num_layers", o});
   o = Options(); o.num_layers = 257; cases.push_back({"num_layers", o});
   o = Options(); o.grid = {3, 2}; cases.push_back({"grid", o});
@@ -579,6 +582,207 @@ void TestTileBounds() {
 
 // Writes fuzz seeds: options bytes followed by the 8-byte tail the fuzz
 // target reads (see fuzz/fuzz_options.cc).
+// ------------------------------------------------------------ in place
+
+// A stage of DEPTHWISE_CONV_2D / 1x1 CONV_2D layers with deterministic
+// pseudo-random weights, prepared with in_place 0 or 1.
+struct InPlaceStage {
+  std::vector<int8_t> filters[4];
+  std::vector<int32_t> biases[4];
+  std::vector<float> scales[4];
+  KpConstTensor t[9];
+  std::vector<uint64_t> buffer;
+  KpStage* stage;
+};
+uint32_t g_lcg = 12345u;
+int32_t Rand(int32_t lo, int32_t hi) {
+  g_lcg = g_lcg * 1664525u + 1013904223u;
+  return lo + static_cast<int32_t>((g_lcg >> 8) % static_cast<uint32_t>(hi - lo + 1));
+}
+KpStatus InPlaceGetConst(void* context, int32_t index, KpConstTensor* out) {
+  InPlaceStage* s = static_cast<InPlaceStage*>(context);
+  if (index < 1 || index > 8) return kKpError;
+  *out = s->t[index];
+  return kKpOk;
+}
+// layers: op codes (3 = 1x1 conv c -> channels[l+1], 4 = depthwise kxk stride s pad p).
+std::string PrepareInPlace(const Options& o, InPlaceStage* s) {
+  for (int64_t l = 0; l < o.num_layers; ++l) {
+    const int32_t c_in = static_cast<int32_t>(o.shape[3 * o.inputs[2 * l] + 2]);
+    const int32_t c_out = static_cast<int32_t>(o.shape[3 * (l + 1) + 2]);
+    const bool conv = o.op[l] == kKpOpConv2D;
+    const int32_t kh = static_cast<int32_t>(o.params[8 * l]), kw = static_cast<int32_t>(o.params[8 * l + 1]);
+    const size_t n = static_cast<size_t>(conv ? c_out * kh * kw * c_in : kh * kw * c_out);
+    s->filters[l].resize(n);
+    for (size_t i = 0; i < n; ++i) s->filters[l][i] = static_cast<int8_t>(Rand(-127, 127));
+    s->biases[l].resize(c_out);
+    s->scales[l].resize(c_out);
+    for (int32_t c = 0; c < c_out; ++c) {
+      s->biases[l][c] = Rand(-2000, 2000);
+      s->scales[l][c] = 0.002f + 0.0001f * Rand(0, 100);
+    }
+    KpConstTensor& f = s->t[2 * l + 1];
+    KpConstTensor& b = s->t[2 * l + 2];
+    memset(&f, 0, sizeof(f));
+    memset(&b, 0, sizeof(b));
+    f.type = kKpTypeInt8;
+    f.num_dims = 4;
+    f.dims[0] = conv ? c_out : 1, f.dims[1] = kh, f.dims[2] = kw, f.dims[3] = conv ? c_in : c_out;
+    f.num_scales = c_out;
+    f.scales = &s->scales[l][0];
+    b.type = kKpTypeInt32;
+    b.num_dims = 1;
+    b.dims[0] = c_out;
+  }
+  const std::vector<uint8_t> bytes = o.Builder().Finish();
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  KpOptionsView view;
+  s->stage = NULL;
+  if (KpParseOptions(&bytes[0], bytes.size(), r, &view) != kKpOk) return m.all;
+  s->buffer.assign(KpPersistentBytes(view) / 8 + 1, 0);
+  if (KpPrepareStage(view, static_cast<int32_t>(2 * o.num_layers + 1), InPlaceGetConst, s,
+                     &s->buffer[0], s->buffer.size() * 8, r, &s->stage) != kKpOk) {
+    return m.all;
+  }
+  return "";
+}
+KpStatus EvalInPlace(InPlaceStage* s, const int8_t* in, int8_t* out) {
+  const void* inputs[9] = {NULL};
+  for (int l = 0; l < 4; ++l) {
+    if (!s->filters[l].empty()) {
+      inputs[2 * l + 1] = &s->filters[l][0];
+      inputs[2 * l + 2] = &s->biases[l][0];
+    }
+  }
+  std::vector<uint8_t> arena(s->stage->arena_bytes + 1, 0xAA);  // garbage, never read as data
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  return KpEvalStage(s->stage, in, out, inputs, &arena[0], r);
+}
+
+// One-layer depthwise stage: h x w x c input, k x k kernel, stride, pad, dilation.
+Options OneLayerDepthwise(int64_t h, int64_t w, int64_t c, int64_t k, int64_t stride, int64_t dil,
+                          int64_t pad, int64_t in_place) {
+  Options o;
+  o.in_place = in_place;
+  o.num_layers = 1;
+  o.grid = {1, 1};
+  const int64_t eff = (k - 1) * dil + 1;
+  const int64_t oh = (h + 2 * pad - eff) / stride + 1, ow = (w + 2 * pad - eff) / stride + 1;
+  o.shape = {h, w, c, oh, ow, c};
+  o.scale = {0.05f, 0.07f};
+  o.zp = {3, -4};
+  o.op = {kKpOpDepthwiseConv2D};
+  o.inputs = {0, -1};
+  o.params = {k, k, stride, stride, dil, dil, pad, pad};
+  o.act = {3};
+  o.weights = {1, 2};
+  return o;
+}
+
+void TestOneLayerInPlaceAliasedEqualsSeparateBuffers() {
+  const int64_t cases[][7] = {
+      // h, w, c, k, stride, dilation, pad
+      {7, 9, 5, 3, 1, 1, 1}, {8, 8, 3, 3, 2, 1, 1}, {9, 7, 4, 5, 2, 1, 2},
+      {6, 11, 2, 3, 1, 2, 2}, {5, 5, 1, 1, 1, 1, 0}, {13, 6, 7, 3, 2, 2, 0}};
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); ++i) {
+    const int64_t* k = cases[i];
+    InPlaceStage plain, in_place;
+    g_lcg = 99u + static_cast<uint32_t>(i);
+    CHECK(PrepareInPlace(OneLayerDepthwise(k[0], k[1], k[2], k[3], k[4], k[5], k[6], 0), &plain).empty());
+    g_lcg = 99u + static_cast<uint32_t>(i);
+    CHECK(PrepareInPlace(OneLayerDepthwise(k[0], k[1], k[2], k[3], k[4], k[5], k[6], 1), &in_place).empty());
+    if (plain.stage == NULL || in_place.stage == NULL) return;
+    CHECK_EQ(plain.stage->arena_bytes, 0u);
+    // The arena is one plane of the input region the output reads, 4-aligned.
+    CHECK(in_place.stage->arena_bytes > 0u);
+    CHECK(in_place.stage->arena_bytes <= static_cast<uint32_t>((k[0] * k[1] + 3) / 4 * 4));
+    CHECK_EQ(in_place.stage->layers[0].save_offset, 0);
+    const KpTensor& out_t = in_place.stage->tensors[1];
+    const size_t in_bytes = static_cast<size_t>(k[0] * k[1] * k[2]);
+    const size_t out_bytes = static_cast<size_t>(out_t.h) * out_t.w * out_t.c;
+    std::vector<int8_t> input(in_bytes), want(out_bytes), shared(in_bytes), separate(out_bytes);
+    for (size_t j = 0; j < in_bytes; ++j) input[j] = static_cast<int8_t>(Rand(-128, 127));
+    CHECK(EvalInPlace(&plain, &input[0], &want[0]) == kKpOk);
+    CHECK(EvalInPlace(&in_place, &input[0], &separate[0]) == kKpOk);
+    CHECK(memcmp(&separate[0], &want[0], out_bytes) == 0);
+    memcpy(&shared[0], &input[0], in_bytes);
+    CHECK(EvalInPlace(&in_place, &shared[0], &shared[0]) == kKpOk);  // output over input
+    CHECK(memcmp(&shared[0], &want[0], out_bytes) == 0);
+    // Overlapping at another address, or sharing memory without in_place: refused.
+    std::vector<int8_t> big(in_bytes + 1);
+    CHECK(EvalInPlace(&in_place, &big[0], &big[1]) == kKpError);
+    CHECK(EvalInPlace(&plain, &shared[0], &shared[0]) == kKpError);
+  }
+}
+
+void TestOneLayerInPlaceRules() {
+  // Grid 2x1, depth multiplier 2, a CONV_2D: refused naming 'in_place'.
+  Options grid = OneLayerDepthwise(8, 8, 3, 3, 1, 1, 1, 1);
+  grid.grid = {2, 1};
+  CHECK(Names(Validate(grid.Builder().Finish(), 3), "in_place"));
+  Options mult = OneLayerDepthwise(8, 8, 3, 3, 1, 1, 1, 1);
+  mult.shape[5] = 6;
+  CHECK(Names(Validate(mult.Builder().Finish(), 3), "in_place"));
+  Options more = OneLayerDepthwise(4, 4, 3, 3, 1, 1, 2, 1);  // 6x6 output from 4x4
+  CHECK(Names(Validate(more.Builder().Finish(), 3), "in_place"));
+  Options bad = OneLayerDepthwise(8, 8, 3, 3, 1, 1, 1, 2);
+  CHECK(Names(Validate(bad.Builder().Finish(), 3), "in_place"));
+  Options v1 = OneLayerDepthwise(8, 8, 3, 3, 1, 1, 1, 1);
+  v1.version = 1;  // no 'in_place' key in version 1: not in place
+  CHECK(Validate(v1.Builder().Finish(), 3).empty());
+  Options v3 = OneLayerDepthwise(8, 8, 3, 3, 1, 1, 1, 1);
+  v3.version = 3;
+  CHECK(Names(Validate(v3.Builder().Finish(), 3), "version"));
+}
+
+// conv 1x1 (c -> e), depthwise 3x3 (e), conv 1x1 (e -> c2): the depthwise
+// writes over the expanded tensor when that lowers the patch arena.
+Options InvertedResidual(int64_t h, int64_t w, int64_t c, int64_t e, int64_t stride, int64_t grid,
+                         int64_t in_place) {
+  Options o;
+  o.in_place = in_place;
+  o.num_layers = 3;
+  o.grid = {grid, grid};
+  const int64_t oh = (h - 1) / stride + 1, ow = (w - 1) / stride + 1;
+  o.shape = {h, w, c, h, w, e, oh, ow, e, oh, ow, c + 1};
+  o.scale = {0.05f, 0.04f, 0.06f, 0.08f};
+  o.zp = {1, -7, 5, 0};
+  o.op = {kKpOpConv2D, kKpOpDepthwiseConv2D, kKpOpConv2D};
+  o.inputs = {0, -1, 1, -1, 2, -1};
+  const int64_t pad = stride == 1 ? 1 : ((oh - 1) * stride + 3 - h) / 2;
+  o.params = {1, 1, 1, 1, 1, 1, 0, 0, 3, 3, stride, stride, 1, 1, pad, pad, 1, 1, 1, 1, 1, 1, 0, 0};
+  o.act = {3, 3, 0};
+  o.weights = {1, 2, 3, 4, 5, 6};
+  return o;
+}
+
+void TestMultiLayerInPlaceLowersArenaSameBits() {
+  const int64_t cases[][6] = {{12, 12, 4, 24, 1, 2}, {15, 11, 3, 18, 2, 3}, {9, 9, 2, 12, 1, 1}};
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); ++i) {
+    const int64_t* k = cases[i];
+    InPlaceStage plain, in_place;
+    g_lcg = 7u + static_cast<uint32_t>(i);
+    CHECK(PrepareInPlace(InvertedResidual(k[0], k[1], k[2], k[3], k[4], k[5], 0), &plain).empty());
+    g_lcg = 7u + static_cast<uint32_t>(i);
+    CHECK(PrepareInPlace(InvertedResidual(k[0], k[1], k[2], k[3], k[4], k[5], 1), &in_place).empty());
+    if (plain.stage == NULL || in_place.stage == NULL) return;
+    CHECK(in_place.stage->arena_bytes < plain.stage->arena_bytes);
+    CHECK(in_place.stage->layers[1].save_offset >= 0);
+    CHECK_EQ(in_place.stage->tensors[2].arena_offset, in_place.stage->tensors[1].arena_offset);
+    CHECK_EQ(plain.stage->layers[1].save_offset, -1);
+    const KpTensor& out_t = plain.stage->tensors[3];
+    const size_t in_bytes = static_cast<size_t>(k[0] * k[1] * k[2]);
+    const size_t out_bytes = static_cast<size_t>(out_t.h) * out_t.w * out_t.c;
+    std::vector<int8_t> input(in_bytes), want(out_bytes), got(out_bytes);
+    for (size_t j = 0; j < in_bytes; ++j) input[j] = static_cast<int8_t>(Rand(-128, 127));
+    CHECK(EvalInPlace(&plain, &input[0], &want[0]) == kKpOk);
+    CHECK(EvalInPlace(&in_place, &input[0], &got[0]) == kKpOk);
+    CHECK(memcmp(&got[0], &want[0], out_bytes) == 0);
+  }
+}
+
 int WriteSeeds(const char* dir) {
   std::vector<std::vector<uint8_t> > seeds;
   seeds.push_back(std::vector<uint8_t>(kGoldenOptions, kGoldenOptions + sizeof(kGoldenOptions)));
@@ -616,6 +820,9 @@ int main(int argc, char** argv) {
   Run("PoolMustKeepScale", TestPoolMustKeepScale);
   Run("CheckIo", TestCheckIo);
   Run("TileBounds", TestTileBounds);
+  Run("OneLayerInPlaceAliasedEqualsSeparateBuffers", TestOneLayerInPlaceAliasedEqualsSeparateBuffers);
+  Run("OneLayerInPlaceRules", TestOneLayerInPlaceRules);
+  Run("MultiLayerInPlaceLowersArenaSameBits", TestMultiLayerInPlaceLowersArenaSameBits);
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

@@ -69,16 +69,142 @@ void PatchRegions(const KpStage& stage, const KpRegion& tile, KpRegion* regions)
   }
 }
 
-KpStatus PlanPatchArena(KpStage* stage, const KpReporter& reporter) {
+namespace {
+
+// Save-buffer state of a layer during planning (docs "In place"): -1 not in
+// place, kUnplaced in place but not yet placed, >= 0 its offset.
+const int32_t kUnplaced = -2;
+
+bool InPlaceLayer(const KpStage& s, int32_t l) { return s.layers[l].save_offset != -1; }
+
+// The tensor written over tensor u's slot (the output of its in-place last
+// reader), or -1.
+int32_t NextMember(const KpStage& s, int32_t u) {
+  const int32_t l = s.tensors[u].last_use;
+  if (l < 0 || l >= s.num_layers || !InPlaceLayer(s, l) || s.layers[l].in_a != u) return -1;
+  return l + 1;
+}
+
+// One buffer of the placement: key 1 .. L-1 is the slot of the in-place
+// chain that starts at (head) tensor `key`; key L + 1 + l the save buffer of
+// in-place layer l.  False for keys that name no buffer.
+struct Buffer {
+  uint64_t size;
+  int32_t first, last;
+  int64_t offset;  // -1: not placed yet
+};
+bool GetBufferAt(const KpStage& s, int32_t key, Buffer* b) {
+  const int32_t L = s.num_layers;
+  if (key >= 1 && key < L) {
+    if (InPlaceLayer(s, key - 1)) return false;  // not a chain head
+    b->size = 0;
+    b->first = s.tensors[key].first_use;
+    for (int32_t u = key; u > 0 && u < L; u = NextMember(s, u)) {
+      if (static_cast<uint64_t>(s.tensors[u].arena_size) > b->size) b->size = s.tensors[u].arena_size;
+      b->last = s.tensors[u].last_use;
+    }
+    b->offset = s.tensors[key].arena_offset;  // the group's offset while placing
+    return true;
+  }
+  const int32_t l = key - L - 1;
+  if (l < 0 || l >= L || !InPlaceLayer(s, l)) return false;
+  b->size = static_cast<uint64_t>(s.layers[l].save_bytes);
+  b->first = b->last = l;
+  b->offset = s.layers[l].save_offset >= 0 ? s.layers[l].save_offset : -1;
+  return true;
+}
+
+// First fit of all buffers (decreasing size; ties: lower key).  Group
+// offsets are kept in tensors[head].arena_offset.  Returns the arena size,
+// or UINT64_MAX past 2^31 - 1 bytes.
+uint64_t PlaceBuffers(KpStage* stage) {
+  KpStage& s = *stage;
+  const int32_t L = s.num_layers;
+  const int32_t num_keys = 2 * L + 1;
+  for (int32_t t = 0; t <= L; ++t) s.tensors[t].arena_offset = -1;
+  for (int32_t l = 0; l < L; ++l) {
+    if (InPlaceLayer(s, l)) s.layers[l].save_offset = kUnplaced;
+  }
+  uint64_t total = 0;
+  for (;;) {
+    int32_t next = -1;
+    Buffer cur = {0, 0, 0, -1};
+    for (int32_t k = 1; k < num_keys; ++k) {
+      Buffer b;
+      if (!GetBufferAt(s, k, &b) || b.offset >= 0 || b.size == 0) continue;
+      if (next < 0 || b.size > cur.size) {
+        next = k;
+        cur = b;
+      }
+    }
+    if (next < 0) break;
+    uint64_t best = 0;
+    bool found = false;
+    for (int32_t c = 0; c < num_keys; ++c) {
+      uint64_t offset = 0;
+      if (c > 0) {
+        Buffer o;
+        if (!GetBufferAt(s, c, &o) || o.offset < 0 || o.last < cur.first || cur.last < o.first) {
+          continue;
+        }
+        offset = static_cast<uint64_t>(o.offset) + o.size;
+      }
+      if (found && offset >= best) continue;
+      bool fits = true;
+      for (int32_t u = 1; u < num_keys && fits; ++u) {
+        Buffer o;
+        if (!GetBufferAt(s, u, &o) || o.offset < 0 || o.last < cur.first || cur.last < o.first) {
+          continue;
+        }
+        const uint64_t start = static_cast<uint64_t>(o.offset);
+        if (offset < start + o.size && start < offset + cur.size) fits = false;
+      }
+      if (fits) {
+        best = offset;
+        found = true;
+      }
+    }
+    if (best + cur.size > static_cast<uint64_t>(INT32_MAX)) return UINT64_MAX;
+    if (next < L) {
+      s.tensors[next].arena_offset = static_cast<int32_t>(best);
+    } else {
+      s.layers[next - L - 1].save_offset = static_cast<int32_t>(best);
+    }
+    if (best + cur.size > total) total = best + cur.size;
+  }
+  // Members share their head's slot; tensors of size 0 are not placed.
+  for (int32_t t = L - 1; t >= 1; --t) {
+    int32_t head = t;
+    while (head > 1 && InPlaceLayer(s, head - 1)) head = s.layers[head - 1].in_a;
+    if (head != t) s.tensors[t].arena_offset = s.tensors[head].arena_offset;
+  }
+  for (int32_t t = 1; t < L; ++t) {
+    if (s.tensors[t].arena_size == 0) s.tensors[t].arena_offset = -1;
+  }
+  for (int32_t l = 0; l < L; ++l) {
+    if (s.layers[l].save_offset == kUnplaced) s.layers[l].save_offset = -1;
+  }
+  return total;
+}
+
+}  // namespace
+
+KpStatus PlanPatchArena(KpStage* stage, bool in_place, const KpReporter& reporter) {
   const int32_t num_tensors = stage->num_layers + 1;
+  const int32_t L = stage->num_layers;
   KpTensor* tensors = stage->tensors;
   for (int32_t t = 0; t < num_tensors; ++t) {
     tensors[t].arena_offset = -1;
     tensors[t].arena_size = 0;
   }
+  for (int32_t l = 0; l < L; ++l) {
+    stage->layers[l].save_offset = -1;
+    stage->layers[l].save_bytes = 0;
+  }
   const int32_t num_tiles = stage->grid_h * stage->grid_w;
   // Largest bytes per tensor, accumulated tile by tile (an intermediate
-  // tensor has at most 2^31 - 1 elements, validated in Prepare).
+  // tensor has at most 2^31 - 1 elements, validated in Prepare), and the
+  // largest plane of each layer's input (its save buffer if in place).
   for (int32_t i = 0; i < num_tiles; ++i) {
     PatchRegions(*stage, StageTile(*stage, i), stage->regions);
     for (int32_t t = 1; t < num_tensors - 1; ++t) {
@@ -95,55 +221,52 @@ KpStatus PlanPatchArena(KpStage* stage, const KpReporter& reporter) {
         tensors[t].arena_size = static_cast<int32_t>(bytes);
       }
     }
+    for (int32_t l = 0; l < L; ++l) {
+      // A plane has at most 2^31 - 1 elements (one channel of a valid tensor).
+      const uint64_t plane = Align4(static_cast<uint64_t>(
+          RegionArea(stage->regions[stage->layers[l].in_a])));
+      if (plane > static_cast<uint64_t>(INT32_MAX)) continue;  // never in place
+      if (static_cast<int32_t>(plane) > stage->layers[l].save_bytes) {
+        stage->layers[l].save_bytes = static_cast<int32_t>(plane);
+      }
+    }
   }
-  // First fit in order of decreasing size (ties: lower index first).  The
-  // order is found by selection over the unplaced tensors (L <= 256).
-  uint64_t total = 0;
-  for (;;) {
-    int32_t next = -1;
-    for (int32_t t = 1; t < num_tensors - 1; ++t) {
-      if (tensors[t].arena_offset >= 0 || tensors[t].arena_size == 0) continue;
-      if (next < 0 || tensors[t].arena_size > tensors[next].arena_size) next = t;
-    }
-    if (next < 0) break;
-    KpTensor& cur = tensors[next];
-    // Lowest 4-aligned offset not overlapping any placed, lifetime-overlapping
-    // tensor: candidates are 0 and the ends of those tensors.
-    uint64_t best = 0;
-    bool found = false;
-    for (int32_t c = -1; c < num_tensors; ++c) {
-      uint64_t offset = 0;
-      if (c >= 0) {
-        const KpTensor& o = tensors[c];
-        if (o.arena_offset < 0 || o.last_use < cur.first_use || cur.last_use < o.first_use) {
-          continue;
-        }
-        offset = static_cast<uint64_t>(o.arena_offset) + o.arena_size;
-      }
-      if (found && offset >= best) continue;
-      bool fits = true;
-      for (int32_t u = 0; u < num_tensors && fits; ++u) {
-        const KpTensor& o = tensors[u];
-        if (o.arena_offset < 0 || o.last_use < cur.first_use || cur.last_use < o.first_use) {
-          continue;
-        }
-        const uint64_t start = static_cast<uint64_t>(o.arena_offset);
-        const uint64_t end = start + o.arena_size;
-        if (offset < end && start < offset + cur.arena_size) fits = false;
-      }
-      if (fits) {
-        best = offset;
-        found = true;
+  if (in_place && L == 1) {
+    // One-layer in-place DEPTHWISE_CONV_2D: the arena is one input plane.
+    stage->layers[0].save_offset = stage->layers[0].save_bytes > 0 ? 0 : -1;
+    stage->arena_bytes = static_cast<uint32_t>(stage->layers[0].save_bytes);
+    return kKpOk;
+  }
+  uint64_t total = PlaceBuffers(stage);
+  bool any_candidate = false;
+  if (in_place) {
+    for (int32_t l = 0; l < L; ++l) {
+      const KpLayer& layer = stage->layers[l];
+      const KpTensor& in = tensors[layer.in_a];
+      if (layer.op == kKpOpDepthwiseConv2D && layer.in_a >= 1 && l + 1 < L &&
+          in.last_use == l && in.c == tensors[l + 1].c) {
+        stage->layers[l].save_offset = kUnplaced;
+        any_candidate = true;
       }
     }
-    if (best + cur.arena_size > static_cast<uint64_t>(INT32_MAX)) {
-      reporter.report(reporter.context,
-                      "KP_PATCH_STAGE options: key 'tensor_shape': the patch arena exceeds "
-                      "2^31 - 1 bytes.");
-      return kKpError;
+  }
+  if (any_candidate) {
+    const uint64_t with = PlaceBuffers(stage);
+    if (with < total) {
+      total = with;
+    } else {
+      for (int32_t l = 0; l < L; ++l) stage->layers[l].save_offset = -1;
+      total = PlaceBuffers(stage);
     }
-    cur.arena_offset = static_cast<int32_t>(best);
-    if (best + cur.arena_size > total) total = best + cur.arena_size;
+  }
+  if (total == UINT64_MAX) {
+    reporter.report(reporter.context,
+                    "KP_PATCH_STAGE options: key 'tensor_shape': the patch arena exceeds "
+                    "2^31 - 1 bytes.");
+    return kKpError;
+  }
+  for (int32_t l = 0; l < L; ++l) {
+    if (stage->layers[l].save_offset < 0) stage->layers[l].save_bytes = 0;
   }
   stage->arena_bytes = static_cast<uint32_t>(total);
   return kKpOk;

@@ -29,10 +29,11 @@ KpRegion StageTile(const KpStage& stage, int32_t index);
 // Region of every stage tensor (0 .. L) needed for output `tile`.
 void PatchRegions(const KpStage& stage, const KpRegion& tile, KpRegion* regions);
 
-// Plans the patch arena: fills tensors[t].arena_offset / arena_size and
+// Plans the patch arena: fills tensors[t].arena_offset / arena_size,
+// layers[l].save_offset / save_bytes (in-place layers, docs "In place") and
 // stage->arena_bytes.  Uses stage->regions as working memory.  Fails (naming
 // 'tensor_shape') if the arena does not fit in 2^31 - 1 bytes.
-KpStatus PlanPatchArena(KpStage* stage, const KpReporter& reporter);
+KpStatus PlanPatchArena(KpStage* stage, bool in_place, const KpReporter& reporter);
 
 }  // namespace keras_patch
 

@@ -287,7 +287,10 @@ KpStatus KpCmsisPlanContext(KpStage* stage, const KpReporter& reporter) {
   KpStage& s = *stage;
   int32_t cmsis_bytes = 0;
   for (int32_t l = 0; l < s.num_layers; ++l) {
-    if (IsConvLike(s.layers[l].op)) cmsis_bytes = Max(cmsis_bytes, LayerContextBytes(s, s.layers[l], l));
+    // In-place layers (save_offset >= 0) run the portable kernel: no context.
+    if (IsConvLike(s.layers[l].op) && s.layers[l].save_offset < 0) {
+      cmsis_bytes = Max(cmsis_bytes, LayerContextBytes(s, s.layers[l], l));
+    }
   }
   // Staging: the largest band of input rows (one output row's, the region's
   // columns) copied by a conv-like layer of any patch.
@@ -298,7 +301,7 @@ KpStatus KpCmsisPlanContext(KpStage* stage, const KpReporter& reporter) {
     for (int32_t l = 0; l < s.num_layers; ++l) {
       const KpLayer& layer = s.layers[l];
       const KpRegion& r = s.regions[l + 1];
-      if (!IsConvLike(layer.op) || RegionEmpty(r)) continue;
+      if (!IsConvLike(layer.op) || RegionEmpty(r) || layer.save_offset >= 0) continue;
       int32_t x0, x1;
       BlockXRange(s, layer.in_a, &x0, &x1);
       if (InPlace(layer, x0, x1, r)) continue;

@@ -99,6 +99,48 @@ void DepthwiseConv(const KpStage& s, const KpLayer& layer, const ConstPlane& in,
   }
 }
 
+// DEPTHWISE_CONV_2D in place (docs "In place"): depth multiplier 1; one
+// channel at a time, plane c of the input region `in_r` is copied to `save`
+// (row-major, in_r's width) and output channel c of every pixel of `r` is
+// computed from it.  Writes only channel c after saving it, so `out` may
+// share memory with `in` (pixel i of both at the same byte offset i * C + c).
+void DepthwiseConvInPlace(const KpStage& s, const KpLayer& layer, const ConstPlane& in,
+                          const KpTensor& in_t, const KpRegion& in_r, const KpRegion& r,
+                          const Plane& out, const int8_t* filter, const int32_t* bias,
+                          int32_t in_zp, int32_t out_zp, int8_t* save) {
+  const int32_t channels = out.c;
+  const int32_t* mult = s.channel_multiplier + layer.channel_offset;
+  const int32_t* shift = s.channel_shift + layer.channel_offset;
+  const int32_t save_w = in_r.x1 - in_r.x0;
+  for (int32_t c = 0; c < channels; ++c) {
+    for (int32_t y = in_r.y0; y < in_r.y1; ++y) {
+      int8_t* dst = save + (y - in_r.y0) * save_w;
+      for (int32_t x = in_r.x0; x < in_r.x1; ++x) dst[x - in_r.x0] = in.At(y, x)[c];
+    }
+    for (int32_t oy = r.y0; oy < r.y1; ++oy) {
+      const int32_t iy0 = oy * layer.stride_h - layer.pad_top;
+      for (int32_t ox = r.x0; ox < r.x1; ++ox) {
+        const int32_t ix0 = ox * layer.stride_w - layer.pad_left;
+        int32_t acc = 0;
+        for (int32_t ky = 0; ky < layer.kernel_h; ++ky) {
+          const int32_t iy = iy0 + ky * layer.dilation_h;
+          if (iy < 0 || iy >= in_t.h) continue;
+          const int8_t* row = save + (iy - in_r.y0) * save_w - in_r.x0;
+          for (int32_t kx = 0; kx < layer.kernel_w; ++kx) {
+            const int32_t ix = ix0 + kx * layer.dilation_w;
+            if (ix < 0 || ix >= in_t.w) continue;
+            const int32_t f = filter[(ky * layer.kernel_w + kx) * channels + c];
+            acc += f * (static_cast<int32_t>(row[ix]) - in_zp);
+          }
+        }
+        if (bias != NULL) acc += bias[c];
+        acc = arith::MultiplyByQuantizedMultiplier(acc, mult[c], shift[c]) + out_zp;
+        out.At(oy, ox)[c] = static_cast<int8_t>(Clamp(acc, layer.act_min, layer.act_max));
+      }
+    }
+  }
+}
+
 void Pool(const KpLayer& layer, const ConstPlane& in, const KpTensor& in_t, const KpRegion& r,
           const Plane& out) {
   const bool is_max = layer.op == kKpOpMaxPool2D;
@@ -229,6 +271,24 @@ KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
                     "KP_PATCH_STAGE Eval: missing input, output, arena or CMSIS-NN context.");
     return kKpError;
   }
+  {
+    // Input and output may share memory only as docs "In place" allows: a
+    // one-layer in-place stage with output == input (an offline plan that
+    // overlaps them otherwise would give wrong bits: refuse it).
+    const KpTensor& in_t = s.tensors[0];
+    const KpTensor& out_t = s.tensors[s.num_layers];
+    const uintptr_t in0 = reinterpret_cast<uintptr_t>(input);
+    const uintptr_t out0 = reinterpret_cast<uintptr_t>(output);
+    const uintptr_t in1 = in0 + static_cast<uintptr_t>(in_t.h) * in_t.w * in_t.c;
+    const uintptr_t out1 = out0 + static_cast<uintptr_t>(out_t.h) * out_t.w * out_t.c;
+    const bool in_place = s.num_layers == 1 && s.layers[0].save_offset >= 0;
+    if (in0 < out1 && out0 < in1 && !(in_place && in0 == out0)) {
+      reporter.report(reporter.context,
+                      "KP_PATCH_STAGE Eval: the output overlaps the input; only a one-layer "
+                      "in-place stage may share its input's memory, at the same address.");
+      return kKpError;
+    }
+  }
   for (int32_t l = 0; l < s.num_layers; ++l) {
     const KpLayer& layer = s.layers[l];
     if ((layer.op == kKpOpConv2D || layer.op == kKpOpDepthwiseConv2D) &&
@@ -248,8 +308,12 @@ KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
       const KpLayer& layer = s.layers[l];
 #if KP_CMSIS_NN
       // CONV_2D, DEPTHWISE_CONV_2D and ADD through CMSIS-NN (patch_stage_cmsis.h);
-      // false: this layer of this patch runs the portable kernel below.
-      if (KpCmsisEvalLayer(s, l, input, output, arena, context, op_inputs)) continue;
+      // false: this layer of this patch runs the portable kernel below.  In-place
+      // layers always run the portable kernel (CMSIS-NN needs separate buffers).
+      if (layer.save_offset < 0 &&
+          KpCmsisEvalLayer(s, l, input, output, arena, context, op_inputs)) {
+        continue;
+      }
 #endif
       const KpTensor& in_t = s.tensors[layer.in_a];
       const KpTensor& out_t = s.tensors[l + 1];
@@ -265,6 +329,10 @@ KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
                                     : NULL;
           if (layer.op == kKpOpConv2D) {
             Conv(s, layer, in, in_t, r, out, filter, bias, in_t.zero_point, out_t.zero_point);
+          } else if (layer.save_offset >= 0) {
+            DepthwiseConvInPlace(s, layer, in, in_t, s.regions[layer.in_a], r, out, filter, bias,
+                                 in_t.zero_point, out_t.zero_point,
+                                 reinterpret_cast<int8_t*>(arena + layer.save_offset));
           } else {
             DepthwiseConv(s, layer, in, in_t, r, out, filter, bias, in_t.zero_point,
                           out_t.zero_point);

@@ -21,7 +21,7 @@ import io  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from ai_edge_litert import schema_py_generated as schema  # noqa: E402
-from hypothesis import HealthCheck, assume, given, note, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from keras_patch.arena.memory_planner import arena_head_bytes  # noqa: E402
@@ -154,6 +154,8 @@ def test_folded_pad_is_bit_exact(case, fallback):
     model = TFLiteModel.from_bytes(data)
     folded = fold_pad(model, fallback=fallback)
     types = [model.op_type(i) for i in range(model.num_ops)]
+    event(f"folded: {[f.how for f in folded]}, depthwise={case['depthwise']}, stride={case['stride']}, "
+          f"dilation={case['dilation']}")
     if same:
         assert [f.how for f in folded] == ["same"] and "KP_PATCH_STAGE" not in types
     elif fallback and fits:

@@ -219,3 +219,72 @@ def test_a_pad_read_by_something_else_is_kept():
     assert "MAX_POOL_2D" in pad_fold_failure(model, pad)
     assert fold_pad(model) == []
     assert _pad_ops(model) == [pad]
+
+
+def _pytorch_style() -> bytes:
+    """ZeroPadding2D(1) + stride-2 VALID depthwise on an even map (not SAME: the converter keeps the PAD)."""
+    import keras
+    from keras_patch.keras.export import convert_int8
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(5)
+    net = keras.Sequential([keras.Input((10, 12, 3)), keras.layers.ZeroPadding2D(1),
+                            keras.layers.DepthwiseConv2D(3, strides=2, bias_initializer="random_normal"),
+                            keras.layers.Conv2D(2, 1)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        return bytes(convert_int8(net, np.random.default_rng(0).uniform(-1, 1, (4, 10, 12, 3)).astype(np.float32)))
+
+
+def _as_padv2(data: bytes, value_offset: int) -> bytes:
+    """The model's PAD as PADV2 padding with the zero point + `value_offset`."""
+    model = TFLiteModel.from_bytes(data)
+    pad = _pad_ops(model)[0]
+    zp = int(model.tensor(model.op_outputs(pad)[0]).zero_point[0])
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(np.array([zp + value_offset], np.int8).tobytes(), np.uint8)
+    model.model.buffers.append(buffer)
+    tensor = schema.TensorT()
+    tensor.shape, tensor.type, tensor.buffer, tensor.name = np.array([1], np.int32), schema.TensorType.INT8, \
+        len(model.model.buffers) - 1, "pad_value"
+    tensor.quantization = schema.QuantizationParametersT()  # TFLite: the output's quantization
+    out_q = model.subgraph.tensors[model.op_outputs(pad)[0]].quantization
+    tensor.quantization.scale, tensor.quantization.zeroPoint = list(out_q.scale), list(out_q.zeroPoint)
+    model.subgraph.tensors.append(tensor)
+    op = model.operator(pad)
+    op.opcodeIndex = model.opcode_index(schema.BuiltinOperator.PADV2, version=2)
+    op.builtinOptionsType = schema.BuiltinOptions.PadV2Options
+    op.builtinOptions = schema.PadV2OptionsT()
+    op.inputs = np.array(list(op.inputs) + [len(model.subgraph.tensors) - 1], np.int32)
+    model.remove_unused()
+    return model.to_bytes()
+
+
+def test_padv2_folds_only_when_it_pads_with_the_zero_point():
+    base = _pytorch_style()
+    x = np.random.default_rng(2).integers(-128, 128, size=(2, 10, 12, 3), dtype=np.int8)
+    for offset in (0, 3):
+        data = _as_padv2(base, offset)
+        model = TFLiteModel.from_bytes(data)
+        assert model.op_type(_pad_ops(model)[0]) == "PADV2"
+        folded = fold_pad(model)
+        if offset:
+            assert folded == [] and "not the zero point" in pad_fold_failure(model, _pad_ops(model)[0])
+            continue
+        assert [f.how for f in folded] == ["stage"]
+        np.testing.assert_array_equal(run_tflite(model.to_bytes(), x)[0], run_tflite(data, x)[0])
+
+
+def test_unpatchify_then_fold_pad_round_trips():
+    data = _pytorch_style()
+    model = TFLiteModel.from_bytes(data)
+    fold_pad(model)
+    folded = model.to_bytes()
+    plain = unpatchify(folded)
+    again = TFLiteModel.from_bytes(plain)
+    assert [again.op_type(i) for i in range(again.num_ops)] == ["PAD", "DEPTHWISE_CONV_2D", "CONV_2D"]
+    assert [f.how for f in fold_pad(again)] == ["stage"]
+    assert again.to_bytes() == folded or [again.op_type(i) for i in range(again.num_ops)] == \
+        [model.op_type(i) for i in range(model.num_ops)]
+    x = np.random.default_rng(3).integers(-128, 128, size=(2, 10, 12, 3), dtype=np.int8)
+    for bytes_ in (plain, again.to_bytes()):
+        np.testing.assert_array_equal(run_tflite(bytes_, x)[0], run_tflite(data, x)[0])

@@ -13,11 +13,11 @@ Example:
 >>> import numpy as np, keras
 >>> from keras_patch.keras.export import convert_int8
 >>> from keras_patch.graph.tflite_model import TFLiteModel
->>> net = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3)])
+>>> net = keras.Sequential([keras.Input((8, 8, 3), name="image"), keras.layers.Conv2D(4, 3)])
 >>> data = convert_int8(net, np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32), int8_io=False)
 >>> model = TFLiteModel.from_bytes(data)
 >>> [(d.input_name, d.bytes_saved) for d in drop_input_quantize(model)]
-[('serving_default_keras_tensor:0', 768)]
+[('serving_default_image:0', 768)]
 >>> model.tensor(model.inputs[0]).dtype.__name__
 'int8'
 """

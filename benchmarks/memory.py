@@ -75,6 +75,60 @@ def _vww(size: int = 96):
     return keras.Model(base.input, outputs, name=f"vww_mobilenet_v1_0.25_{size}")
 
 
+def _mbv2_float_pad(alpha: float = 0.35, size: int = 144, classes: int = 10) -> bytes:
+    """MobileNetV2 as MCUNet's PyTorch exports have it: float32 input, explicit PAD ops.
+
+    Every stride-2 convolution is `ZeroPadding2D((1, 1))` + VALID (PyTorch's
+    symmetric `padding=1`, not TF's SAME split, so the converter keeps a PAD
+    op); converted with float32 input and output (QUANTIZE first, int8
+    inside), random weights and calibration data.
+    """
+    import keras
+
+    from keras_patch.keras.export import convert_int8
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+
+    def divisible(v: float) -> int:  # keras.applications' _make_divisible(v, 8)
+        rounded = max(8, int(v + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * v else rounded
+
+    def conv_bn(x, filters, kernel, stride, name, act=True, depthwise=False):
+        if stride == 2:
+            x = layers.ZeroPadding2D((1, 1), name=f"{name}_pad")(x)
+        padding = "valid" if stride == 2 or kernel == 1 else "same"
+        if depthwise:
+            x = layers.DepthwiseConv2D(kernel, strides=stride, padding=padding, use_bias=False, name=name)(x)
+        else:
+            x = layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=False, name=name)(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.ReLU(6.0, name=f"{name}_relu")(x) if act else x
+
+    inputs = keras.Input((size, size, 3))
+    x = conv_bn(inputs, divisible(32 * alpha), 3, 2, "Conv1")
+    channels = divisible(32 * alpha)
+    block = 0
+    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                       (6, 160, 3, 2), (6, 320, 1, 1)]:
+        out = divisible(c * alpha)
+        for i in range(n):
+            stride = s if i == 0 else 1
+            y = x if t == 1 else conv_bn(x, channels * t, 1, 1, f"block_{block}_expand")
+            y = conv_bn(y, 0, 3, stride, f"block_{block}_depthwise", depthwise=True)
+            y = conv_bn(y, out, 1, 1, f"block_{block}_project", act=False)
+            x = layers.Add(name=f"block_{block}_add")([x, y]) if stride == 1 and channels == out else y
+            channels, block = out, block + 1
+    x = conv_bn(x, 1280, 1, 1, "Conv_1")
+    x = layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, layers.Dense(classes, name="logits")(x), name=f"mbv2_{alpha}_{size}_float_pad")
+    for layer in model.layers:  # stand-in for training (see keras_patch.demo)
+        if isinstance(layer, layers.BatchNormalization):
+            layer.moving_variance.assign(np.random.default_rng(1).uniform(0.05, 0.2, layer.moving_variance.shape))
+    calibration = np.random.default_rng(0).uniform(0, 1, (4, size, size, 3)).astype(np.float32)
+    return bytes(convert_int8(model, calibration, int8_io=False))
+
+
 def _person_tuned() -> bytes:
     """The tuned person model of `examples/` (int8, 96x96x1): MemoryReport's `g_unpatched_model`."""
     from keras_patch.arduino.sketch import model_bytes_from_source
@@ -92,6 +146,8 @@ MODELS = {
     "mbv2-0.5-160": ("MobileNetV2 0.5@160 (1000-class logits)", lambda: _mobilenet_v2(0.5, 160, 1000)),
     "vww-96": ("VWW: MobileNetV1 0.25@96x96x1 (2 classes)", _vww),
     "person-tuned": ("tuned person model of examples/ (96x96x1)", _person_tuned),
+    "mbv2-0.35-144-float-pad": ("MobileNetV2 0.35@144, float input, PyTorch-style PAD ops (10-class logits)",
+                                _mbv2_float_pad),
 }
 
 #: (model, method, the largest A' in bytes, the largest MAC overhead): the issue's targets (kB = 1,000 B).

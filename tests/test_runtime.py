@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from keras_patch.errors import KerasPatchError, UnsupportedModelError
-from keras_patch.runtime.host import run_tflite
+from keras_patch.runtime.host import quantize_input, run_tflite
 from keras_patch.graph.tflite_model import TFLiteModel
 
 
@@ -27,7 +27,10 @@ def test_collapsed_add_is_an_error_not_an_abort(residual):
 
 def test_input_checks_name_the_input(residual):
     with pytest.raises(ValueError, match="must be int8"):
-        run_tflite(residual, np.zeros((1, 48, 48, 3), np.float32))
+        run_tflite(residual, np.zeros((1, 48, 48, 3), np.int32))
+    # a float array for an int8 input is quantized with the input's scale and zero point
+    x = np.random.default_rng(0).random((1, 48, 48, 3), dtype=np.float32)
+    np.testing.assert_array_equal(run_tflite(residual, x)[0], run_tflite(residual, quantize_input(residual, x))[0])
     with pytest.raises(ValueError, match=r"shape \(N, \*\(48, 48, 3\)\)"):
         run_tflite(residual, np.zeros((1, 40, 48, 3), np.int8))
     with pytest.raises(ValueError, match="1 inputs, got 2"):

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
@@ -67,6 +69,40 @@ def _padding_type(in_shape: tuple, out_shape: tuple, layer, where: str) -> int:
     return schema.Padding.VALID if schema.Padding.VALID in both else schema.Padding.SAME
 
 
+def _builtin_padding(in_shape: tuple, out_shape: tuple, layer) -> bool:
+    """True when SAME or VALID gives the layer's output size and padding on both axes."""
+    axes = [_padding_types(in_shape[axis], out_shape[axis], layer.kernel[axis], layer.stride[axis],
+                           layer.dilation[axis], layer.pad[axis]) for axis in (0, 1)]
+    return bool(axes[0] & axes[1])
+
+
+def _explicit_pad(model: TFLiteModel, opts, l: int, layer, x: int, name: str) -> tuple:
+    """(PAD op, padded tensor, the layer with pad 0) for a conv layer with explicit (top, left) pads.
+
+    Bottom/right padding is what the last window needs: `(out - 1) * stride +
+    (k - 1) * dilation + 1 - in - top` (at least 0), so a VALID conv on the
+    padded tensor has the layer's output size.  TFLite's int8 PAD pads with
+    the zero point, which the stage kernel's padding taps read too.
+    """
+    in_h, in_w, in_c = opts.tensor_shapes[layer.inputs[0]]
+    out_h, out_w, _ = opts.tensor_shapes[l + 1]
+    after = []
+    for i, out, k, s, d, before in ((in_h, out_h, layer.kernel[0], layer.stride[0], layer.dilation[0], layer.pad[0]),
+                                    (in_w, out_w, layer.kernel[1], layer.stride[1], layer.dilation[1], layer.pad[1])):
+        after.append(max((out - 1) * s + (k - 1) * d + 1 - i - before, 0))
+    paddings = np.array([[0, 0], [layer.pad[0], after[0]], [layer.pad[1], after[1]], [0, 0]])
+    shape = (in_h + layer.pad[0] + after[0], in_w + layer.pad[1] + after[1], in_c)
+    t = layer.inputs[0]
+    padded = _int8_tensor(model, f"{name}/pad", shape, opts.tensor_scales[t], opts.tensor_zero_points[t])
+    op = schema.OperatorT()
+    op.opcodeIndex = model.opcode_index(o.OP_PAD, version=_OP_VERSIONS[o.OP_PAD])
+    op.builtinOptionsType = schema.BuiltinOptions.PadOptions
+    op.builtinOptions = schema.PadOptionsT()
+    op.inputs = np.array([x, _paddings_tensor(model, f"{name}/paddings", paddings)], np.int32)
+    op.outputs = np.array([padded], np.int32)
+    return op, padded, dataclasses.replace(layer, pad=(0, 0))
+
+
 def _int8_tensor(model: TFLiteModel, name: str, shape: tuple, scale: float, zero_point: int) -> int:
     tensor = schema.TensorT()
     tensor.shape = np.array([1, *shape], np.int32)
@@ -111,6 +147,13 @@ def _builtin_ops(model: TFLiteModel, op_index: int) -> list:
         in_h, in_w, _ = opts.tensor_shapes[layer.inputs[0]]
         out_h, out_w, out_c = opts.tensor_shapes[l + 1]
         inputs = [tensor_ids[layer.inputs[0]]]
+        if layer.op in (o.OP_CONV_2D, o.OP_DEPTHWISE_CONV_2D) and not _builtin_padding(
+                (in_h, in_w), (out_h, out_w), layer):
+            # Explicit pads (a folded PAD, `keras_patch.graph.passes.fold_pad`): PAD + VALID conv.
+            pad_op, padded, layer = _explicit_pad(model, opts, l, layer, inputs[0], f"{prefix}_{l}")
+            operators.append(pad_op)
+            inputs = [padded]
+            in_h, in_w = model.tensor(padded).shape[1:3]
         if layer.op in (o.OP_CONV_2D, o.OP_DEPTHWISE_CONV_2D, o.OP_MAX_POOL_2D, o.OP_AVERAGE_POOL_2D):
             padding = _padding_type((in_h, in_w), (out_h, out_w), layer, where)
         if layer.op == o.OP_CONV_2D:

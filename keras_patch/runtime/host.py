@@ -435,7 +435,12 @@ def run_tflite(
         tflite_bytes: model bytes or path.
         inputs: one array per model input (a single array for one input).
             A leading batch of N > 1 samples runs as N inferences (as N / B
-            for a model whose inputs declare a fixed batch B).
+            for a model whose inputs declare a fixed batch B).  A float
+            array for an int8 input is quantized first with the input's
+            scale and zero point, exactly as TFLite's QUANTIZE op does
+            (`quantize`): a model whose leading QUANTIZE was dropped
+            (`keras_patch.graph.passes.int8_input`) gives the same outputs
+            for the same float array as the float-input model.
         executor: how KP_PATCH_STAGE ops run: "reference" (the numpy
             reference executor) or "cpp" (the C++ kernel core, built by
             `pip install .`); both give the same bits.
@@ -460,6 +465,7 @@ def run_tflite(
         raise KerasPatchError(f"The model has {len(runner.inputs)} inputs, got {len(inputs)} arrays.")
     step = _declared_batch(runner.input_details)
     batch = None
+    inputs = [_quantized_if_float(x, info) for x, info in zip(inputs, runner.input_details)]
     for x, info in zip(inputs, runner.input_details):
         expected = tuple(int(d) for d in info.shape)
         if x.dtype != np.dtype(info.dtype):
@@ -488,6 +494,14 @@ def run_tflite(
     return [np.concatenate([r[k] for r in results], axis=0) for k in range(len(runner.outputs))]
 
 
+def _quantized_if_float(x: np.ndarray, info) -> np.ndarray:
+    """`x` quantized with `info`'s scale and zero point when it is float and the input int8; else `x`."""
+    if (np.issubdtype(x.dtype, np.floating) and np.dtype(info.dtype) == np.int8
+            and info.scale.size == 1 and info.zero_point.size == 1):
+        return quantize(x, info.scale[0], info.zero_point[0], np.int8)
+    return x
+
+
 def quantize_input(tflite_bytes: ModelSource, x: np.ndarray, index: int = 0) -> np.ndarray:
     """Quantizes float samples `x` with the scale and zero point of the model's input `index`.
 
@@ -508,14 +522,24 @@ def quantize_input(tflite_bytes: ModelSource, x: np.ndarray, index: int = 0) -> 
 
 
 def quantize(x: np.ndarray, scale: float, zero_point: int, dtype=np.int8) -> np.ndarray:
-    """TFLite's affine quantization: `clip(round(x / scale) + zero_point)` to `dtype`'s range.
+    """TFLite's QUANTIZE op: `clip(round(x / scale) + zero_point)` to `dtype`'s range, bit for bit.
 
-    `scale` is taken as float32, as TFLite stores it.
+    As the reference kernel (`reference_ops::AffineQuantize`, which TFLM
+    runs): `x` as float32 divided by `scale` as float32 (TFLite stores it so)
+    in float32, rounded half away from zero (`TfLiteRound`, i.e.
+    `std::round`), plus the zero point, clamped.  NaN maps to the zero
+    point; values beyond the int32 range clamp like ARM's saturating
+    conversion (x86 builds of TFLite wrap them, undefined behaviour in C++).
 
-    >>> quantize(np.array([0.0, 0.5, 10.0]), 0.01, -3)
-    array([ -3,  47, 127], dtype=int8)
+    >>> quantize(np.array([0.0, 0.5, 10.0, 0.025, -0.025]), 0.01, -3)
+    array([ -3,  47, 127,   0,  -6], dtype=int8)
     """
     dtype = np.dtype(dtype)
     limits = np.iinfo(dtype)
-    q = np.round(np.asarray(x, np.float32) / float(np.float32(scale))) + int(zero_point)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        v = np.asarray(x, np.float32) / np.float32(scale)
+        r = np.trunc(v)
+        r = r + np.where(np.abs(v - r) >= np.float32(0.5), np.sign(v), np.float32(0))
+        r = np.nan_to_num(np.clip(r.astype(np.float64), -2.0**31, 2.0**31 - 1), nan=0.0)
+    q = r.astype(np.int64) + int(zero_point)
     return np.clip(q, limits.min, limits.max).astype(dtype)

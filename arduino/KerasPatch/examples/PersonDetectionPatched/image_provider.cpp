@@ -34,7 +34,7 @@ void CropResizeQuantize(const uint8_t* frame, int frame_width, int frame_height,
   int8_t quantized[256];
   for (int p = 0; p < 256; ++p) {
     const float value = static_cast<float>(p) / 255.0f;
-    float q = nearbyintf(value / scale) + static_cast<float>(zero_point);
+    float q = roundf(value / scale) + static_cast<float>(zero_point);
     q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
     quantized[p] = static_cast<int8_t>(q);
   }

@@ -13,8 +13,9 @@ namespace keras_patch_example {
 //  2. downscales it to output_width x output_height: each output pixel is
 //     the rounded mean of the frame pixels in its box,
 //  3. maps pixel p to p / 255.0f, the [0, 1] range the model is trained on,
-//  4. quantizes: round(value / scale) + zero_point, rounding half to even
-//     (as numpy, i.e. keras_patch.runtime.host.quantize_input), clamped to int8.
+//  4. quantizes: round(value / scale) + zero_point, rounding half away from
+//     zero (as TFLite's QUANTIZE op and keras_patch.runtime.host.quantize_input),
+//     clamped to int8.
 // No Arduino or TFLM dependency; keras_patch.arduino.examples.preprocess_frame
 // is the same computation in Python.
 void CropResizeQuantize(const uint8_t* frame, int frame_width, int frame_height, int output_width,

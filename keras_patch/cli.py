@@ -168,7 +168,7 @@ def _cmd_export(args) -> int:
         model = _load_keras(args.model, args.custom_module)
     with args.progress.step(f"converting to int8, calibrating on {len(data)} samples "
                             "(about a minute for MobileNetV2)"), _naming_rep_data(args.rep_data):
-        result = export_tflite(model, data, path=out, allow_worse=args.allow_worse)
+        result = export_tflite(model, data, path=out, allow_worse=args.allow_worse, arena=_arena_options(args))
     print(f"wrote {out} ({len(result):,} bytes)")
     return 0
 
@@ -180,7 +180,7 @@ def _cmd_patchify(args) -> int:
 
     check_output_path(args.output)
     grid = normalize_grid(args.grid)
-    result = patchify(args.input, args.split, grid, start=args.start)
+    result = patchify(args.input, args.split, grid, start=args.start, arena=_arena_options(args))
     check_never_worse(result, allow_worse=args.allow_worse, override="--allow-worse",
                       what=f"{args.input} with --split {args.split} --grid {grid[0]}x{grid[1]}")
     write_atomically(args.output, result)
@@ -258,7 +258,7 @@ def _cmd_plan(args) -> int:
         raise KerasPatchError(f"No .tflite model at '{args.model}'.")
     with _planner_progress(args, f"planning {os.path.basename(args.model)}") as progress:
         result = plan(args.model, max_mac_overhead=args.max_overhead, sram_bytes=args.sram, grids=args.grids,
-                      kernel=args.kernel, progress=progress)
+                      kernel=args.kernel, progress=progress, arena=_arena_options(args))
     report = sys.stderr if args.json else sys.stdout
     if args.json:
         print(result.to_json())
@@ -269,9 +269,31 @@ def _cmd_plan(args) -> int:
             patched = result.apply(f.read())
         check_never_worse(patched, kernel=args.kernel, what=f"{args.model} with the plan")
         write_atomically(args.out, patched)
-        what = "the model unchanged (empty plan)" if result.is_empty else f"{len(result.stages)} patch stage(s)"
+        what = ("no patch stage (empty plan)" if result.is_empty else f"{len(result.stages)} patch stage(s)") + (
+            f", arena passes: {', '.join(result.arena_passes)}" if result.arena_passes else "")
         print(f"wrote {args.out} ({len(patched):,} bytes, {what})", file=report)
     return 0
+
+
+_ARENA_SWITCHES = (
+    ("int8_input", "--no-int8-input", "keep a float input and its QUANTIZE op"),
+    ("fold_pad", "--no-fold-pad", "keep PAD ops (no folding into the convolutions)"),
+    ("in_place", "--no-in-place", "no in-place depthwise ops or patch arenas"),
+    ("offline_plan", "--no-offline-plan", "no offline memory plan: TFLM's greedy planner lays out the arena"),
+)
+
+
+def _add_arena_args(p) -> None:
+    """The arena passes' switches (docs/arena.md): all passes run unless switched off."""
+    for name, flag, what in _ARENA_SWITCHES:
+        p.add_argument(flag, dest=f"no_{name}", action="store_true", help=what)
+
+
+def _arena_options(args):
+    from keras_patch.graph.passes.pipeline import ArenaOptions
+
+    return ArenaOptions(kernel=getattr(args, "kernel", "portable"),
+                        **{name: not getattr(args, f"no_{name}") for name, _, _ in _ARENA_SWITCHES})
 
 
 @contextlib.contextmanager
@@ -520,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output .tflite (default: next to the model)")
     p.add_argument("--allow-worse", action="store_true", help=_ALLOW_WORSE_HELP)
     p.add_argument("--custom-module", action="append", metavar="MODULE", help=_CUSTOM_MODULE_HELP)
+    _add_arena_args(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("patchify", help="rewrite a run of ops of an int8 .tflite as one KP_PATCH_STAGE "
@@ -530,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=_grid_arg, default="4x4", help="patches, e.g. 4x4")
     p.add_argument("--start", help="first tensor of the stage (default: the int8 model input)")
     p.add_argument("--allow-worse", action="store_true", help=_ALLOW_WORSE_HELP)
+    _add_arena_args(p)
     p.set_defaults(func=_cmd_patchify)
 
     p = sub.add_parser("export-arduino", help="Arduino sketch folder for a .tflite, sized and checked for a board")
@@ -565,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KP_PATCH_STAGE build to predict scratch for (cmsis_nn: -DCMSIS_NN, adds buffer #1)")
     p.add_argument("--out", metavar="PATCHED.tflite", help="write the model with the plan applied here")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (PatchPlan.to_json)")
+    _add_arena_args(p)
     p.set_defaults(func=_cmd_plan)
 
     from keras_patch.demo import DEMO_MAX_MAC_OVERHEAD  # numpy only, no TensorFlow

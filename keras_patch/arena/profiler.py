@@ -576,6 +576,13 @@ def _offline_figures(data: bytes, kernel: str) -> tuple:
             fixed = [replace(buffers[i], offline_offset=None if i >= len(tensors) or offsets[tensors[i]] < 0
                              else offsets[tensors[i]]) for i in keep]
             head = memory_planner.plan_greedy(fixed, placed_copies=False).head_bytes
+            if drop:  # the input lives outside the arena: the best offline layout of the rest
+                from keras_patch.arena.offline_plan import plan_offline
+
+                kept_aliases = {where[a]: where[b] for a, b in aliases.items() if a in where and b in where}
+                head = min(head, plan_offline(kept, kept_aliases,
+                                              offline_indices=[k for k, i in enumerate(keep) if i < len(tensors)]
+                                              ).head_bytes)
         return greedy, head, lower
 
     (greedy, head, lower), (greedy_ni, head_ni, lower_ni) = figures(set()), figures(inputs)

@@ -394,6 +394,7 @@ def patchify(
     split: Union[int, str],
     grid=(4, 4),
     start: Optional[Union[int, str]] = None,
+    arena=True,
 ) -> bytes:
     """Rewrites the ops of an int8 model up to `split` as one KP_PATCH_STAGE op.
 
@@ -405,6 +406,9 @@ def patchify(
         grid: patches as (rows, columns), an int n for (n, n) or "4x4".
         start: tensor index or name where the stage begins; by default the
             model's int8 input (after its QUANTIZE op, if any).
+        arena: the arena passes run on the patched model
+            (`keras_patch.graph.passes.pipeline.ArenaOptions`; True: all of
+            them, False: none, the model keeps its ops as they were).
 
     Returns:
         The patched model's bytes.
@@ -415,10 +419,10 @@ def patchify(
             a split that is not single-entry/single-exit or is the model output,
             a grid larger than the stage output.
     """
-    return patchify_stages(tflite_bytes, [(start, split, grid)])
+    return patchify_stages(tflite_bytes, [(start, split, grid)], arena=arena)
 
 
-def patchify_stages(tflite_bytes: ModelSource, stages: Sequence[StageRequest]) -> bytes:
+def patchify_stages(tflite_bytes: ModelSource, stages: Sequence[StageRequest], arena=True) -> bytes:
     """Rewrites several runs of ops, each as one KP_PATCH_STAGE op.
 
     Args:
@@ -427,6 +431,9 @@ def patchify_stages(tflite_bytes: ModelSource, stages: Sequence[StageRequest]) -
             `start` a tensor index or name (None: the model's int8 input),
             `split` the op index, tensor or Keras layer name of the stage's
             last op, `grid` its patches. Indices refer to the unpatched model.
+        arena: the arena passes run once the stages are in place (int8
+            input, PAD folding, in-place depthwise, offline memory plan):
+            an `ArenaOptions`, True (all) or False (none).
 
     Returns:
         The patched model's bytes.
@@ -459,6 +466,9 @@ def patchify_stages(tflite_bytes: ModelSource, stages: Sequence[StageRequest]) -
                 f"Stage {k} ({_request_label(start)} -> {_request_label(split)}): {e}" if len(stages) > 1 else str(e)
             ) from None
     rewrite_stages(model, plans)
+    from keras_patch.graph.passes.pipeline import optimize_arena
+
+    optimize_arena(model, arena)
     return model.to_bytes()
 
 

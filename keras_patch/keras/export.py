@@ -437,6 +437,7 @@ def export_tflite(
     path: Optional[Union[str, os.PathLike]] = None,
     int8_io: bool = True,
     allow_worse: Optional[bool] = None,
+    arena=True,
 ) -> bytes:
     """Exports a Keras model to int8 `.tflite`, each PatchStage as one KP_PATCH_STAGE op.
 
@@ -452,6 +453,10 @@ def export_tflite(
             arena head above running the model layer by layer
             (`keras_patch.planner.guard.check_never_worse`): None (default)
             logs a warning, False raises (nothing is written), True accepts.
+        arena: the arena passes run on the exported model (int8 input, PAD
+            folding, in-place depthwise, offline memory plan;
+            `keras_patch.graph.passes.pipeline.ArenaOptions`): True (all),
+            False (none) or an `ArenaOptions`.
 
     Returns:
         The `.tflite` bytes.
@@ -482,6 +487,14 @@ def export_tflite(
             raise UnsupportedModelError(f"PatchStage '{stage.name}': {e}") from None
         rewrite_stage(tflite, plan)
         logger.info("PatchStage '%s': %d ops -> one KP_PATCH_STAGE op", stage.name, len(ops))
+    import dataclasses
+
+    from keras_patch.graph.passes.pipeline import ArenaOptions, optimize_arena
+
+    arena = ArenaOptions.resolve(arena)
+    if not int8_io:  # a float input was asked for: keep it
+        arena = dataclasses.replace(arena, int8_input=False)
+    optimize_arena(tflite, arena)
     result = tflite.to_bytes()
     if stages and allow_worse is not True:
         from keras_patch.planner.guard import check_never_worse

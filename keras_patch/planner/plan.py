@@ -33,7 +33,13 @@ from keras_patch.graph.tflite_model import ModelSource, read_model_bytes
 from keras_patch.planner.schedule import short_tensor_name
 
 JSON_FORMAT = "keras-patch-plan"
-JSON_VERSION = 1
+JSON_VERSION = 2
+#: Plan versions `from_dict` reads (version 1 had no `arena_passes`: none ran).
+READ_VERSIONS = (1, 2)
+
+
+#: The arena passes a plan may run (`ArenaOptions` switches).
+ARENA_PASSES = ("int8_input", "fold_pad", "in_place", "offline_plan")
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,15 @@ class PatchPlan:
     message: str = ""
     head_at: str = ""  # where the greedy layout reaches peak_bytes: the buffers stacked up to it
     head_at_without_input: str = ""  # the same for peak_bytes_without_input
+    # The arena passes `apply` runs (`ArenaOptions` switches that are on: "int8_input", "fold_pad",
+    # "in_place", "offline_plan"); the peak figures are with them.
+    arena_passes: Tuple[str, ...] = ()
+
+    def arena_options(self):
+        """The `ArenaOptions` of `arena_passes` for this plan's kernel."""
+        from keras_patch.graph.passes.pipeline import ArenaOptions
+
+        return ArenaOptions(kernel=self.kernel, **{name: name in self.arena_passes for name in ARENA_PASSES})
 
     @property
     def mac_overhead(self) -> float:
@@ -124,16 +139,25 @@ class PatchPlan:
         return [(s.start, s.end, tuple(s.grid)) for s in self.stages]
 
     def apply(self, tflite: ModelSource) -> bytes:
-        """The unpatched `.tflite` (bytes or path) with the plan's stages as KP_PATCH_STAGE ops.
+        """The unpatched `.tflite` (bytes or path) with the plan's stages as KP_PATCH_STAGE ops,
+        then the plan's arena passes (`arena_passes`).
 
-        The empty plan returns the model's bytes unchanged.
+        The empty plan without arena passes returns the model's bytes unchanged.
         """
         data = read_model_bytes(tflite)
-        if self.is_empty:
+        if self.is_empty and not self.arena_passes:
             return data
+        from keras_patch.graph.passes.pipeline import optimize_arena, prepare_graph
         from keras_patch.graph.patchify import patchify_stages
+        from keras_patch.graph.tflite_model import TFLiteModel
 
-        return patchify_stages(data, self.stage_requests())
+        options = self.arena_options()
+        model = TFLiteModel.from_bytes(data)
+        report = prepare_graph(model, options)  # the graph the stages were planned on
+        if self.is_empty:
+            optimize_arena(model, options, report)
+            return model.to_bytes()
+        return patchify_stages(model.to_bytes(), self.stage_requests(), arena=options)
 
     def table(self) -> str:
         """A plain-text table: one row per stage, then the arena head, MACs and planner time."""
@@ -164,6 +188,8 @@ class PatchPlan:
             f"limit {self.max_mac_overhead:.2f}{limit}); kernel {self.kernel}; "
             f"planned in {self.planner_seconds:.2f} s"
         )
+        if self.arena_passes:
+            lines.append(f"arena passes (docs/arena.md): {', '.join(self.arena_passes)}")
         if self.head_at:
             lines.append(f"A: {self.head_at}")
         if self.head_at_without_input and self.head_at_without_input != self.head_at:
@@ -176,6 +202,7 @@ class PatchPlan:
         """The plan as plain Python values (what `to_json` writes)."""
         data = asdict(self)
         data["stages"] = [dict(asdict(s), grid=list(s.grid)) for s in self.stages]
+        data["arena_passes"] = list(self.arena_passes)
         return {"format": JSON_FORMAT, "version": JSON_VERSION, **data}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
@@ -192,9 +219,10 @@ class PatchPlan:
         """
         if not isinstance(data, dict) or data.get("format") != JSON_FORMAT:
             raise KerasPatchError(f"Not a keras-patch plan: expected \"format\": \"{JSON_FORMAT}\".")
-        if data.get("version") != JSON_VERSION:
+        if data.get("version") not in READ_VERSIONS:
             raise KerasPatchError(
-                f"Plan version {data.get('version')!r}; this keras-patch reads version {JSON_VERSION}.")
+                f"Plan version {data.get('version')!r}; this keras-patch reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}.")
         body = {k: v for k, v in data.items() if k not in ("format", "version")}
         _check_fields(cls, body, "plan")
         stages = []
@@ -203,7 +231,10 @@ class PatchPlan:
                 raise KerasPatchError(f"Plan stage {k} is not an object.")
             _check_fields(PlannedStage, s, f"plan stage {k}")
             stages.append(PlannedStage(**dict(s, grid=tuple(int(g) for g in s["grid"]))))
-        return cls(**dict(body, stages=tuple(stages)))
+        passes = body.get("arena_passes", ())
+        if not isinstance(passes, (list, tuple)) or any(p not in ARENA_PASSES for p in passes):
+            raise KerasPatchError(f"The plan's arena_passes must be a list of {', '.join(ARENA_PASSES)}.")
+        return cls(**dict(body, stages=tuple(stages), arena_passes=tuple(passes)))
 
     @classmethod
     def from_json(cls, text: str) -> "PatchPlan":

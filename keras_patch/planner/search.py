@@ -50,7 +50,7 @@ from keras_patch.errors import KerasPatchError, PlanError, UnsupportedModelError
 from keras_patch.graph import rules
 from keras_patch.graph.patchify import build_stage_options, normalize_grid
 from keras_patch.graph.tflite_model import TFLiteModel, read_model_bytes
-from keras_patch.planner.plan import PatchPlan, PlannedStage
+from keras_patch.planner.plan import ARENA_PASSES, PatchPlan, PlannedStage
 from keras_patch.stage import geometry
 from keras_patch.stage.executor import ConstantTensor, prepare_stage
 
@@ -133,6 +133,7 @@ class _Problem:
                  all_grids: Optional[Dict[int, List[_Candidate]]] = None):
         self.model = model
         self.net = net
+        self.arena = None  # the ArenaOptions the cost model counts (build_problem sets it)
         self.runs = runs
         self.budget = budget
         self.macs = macs
@@ -224,6 +225,7 @@ def plan(
     kernel: str = "portable",
     progress: Optional[Callable[[Iterable], Iterable]] = None,
     representative_dataset=None,
+    arena=True,
 ) -> PatchPlan:
     """Chooses the patch stages (start, end, grid) that minimize the network's TFLM arena head.
 
@@ -245,6 +247,11 @@ def plan(
             `profile`.
         progress: wraps an iterable to show progress, e.g. `tqdm.tqdm`.
         representative_dataset: calibration data for a Keras model.
+        arena: the arena passes the plan is made with and `apply` runs
+            (`keras_patch.graph.passes.pipeline.ArenaOptions` switches, its
+            kernel set to `kernel`; True: all, False: none). With them the
+            cost model knows the int8 input, folded PADs, in-place depthwise
+            ops and patch arenas, and the offline memory plan.
 
     Returns:
         A `PatchPlan`. Never worse than layer by layer: when no plan lowers
@@ -277,9 +284,17 @@ def plan(
         sram_bytes = int(sram_bytes)
     if kernel not in geometry.KERNELS:
         raise ValueError(f"kernel must be one of {geometry.KERNELS}, not {kernel!r}")
-    data = _model_bytes(model, representative_dataset)
-    tflite = _ReadOnlyModel(TFLiteModel.from_bytes(data))
-    problem = build_problem(tflite, max_mac_overhead, grids, kernel, progress)
+    from keras_patch.graph.passes.pipeline import ArenaOptions, prepare_graph
+
+    options = dataclasses.replace(ArenaOptions.resolve(arena), kernel=kernel)
+    prepared = TFLiteModel.from_bytes(_model_bytes(model, representative_dataset))
+    if memory_planner._offline_offsets(prepared) is not None:
+        from keras_patch.arena.offline_metadata import remove_offline_offsets
+
+        remove_offline_offsets(prepared)  # planned again for the patched network
+    prepare_graph(prepared, options)
+    tflite = _ReadOnlyModel(TFLiteModel.from_bytes(prepared.to_bytes()))
+    problem = build_problem(tflite, max_mac_overhead, grids, kernel, progress, options)
     return _search(problem, max_mac_overhead, sram_bytes, kernel, started)
 
 
@@ -309,14 +324,22 @@ def _grid_choices(grids: Optional[Iterable], out_h: int, out_w: int) -> List[tup
 
 
 def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kernel: str = "portable",
-                  progress=None) -> _Problem:
-    """Costs every patchable run with every grid (in memory) for the DP."""
+                  progress=None, arena=None) -> _Problem:
+    """Costs every patchable run with every grid (in memory) for the DP.
+
+    `arena` (`ArenaOptions`, default none) says which arena passes the cost
+    model counts: in-place patch arenas and depthwise ops, the offline plan.
+    """
+    from keras_patch.graph.passes.pipeline import ArenaOptions
+
+    arena = ArenaOptions.resolve(False if arena is None else arena)
     from keras_patch.arena.profiler import op_macs
     failure = rules.model_unpatched(model)
     if failure:
         raise UnsupportedModelError(failure)
     grids = None if grids is None else [normalize_grid(g) for g in grids]
-    net = ArenaNetwork(model._model if isinstance(model, _ReadOnlyModel) else model)
+    net = ArenaNetwork(model._model if isinstance(model, _ReadOnlyModel) else model,
+                       in_place=arena.in_place, offline_plan=arena.offline_plan)
     macs = sum(op_macs(model, op) for op in range(model.num_ops))
     budget = math.floor(max_mac_overhead * macs) - macs
     found = [r for r in rules.patchable_runs(model) if r[1] > r[0]]  # one op alone never lowers the head
@@ -335,6 +358,8 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
                                                      (1, 1), consumers)
         except UnsupportedModelError:
             continue
+        if arena.in_place:  # the patch arena runs depthwise layers in place where that is smaller
+            options = dataclasses.replace(options, in_place=True)
         out_h, out_w, _ = options.output_shape
         choices = _grid_choices(grids, out_h, out_w)
         if not choices:
@@ -359,7 +384,9 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
         all_grids[run] = front
     if not runs:
         raise PlanError("No run of ops in this model can become a patch stage with the given grids.")
-    return _Problem(model, net, runs, candidates, budget, macs, all_grids)
+    problem = _Problem(model, net, runs, candidates, budget, macs, all_grids)
+    problem.arena = arena
+    return problem
 
 
 def _pareto(front: List[_Candidate]) -> List[_Candidate]:
@@ -597,11 +624,38 @@ def _make_plan(problem: _Problem, chosen: Sequence[_Candidate], heads: tuple, ke
         patched_macs=c.patched_macs, patch_arena_bytes=c.patch_arena_bytes,
     ) for c in chosen)
     base = problem.heads(())
-    return PatchPlan(
+    arena = problem.arena
+    passes = tuple(name for name in ARENA_PASSES if arena is not None and getattr(arena, name))
+    plan = PatchPlan(
         stages=stages, kernel=kernel, max_mac_overhead=max_mac_overhead, sram_bytes=sram_bytes,
         layer_by_layer_peak_bytes=base[0], layer_by_layer_peak_bytes_without_input=base[1],
         peak_bytes=heads[0], peak_bytes_without_input=heads[1], macs=problem.macs,
         patched_macs=problem.macs + sum(c.extra for c in chosen),
         planner_seconds=time.perf_counter() - started, message=message,
         head_at=describe_head(problem.net, chosen), head_at_without_input=describe_head(problem.net, chosen, False),
+        arena_passes=passes,
     )
+    if not passes:
+        return plan
+    # The passes decide which depthwise ops run in place and where the offline plan puts each
+    # tensor: the figures are those of the models `apply` writes, laid out by the TFLM replica.
+    from keras_patch.arena.profiler import profile
+
+    data = model.to_bytes()
+    empty = dataclasses.replace(plan, stages=(), patched_macs=problem.macs)
+    layer_by_layer = profile(empty.apply(data), kernel=kernel)
+    base = (layer_by_layer.patched_peak_bytes, layer_by_layer.patched_peak_bytes_without_input)
+    patched = layer_by_layer if not stages else profile(plan.apply(data), kernel=kernel)
+    heads = (patched.patched_peak_bytes, patched.patched_peak_bytes_without_input)
+    if stages and heads >= base:
+        message = (f"With the arena passes, the best plan found ({heads[0]:,} B) does not lower the arena head "
+                   f"below {base[0]:,} B layer by layer: the model runs best layer by layer.")
+        plan, heads = dataclasses.replace(empty, head_at="", head_at_without_input=""), base
+    def where(text: str, head: int) -> str:  # the greedy layout's story, if it is the head the passes reach
+        return text if text.startswith(f"head {head:,} B") else ""
+
+    return dataclasses.replace(
+        plan, head_at=where(plan.head_at, heads[0]), head_at_without_input=where(plan.head_at_without_input, heads[1]),
+        layer_by_layer_peak_bytes=base[0], layer_by_layer_peak_bytes_without_input=base[1],
+        peak_bytes=heads[0], peak_bytes_without_input=heads[1], message=message,
+        planner_seconds=time.perf_counter() - started)

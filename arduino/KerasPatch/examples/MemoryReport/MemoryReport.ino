@@ -15,10 +15,10 @@
 //
 // Arena, as derived by keras-patch (keras_patch.arduino.arena):
 //   patched:
-//   tensor arena 66,720 B = align16(
+//   tensor arena 66,816 B = align16(
 //     head 46,272 B (keras_patch.profile: patched arena head, CMSIS-NN build; layer by layer it would be 129,024 B)
 //     + tail 15,408 B (unpatched model, tflite-micro wheel RecordingMicroAllocator, 64-bit host: an upper bound)
-//     + KP_PATCH_STAGE persistent 4,016 B (kernel_persistent_bytes + adapter OpData + input pointers, 32-bit)
+//     + KP_PATCH_STAGE persistent 4,112 B (kernel_persistent_bytes + adapter OpData + input pointers, 32-bit)
 //     + margin 1,024 B (CMSIS-NN scratch, arena alignment))
 //   unpatched:
 //   tensor arena 145,456 B = align16(

@@ -11,10 +11,10 @@
 // (LED_BUILTIN on = person on boards without LEDR/LEDG/LEDB).
 //
 // Arena, as derived by keras-patch (keras_patch.arduino.arena):
-//   tensor arena 66,720 B = align16(
+//   tensor arena 66,816 B = align16(
 //     head 46,272 B (keras_patch.profile: patched arena head, CMSIS-NN build; layer by layer it would be 129,024 B)
 //     + tail 15,408 B (unpatched model, tflite-micro wheel RecordingMicroAllocator, 64-bit host: an upper bound)
-//     + KP_PATCH_STAGE persistent 4,016 B (kernel_persistent_bytes + adapter OpData + input pointers, 32-bit)
+//     + KP_PATCH_STAGE persistent 4,112 B (kernel_persistent_bytes + adapter OpData + input pointers, 32-bit)
 //     + margin 1,024 B (CMSIS-NN scratch, arena alignment))
 // The sketch prints what TFLM really used (arena_used_bytes) after AllocateTensors.
 #include <Chirale_TensorFlowLite.h>
@@ -42,7 +42,7 @@ constexpr int kInputWidth = 96;
 constexpr int kNumClasses = 2;
 constexpr int kPersonClass = 1;
 
-constexpr size_t kTensorArenaSize = 66720;
+constexpr size_t kTensorArenaSize = 66816;
 alignas(16) uint8_t tensor_arena[kTensorArenaSize];
 
 // 5 builtin op(s) + the keras-patch op(s) AddKerasPatchOps registers.

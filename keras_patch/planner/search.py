@@ -311,7 +311,7 @@ def _model_bytes(model, representative_dataset) -> bytes:
     if representative_dataset is None:
         shape = tuple(int(d) for d in model.inputs[0].shape[1:])
         representative_dataset = np.random.default_rng(0).random((4, *shape), dtype=np.float32)
-    return export_tflite(model, representative_dataset)
+    return export_tflite(model, representative_dataset, arena=False)  # the plan runs the passes
 
 
 def _grid_choices(grids: Optional[Iterable], out_h: int, out_w: int) -> List[tuple]:

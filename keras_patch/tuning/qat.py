@@ -460,8 +460,15 @@ def quantization_aware_finetune(
     patched = unpatched
     for stage in spec["stages"]:
         split = split_op_of_layer(patched, stage["last_layer"])
-        patched = keras_patch.patchify(patched, split, grid=tuple(stages[stage["name"]].grid))
+        patched = keras_patch.patchify(patched, split, grid=tuple(stages[stage["name"]].grid), arena=False)
         logger.info("PatchStage '%s': patched at op %d, grid %s", stage["name"], split, stage["grid"])
+    if spec["stages"]:  # the arena passes once every stage is in place
+        from keras_patch.graph.passes.pipeline import optimize_arena
+        from keras_patch.graph.tflite_model import TFLiteModel
+
+        model = TFLiteModel.from_bytes(patched)
+        optimize_arena(model)
+        patched = model.to_bytes()
 
     xq = quantize_input(unpatched, x_val)
     logits_unpatched = keras_patch.run_tflite(unpatched, xq)[0]

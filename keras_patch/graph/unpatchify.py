@@ -197,11 +197,18 @@ def _builtin_ops(model: TFLiteModel, op_index: int) -> list:
 
 
 def unpatchify(tflite_bytes: ModelSource) -> bytes:
-    """Returns the model with every KP_PATCH_STAGE op expanded into builtin ops."""
+    """Returns the model with every KP_PATCH_STAGE op expanded into builtin ops.
+
+    An offline memory plan the model carries is dropped with them: it was
+    made for the patched tensors (and aliases in-place stages).
+    """
     model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
     stages = set(find_stages(model))
     if not stages:
         return model.to_bytes()
+    from keras_patch.arena.offline_metadata import remove_offline_offsets
+
+    remove_offline_offsets(model)
     expanded = []
     for i, op in enumerate(model.subgraph.operators):
         expanded.extend(_builtin_ops(model, i) if i in stages else [op])

@@ -466,6 +466,114 @@ def test_tflm_m4_patched_mobilenet_v2_several_stages(tmp_path):
         assert planned_head is None or arena["arena_head_bytes"] == planned_head, (stages, kernel, arena, planned_head)
 
 
+def _float_pad_mobilenet(size: int = 48) -> bytes:
+    """A small MobileNetV2-like int8 model with a float input and output (QUANTIZE / DEQUANTIZE),
+    PyTorch-style explicit ZeroPadding2D((1, 1)) before the stride-2 stem conv and before a
+    stride-2 depthwise conv (not TF's SAME split, so the converter keeps both as PAD ops),
+    inverted residual blocks with residual ADDs, random BatchNorm statistics (live activations)."""
+    import contextlib
+    import io
+
+    import keras
+    import numpy as np
+
+    from keras_patch.keras.export import convert_int8
+
+    layers = keras.layers
+    keras.utils.set_random_seed(3)
+
+    def bn_relu(x, act=True):
+        x = layers.BatchNormalization()(x)
+        return layers.ReLU(6.0)(x) if act else x
+
+    def block(x, expand, out, stride):
+        y = bn_relu(layers.Conv2D(expand, 1, use_bias=False)(x))
+        if stride == 2:
+            y = layers.ZeroPadding2D(((1, 1), (1, 1)))(y)
+        y = bn_relu(layers.DepthwiseConv2D(3, strides=stride, padding="valid" if stride == 2 else "same",
+                                           use_bias=False)(y))
+        y = bn_relu(layers.Conv2D(out, 1, use_bias=False)(y), act=False)
+        return layers.Add()([x, y]) if stride == 1 and x.shape[-1] == out else y
+
+    inputs = keras.Input((size, size, 3))
+    x = layers.ZeroPadding2D(((1, 1), (1, 1)))(inputs)
+    x = bn_relu(layers.Conv2D(8, 3, strides=2, padding="valid", use_bias=False)(x))
+    x = bn_relu(layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x))
+    x = bn_relu(layers.Conv2D(8, 1, use_bias=False)(x), act=False)
+    for expand, out, stride in ((48, 12, 2), (72, 12, 1), (72, 16, 2), (96, 16, 1)):
+        x = block(x, expand, out, stride)
+    x = layers.GlobalAveragePooling2D()(bn_relu(layers.Conv2D(64, 1, use_bias=False)(x)))
+    model = keras.Model(inputs, layers.Dense(10)(x))
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            shape = layer.get_weights()[0].shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.uniform(0.0, 0.5, shape),
+                               rng.uniform(-0.1, 0.1, shape), rng.uniform(0.05, 0.2, shape)])
+    calibration = rng.uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return bytes(convert_int8(model, calibration, int8_io=False))
+
+
+def _arena_passes_check(unpatched: bytes, kernel: str, run) -> None:
+    """keras_patch.plan + apply with every arena pass for `kernel`: the patched model takes int8
+    input, carries TFLM's offline plan and an in-place KP_PATCH_STAGE and has no PAD left; `run`
+    (model, input) -> (outputs, arena sizes) gives the unpatched float-input model's outputs bit
+    for bit on the same (dequantized) inputs, and the arena head == profile(kernel=kernel)'s."""
+    import numpy as np
+
+    import keras_patch
+    from keras_patch.arena.offline_metadata import read_offline_offsets
+    from keras_patch.arena.profiler import profile
+    from keras_patch.graph.patchify import find_stages, stage_options
+    from keras_patch.graph.tflite_model import TFLiteModel
+
+    original = TFLiteModel.from_bytes(unpatched)
+    assert original.tensor(original.inputs[0]).dtype == np.float32
+    assert sum(original.op_type(i) == "PAD" for i in range(original.num_ops)) == 2
+    patched = keras_patch.plan(unpatched, max_mac_overhead=1.10, kernel=kernel).apply(unpatched)
+    model = TFLiteModel.from_bytes(patched)
+    assert read_offline_offsets(model) is not None, "no OfflineMemoryAllocation"
+    assert not {"PAD", "PADV2", "QUANTIZE"} & {model.op_type(i) for i in range(model.num_ops)}
+    assert any(stage_options(model, i).in_place for i in find_stages(model)), "no in-place op"
+    source = model.tensor(model.inputs[0])
+    assert source.dtype == np.int8
+    q = np.random.default_rng(13).integers(-128, 128, (2, *source.shape[1:]), dtype=np.int8)
+    x = ((q.astype(np.float32) - float(source.zero_point[0])) * float(source.scale[0])).astype(np.float32)
+    (want,), _ = run(unpatched, x)
+    assert len(np.unique(want)) > 5, "degenerate logits: the comparison would prove nothing"
+    (got,), arena = run(patched, q)
+    np.testing.assert_array_equal(got, want, err_msg=f"{kernel}: patched (arena passes) vs unpatched TFLM")
+    predicted = profile(patched, kernel=kernel).patched_peak_bytes
+    assert arena["arena_head_bytes"] == predicted, (kernel, arena, predicted)
+
+
+def test_tflm_arena_passes_float_pad_mobilenet(tmp_path):
+    """Issue 11's arena passes in real TFLM: a float-input MobileNetV2-like model with explicit
+    (non-SAME) PADs, planned and applied with int8 input, PAD folding, in-place ops and the
+    offline memory plan, runs bit-exact against the unpatched model in the host runner (portable
+    kernel) and, with KP_TFLM_M4_LIB, on the Cortex-M4F firmware under QEMU (its kernel,
+    CMSIS-NN when so built); TFLM's measured arena head == profile()'s prediction."""
+    runner = _tflm_runner(tmp_path)
+    unpatched = _float_pad_mobilenet()
+    _arena_passes_check(unpatched, "portable", lambda model, x: _run_tflm(runner, model, x, tmp_path))
+    if not (os.environ.get("KP_TFLM_M4_RUNNER") or os.environ.get("KP_TFLM_M4_LIB")):
+        return
+    elf = _tflm_m4_runner(tmp_path)
+    (_, _, kernel, _) = _run_tflm_m4(elf, unpatched, _float_pad_probe(unpatched), tmp_path)
+    _arena_passes_check(unpatched, kernel, lambda model, x: _run_tflm_m4(elf, model, x, tmp_path)[:2])
+
+
+def _float_pad_probe(unpatched: bytes):
+    """One zero input for `unpatched` (to ask the firmware which kernel it was built with)."""
+    import numpy as np
+
+    from keras_patch.graph.tflite_model import TFLiteModel
+
+    model = TFLiteModel.from_bytes(unpatched)
+    return np.zeros((1, *model.tensor(model.inputs[0]).shape[1:]), np.float32)
+
+
 # ------------------------------------------------- the runner: every builtin op, every output
 
 

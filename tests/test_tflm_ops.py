@@ -516,36 +516,49 @@ def _float_pad_mobilenet(size: int = 48) -> bytes:
 
 
 def _arena_passes_check(unpatched: bytes, kernel: str, run) -> None:
-    """keras_patch.plan + apply with every arena pass for `kernel`: the patched model takes int8
-    input, carries TFLM's offline plan and an in-place KP_PATCH_STAGE and has no PAD left; `run`
-    (model, input) -> (outputs, arena sizes) gives the unpatched float-input model's outputs bit
-    for bit on the same (dequantized) inputs, and the arena head == profile(kernel=kernel)'s."""
+    """The arena passes for `kernel` on `unpatched` (a float-input model with non-SAME PADs), two ways:
+    keras_patch.plan + apply (patch stages, one of them in place) and the layer-by-layer model
+    (`optimize_arena` alone: each PAD folded into a one-layer KP_PATCH_STAGE with explicit pads).
+    Both take int8 input, carry TFLM's offline plan and have no PAD left; `run` (model, input) ->
+    (outputs, arena sizes) gives the unpatched model's outputs bit for bit on the same
+    (dequantized) inputs, and the arena head == profile(kernel=kernel)'s prediction."""
     import numpy as np
 
     import keras_patch
     from keras_patch.arena.offline_metadata import read_offline_offsets
     from keras_patch.arena.profiler import profile
+    from keras_patch.graph.passes.pipeline import ArenaOptions, optimize_arena
     from keras_patch.graph.patchify import find_stages, stage_options
     from keras_patch.graph.tflite_model import TFLiteModel
+    from keras_patch.graph.unpatchify import layer_op_counts
 
     original = TFLiteModel.from_bytes(unpatched)
     assert original.tensor(original.inputs[0]).dtype == np.float32
-    assert sum(original.op_type(i) == "PAD" for i in range(original.num_ops)) == 2
-    patched = keras_patch.plan(unpatched, max_mac_overhead=1.10, kernel=kernel).apply(unpatched)
-    model = TFLiteModel.from_bytes(patched)
-    assert read_offline_offsets(model) is not None, "no OfflineMemoryAllocation"
-    assert not {"PAD", "PADV2", "QUANTIZE"} & {model.op_type(i) for i in range(model.num_ops)}
-    assert any(stage_options(model, i).in_place for i in find_stages(model)), "no in-place op"
-    source = model.tensor(model.inputs[0])
-    assert source.dtype == np.int8
-    q = np.random.default_rng(13).integers(-128, 128, (2, *source.shape[1:]), dtype=np.int8)
-    x = ((q.astype(np.float32) - float(source.zero_point[0])) * float(source.scale[0])).astype(np.float32)
-    (want,), _ = run(unpatched, x)
-    assert len(np.unique(want)) > 5, "degenerate logits: the comparison would prove nothing"
-    (got,), arena = run(patched, q)
-    np.testing.assert_array_equal(got, want, err_msg=f"{kernel}: patched (arena passes) vs unpatched TFLM")
-    predicted = profile(patched, kernel=kernel).patched_peak_bytes
-    assert arena["arena_head_bytes"] == predicted, (kernel, arena, predicted)
+    assert sum(original.op_type(i) == "PAD" for i in range(original.num_ops)) >= 2
+    planned = keras_patch.plan(unpatched, max_mac_overhead=1.10, kernel=kernel).apply(unpatched)
+    layer_by_layer = TFLiteModel.from_bytes(unpatched)
+    optimize_arena(layer_by_layer, ArenaOptions(kernel=kernel))
+    want, q = None, None
+    for name, patched in (("plan", planned), ("layer by layer", layer_by_layer.to_bytes())):
+        model = TFLiteModel.from_bytes(patched)
+        options = [stage_options(model, i) for i in find_stages(model)]
+        assert read_offline_offsets(model) is not None, f"{name}: no OfflineMemoryAllocation"
+        assert not {"PAD", "PADV2", "QUANTIZE"} & {model.op_type(i) for i in range(model.num_ops)}, name
+        if name == "plan":
+            assert any(opts.in_place for opts in options), "no in-place op"
+        else:
+            assert [layer_op_counts(opts) for opts in options].count([2]) >= 2, "PADs not folded into stages"
+        source = model.tensor(model.inputs[0])
+        assert source.dtype == np.int8
+        if want is None:
+            q = np.random.default_rng(13).integers(-128, 128, (2, *source.shape[1:]), dtype=np.int8)
+            x = ((q.astype(np.float32) - float(source.zero_point[0])) * float(source.scale[0])).astype(np.float32)
+            (want,), _ = run(unpatched, x)
+            assert len(np.unique(want)) > 5, "degenerate logits: the comparison would prove nothing"
+        (got,), arena = run(patched, q)
+        np.testing.assert_array_equal(got, want, err_msg=f"{kernel} {name}: arena passes vs unpatched TFLM")
+        predicted = profile(patched, kernel=kernel).patched_peak_bytes
+        assert arena["arena_head_bytes"] == predicted, (kernel, name, arena, predicted)
 
 
 def test_tflm_arena_passes_float_pad_mobilenet(tmp_path):

@@ -364,7 +364,9 @@ def _several_stage_models(unpatched: bytes, kernel: str) -> list:
 
     models = [(stages, patchify_stages(unpatched, stages), None) for stages in SEVERAL_STAGE_PLANS]
     chosen = plan(unpatched, max_mac_overhead=1.10, kernel=kernel)
-    assert len(chosen.stages) >= 2, chosen.table()
+    # With the arena passes (in-place ops, offline plan) one stage may be the lowest head here;
+    # SEVERAL_STAGE_PLANS hold the plans of two and three stages.
+    assert chosen.stages, chosen.table()
     models.append((chosen.stage_requests(), chosen.apply(unpatched), chosen.peak_bytes))
     return models
 
@@ -377,8 +379,9 @@ def test_tflm_patched_mobilenet_v2_several_stages(tmp_path):
     peak_bytes), byte for byte."""
     import numpy as np
 
+    from keras_patch.arena.aliases import in_place_stage
     from keras_patch.arena.profiler import profile
-    from keras_patch.graph.patchify import find_stages
+    from keras_patch.graph.patchify import find_stages, stage_options
     from keras_patch.graph.tflite_model import TFLiteModel
 
     runner = _tflm_runner(tmp_path)
@@ -388,11 +391,14 @@ def test_tflm_patched_mobilenet_v2_several_stages(tmp_path):
     assert arena["arena_head_bytes"] == profile(unpatched).layer_by_layer_peak_bytes
     unpatched_head = arena["arena_head_bytes"]
     for stages, patched, planned_head in _several_stage_models(unpatched, "portable"):
-        assert len(find_stages(TFLiteModel.from_bytes(patched))) == len(stages)
+        # The arena passes may add one-layer in-place depthwise stages beside the patch stages.
+        model = TFLiteModel.from_bytes(patched)
+        ops = find_stages(model)
+        assert len([i for i in ops if not in_place_stage(stage_options(model, i))]) == len(stages)
         (got,), arena = _run_tflm(runner, patched, x, tmp_path)
         np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"{stages}: patched TFLM vs LiteRT")
         predicted = profile(patched)
-        assert predicted.num_stages == len(stages)
+        assert predicted.num_stages == len(ops)
         assert arena["arena_head_bytes"] == predicted.patched_peak_bytes, (stages, arena, predicted.patched_peak_bytes)
         assert planned_head is None or arena["arena_head_bytes"] == planned_head, (stages, arena, planned_head)
         assert arena["arena_head_bytes"] < unpatched_head, stages

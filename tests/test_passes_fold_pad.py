@@ -288,3 +288,22 @@ def test_unpatchify_then_fold_pad_round_trips():
     x = np.random.default_rng(3).integers(-128, 128, size=(2, 10, 12, 3), dtype=np.int8)
     for bytes_ in (plain, again.to_bytes()):
         np.testing.assert_array_equal(run_tflite(bytes_, x)[0], run_tflite(data, x)[0])
+
+
+def test_profile_counts_the_pad_a_folded_stage_unpatchifies_to():
+    """A one-layer stage with explicit pads unpatchifies to PAD + VALID conv (two ops): profile()
+    maps both to the stage (it used to assume one op per layer and raised IndexError)."""
+    from keras_patch.arena.profiler import profile
+    from keras_patch.graph.patchify import find_stages, stage_options
+    from keras_patch.graph.unpatchify import layer_op_counts
+
+    model = TFLiteModel.from_bytes(_pytorch_style())
+    assert [f.how for f in fold_pad(model)] == ["stage"]
+    (stage,) = find_stages(model)
+    assert layer_op_counts(stage_options(model, stage)) == [2]
+    folded = model.to_bytes()
+    for kernel in ("portable", "cmsis_nn"):
+        p = profile(folded, kernel=kernel)
+        assert [r.op for r in p.rows] == ["PAD", "DEPTHWISE_CONV_2D", "CONV_2D"]
+        assert [r.stage for r in p.rows] == [stage, stage, None]
+        assert p.patched_peak_bytes == arena_head_bytes(model, stage_scratch_bytes(model, kernel))

@@ -44,7 +44,7 @@ from keras_patch.stage import geometry
 from keras_patch.graph.patchify import find_stages, stage_options
 from keras_patch.planner.schedule import short_tensor_name
 from keras_patch.graph.tflite_model import ModelSource, TFLiteModel, read_model_bytes
-from keras_patch.graph.unpatchify import unpatchify
+from keras_patch.graph.unpatchify import layer_op_counts, unpatchify
 
 #: Trailing parts of a Keras layer name (split at "_", compared in lower
 #: case) that name the layer's role inside its block, not the block:
@@ -645,10 +645,10 @@ def profile(
     scratch = stage_scratch_bytes(patched, kernel)
     spans, plain_op = [], 0
     for p in range(patched.num_ops):  # unpatchify expands each stage in place, in order
-        if p in scratch:
-            layers = stage_options(patched, p).num_layers
-            spans.append(StageSpan(plain_op, plain_op + layers - 1, tuple(scratch[p])))
-            plain_op += layers
+        if p in scratch:  # a layer with explicit pads expands to PAD + VALID conv
+            ops = sum(layer_op_counts(stage_options(patched, p)))
+            spans.append(StageSpan(plain_op, plain_op + ops - 1, tuple(scratch[p])))
+            plain_op += ops
         else:
             plain_op += 1
     plain_buffers, patched_buffers, lbl_peak, lbl_peak_no_input, patched_peak, patched_peak_no_input = \
@@ -678,8 +678,9 @@ def profile(
                 macs=full, patched_macs=patched_macs,
                 context_bytes=geometry.kernel_context_bytes(opts, kernel),
             ))
-            plain_to_patched.extend([(p, opts, l) for l in range(opts.num_layers)])
-            plain_stage.extend([p] * opts.num_layers)
+            for l, count in enumerate(layer_op_counts(opts)):
+                plain_to_patched.extend([(p, opts, l)] * count)
+                plain_stage.extend([p] * count)
         else:
             plain_to_patched.append(p)
             plain_stage.append(None)

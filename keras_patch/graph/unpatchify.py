@@ -129,6 +129,29 @@ def _paddings_tensor(model: TFLiteModel, name: str, paddings: np.ndarray) -> int
     return len(model.subgraph.tensors) - 1
 
 
+def layer_op_counts(opts: o.StageOptions) -> list:
+    """How many builtin ops `unpatchify` turns each layer of a stage into.
+
+    1, or 2 for a convolution with explicit pads (a folded PAD,
+    `keras_patch.graph.passes.fold_pad`), which becomes PAD + VALID conv.
+
+    Example:
+
+    >>> from keras_patch.graph.patchify import find_stages, stage_options
+    >>> from keras_patch.graph.tflite_model import TFLiteModel
+    >>> model = TFLiteModel.from_bytes("patched.tflite")  # doctest: +SKIP
+    >>> [layer_op_counts(stage_options(model, i)) for i in find_stages(model)]  # doctest: +SKIP
+    """
+    counts = []
+    for l, layer in enumerate(opts.layers):
+        in_h, in_w, _ = opts.tensor_shapes[layer.inputs[0]]
+        out_h, out_w, _ = opts.tensor_shapes[l + 1]
+        explicit = layer.op in (o.OP_CONV_2D, o.OP_DEPTHWISE_CONV_2D) and not _builtin_padding(
+            (in_h, in_w), (out_h, out_w), layer)
+        counts.append(2 if explicit else 1)
+    return counts
+
+
 def _builtin_ops(model: TFLiteModel, op_index: int) -> list:
     opts = stage_options(model, op_index)
     op_inputs = model.op_inputs(op_index)

@@ -311,9 +311,16 @@ class TFLiteModel:
 
     # ------------------------------------------------------------ mutation
     def add_outputs(self, tensors: Sequence[int]) -> None:
-        """Appends tensors to the model outputs (to inspect intermediates)."""
+        """Appends tensors to the model outputs (to inspect intermediates).
+
+        Outputs live to the end, so an offline memory plan the model carries
+        (made for the old lifetimes) is dropped.
+        """
+        from keras_patch.arena.offline_metadata import remove_offline_offsets
+
         self.subgraph.outputs = np.array(self.outputs + [int(t) for t in tensors], np.int32)
         self.model.signatureDefs = []
+        remove_offline_offsets(self)
 
     def opcode_index(self, builtin: int, custom_code: Optional[str] = None, version: int = 1) -> int:
         """Index of the operator code, added to the model if missing."""

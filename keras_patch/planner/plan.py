@@ -147,12 +147,12 @@ class PatchPlan:
         data = read_model_bytes(tflite)
         if self.is_empty and not self.arena_passes:
             return data
-        from keras_patch.graph.passes.pipeline import optimize_arena, prepare_graph
+        from keras_patch.graph.passes.pipeline import optimize_arena, prepare_graph, undo_arena_stages
         from keras_patch.graph.patchify import patchify_stages
         from keras_patch.graph.tflite_model import TFLiteModel
 
         options = self.arena_options()
-        model = TFLiteModel.from_bytes(data)
+        model = TFLiteModel.from_bytes(undo_arena_stages(data))
         report = prepare_graph(model, options)  # the graph the stages were planned on
         if self.is_empty:
             optimize_arena(model, options, report)

@@ -284,10 +284,10 @@ def plan(
         sram_bytes = int(sram_bytes)
     if kernel not in geometry.KERNELS:
         raise ValueError(f"kernel must be one of {geometry.KERNELS}, not {kernel!r}")
-    from keras_patch.graph.passes.pipeline import ArenaOptions, prepare_graph
+    from keras_patch.graph.passes.pipeline import ArenaOptions, prepare_graph, undo_arena_stages
 
     options = dataclasses.replace(ArenaOptions.resolve(arena), kernel=kernel)
-    prepared = TFLiteModel.from_bytes(_model_bytes(model, representative_dataset))
+    prepared = TFLiteModel.from_bytes(undo_arena_stages(_model_bytes(model, representative_dataset)))
     if memory_planner._offline_offsets(prepared) is not None:
         from keras_patch.arena.offline_metadata import remove_offline_offsets
 

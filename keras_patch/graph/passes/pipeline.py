@@ -274,3 +274,19 @@ def _live_per_op(model: TFLiteModel, kernel: str, with_input: bool, with_aliases
 
 def _live_peak(model: TFLiteModel, kernel: str, with_input: bool, with_aliases: bool) -> int:
     return max(_live_per_op(model, kernel, with_input, with_aliases), default=0)
+
+
+def undo_arena_stages(data: bytes) -> bytes:
+    """The model without what the arena passes add to a graph: when every KP_PATCH_STAGE op is a
+    one-layer stage (an in-place depthwise op, a folded PAD), they become builtin ops again
+    (`unpatchify`) and the offline plan goes with them, so the planner sees the network to plan
+    (e.g. a `.tflite` from `export_tflite`). Models with multi-layer stages are returned as they are.
+    """
+    from keras_patch.graph.patchify import find_stages, stage_options
+    from keras_patch.graph.unpatchify import unpatchify
+
+    model = TFLiteModel.from_bytes(data)
+    stages = find_stages(model)
+    if stages and all(stage_options(model, op).num_layers == 1 for op in stages):
+        return unpatchify(data)
+    return data

@@ -52,7 +52,7 @@ def _with_outputs(model_bytes: bytes, names) -> bytes:
 
 @pytest.fixture(scope="module")
 def three_stages(residual) -> bytes:
-    return patchify_stages(residual, THREE_STAGES)
+    return patchify_stages(residual, THREE_STAGES, arena=False)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_unpatchify_expands_every_stage(residual, three_stages, images):
     np.testing.assert_array_equal(run_tflite(plain, images)[0], run_tflite(residual, images)[0])
     # The expanded model patches again into the same stages.
     again = TFLiteModel.from_bytes(patchify_stages(plain, [
-        (None, 3, (2, 2)), (_out_name(m, 6), 10, (3, 3)), (_out_name(m, 13), 21, (2, 3))]))
+        (None, 3, (2, 2)), (_out_name(m, 6), 10, (3, 3)), (_out_name(m, 13), 21, (2, 3))], arena=False))
     assert [stage_options(again, op) for op in find_stages(again)] == \
         [stage_options(TFLiteModel.from_bytes(three_stages), op) for op in find_stages(TFLiteModel.from_bytes(three_stages))]
 
@@ -120,7 +120,7 @@ def test_unpatchify_a_pool_whose_axes_agree_only_on_valid():
     original = _convert(spec)
     m = TFLiteModel.from_bytes(original)
     pool = next(i for i in range(m.num_ops) if m.op_type(i) == "MAX_POOL_2D")
-    patched = patchify_stages(original, [(None, pool + 1, (2, 2))])
+    patched = patchify_stages(original, [(None, pool + 1, (2, 2))], arena=False)
     plain = unpatchify(patched)
     u = TFLiteModel.from_bytes(plain)
     assert [u.op_type(i) for i in range(u.num_ops)] == [m.op_type(i) for i in range(m.num_ops)]
@@ -131,7 +131,7 @@ def test_unpatchify_a_pool_whose_axes_agree_only_on_valid():
 
 def test_patching_a_patched_model_again_adds_a_stage(residual, three_stages, images):
     """`patchify` on a model that has stages: a fourth stage between two of them."""
-    four = keras_patch.patchify(three_stages, "b3_project", (2, 2), start="b2_add")
+    four = keras_patch.patchify(three_stages, "b3_project", (2, 2), start="b2_add", arena=False)
     p = TFLiteModel.from_bytes(four)
     assert len(find_stages(p)) == 4 and p.num_ops == TFLiteModel.from_bytes(three_stages).num_ops - 2
     for executor in EXECUTORS:
@@ -170,7 +170,7 @@ def test_blocks_do_not_span_a_stage_boundary(residual):
     """Was: consecutive ops of one Keras block were one block whatever stage each was in,
     so two adjacent stages (or a stage and the ops after it) shared a bar in the plot."""
     # Stage 0 ends at b1_expand_relu (op 4), stage 1 is b1's depthwise alone (op 5), op 6 runs layer by layer.
-    two = patchify_stages(residual, [(None, "b1_expand_relu", (2, 2)), ("b1_expand_relu", "b1_dw_relu", (2, 2))])
+    two = patchify_stages(residual, [(None, "b1_expand_relu", (2, 2)), ("b1_expand_relu", "b1_dw_relu", (2, 2))], arena=False)
     prof = profile(two)
     # The layers inside stage 0 have no Keras name (its output's name is fused: 'b1_expand_relu;b1_expand').
     assert [r.layer for r in prof.rows[:5]] == ["", "", "", "", "b1_expand_relu"]
@@ -194,7 +194,7 @@ def test_plot_shades_adjacent_stages_apart(residual, tmp_path, monkeypatch):
         return axvspan(ax, xmin, xmax, **kwargs)
 
     monkeypatch.setattr(Axes, "axvspan", record)
-    two = patchify_stages(residual, [(None, "b1_expand_relu", (2, 2)), ("b1_expand_relu", "b1_dw_relu", (2, 2))])
+    two = patchify_stages(residual, [(None, "b1_expand_relu", (2, 2)), ("b1_expand_relu", "b1_dw_relu", (2, 2))], arena=False)
     prof = profile(two)
     for by in ("op", "block"):
         spans.clear()
@@ -306,7 +306,7 @@ def test_cli_patchify_twice_then_profile(capsys, residual, tmp_path, images):
 
 def _stages_error(model: bytes, stages) -> str:
     with pytest.raises(UnsupportedModelError) as info:
-        patchify_stages(model, stages)
+        patchify_stages(model, stages, arena=False)
     message = str(info.value)
     assert "residual_1/" not in message and len(message) < 400, message  # Keras layer names, not converter names
     return message
@@ -498,7 +498,7 @@ def _draw_stages(data, m: TFLiteModel, candidates: list, max_stages: int = 4) ->
 def check_n_stages_bit_exact(original: bytes, m: TFLiteModel, stages: list, x: np.ndarray) -> None:
     """patchify_stages -> structure, both executors bit-exact (outputs and stage outputs), unpatchify, profile."""
     note(f"stages: {stages}")
-    patched = patchify_stages(original, stages)
+    patched = patchify_stages(original, stages, arena=False)
     p = TFLiteModel.from_bytes(patched)
     exits = [_out_name(m, split) for _, split, _ in stages]
     assert sorted(_out_name(p, op) for op in find_stages(p)) == sorted(exits)
@@ -557,7 +557,7 @@ def test_candidate_stages_are_what_patchify_accepts(residual):
     for entry in [default_entry_tensor(m)] + [m.op_outputs(i)[0] for i in range(5, 14)]:
         for last in range(6, 18):
             try:
-                patched = patchify_stages(residual, [(entry, last, (1, 1))])
+                patched = patchify_stages(residual, [(entry, last, (1, 1))], arena=False)
             except UnsupportedModelError:
                 assert not any(e == entry and ops[-1] == last for e, ops in accepted), (entry, last)
                 continue

@@ -108,7 +108,7 @@ def float_images():
 
 @pytest.fixture(scope="module")
 def patched_add2(mbv2) -> bytes:
-    return keras_patch.patchify(mbv2["bytes"], mbv2["add2_name"], grid=(4, 4))
+    return keras_patch.patchify(mbv2["bytes"], mbv2["add2_name"], grid=(4, 4), arena=False)
 
 
 def test_reference_model_is_what_the_issue_describes(mbv2):
@@ -165,7 +165,7 @@ def test_patched_structure(mbv2, patched_add2):
 
 @pytest.mark.parametrize("grid", [(4, 4), (5, 7), (1, 1), (7, 24), (24, 24)])
 def test_bit_exact_at_add_tensor_name(mbv2, float_images, grid):
-    patched = keras_patch.patchify(mbv2["bytes"], mbv2["add2_name"], grid=grid)
+    patched = keras_patch.patchify(mbv2["bytes"], mbv2["add2_name"], grid=grid, arena=False)
     assert stage_options(TFLiteModel.from_bytes(patched), 1).grid == grid
     assert_bit_exact(mbv2["bytes"], patched, float_images, [mbv2["add2_name"], mbv2["mean_name"]])
 
@@ -173,7 +173,7 @@ def test_bit_exact_at_add_tensor_name(mbv2, float_images, grid):
 @pytest.mark.parametrize("grid", [(3, 3), (5, 5), "4x3", 12])
 def test_bit_exact_at_op_index(mbv2, float_images, grid):
     split = mbv2["add5"]
-    patched = keras_patch.patchify(mbv2["bytes"], split, grid=grid)
+    patched = keras_patch.patchify(mbv2["bytes"], split, grid=grid, arena=False)
     p = TFLiteModel.from_bytes(patched)
     assert op_types(p)[:3] == ["QUANTIZE", o.CUSTOM_CODE, "CONV_2D"]
     assert stage_options(p, 1).num_layers == split
@@ -182,24 +182,24 @@ def test_bit_exact_at_op_index(mbv2, float_images, grid):
 
 def test_split_forms_agree(mbv2, tmp_path):
     """Index, numeric string and tensor name give the same model; so do bytes and a path."""
-    by_name = keras_patch.patchify(mbv2["bytes"], mbv2["add5_name"], grid=(3, 3))
-    assert keras_patch.patchify(mbv2["bytes"], mbv2["add5"], grid=(3, 3)) == by_name
-    assert keras_patch.patchify(mbv2["bytes"], str(mbv2["add5"]), grid="3x3") == by_name
-    assert keras_patch.patchify(mbv2["bytes"], np.int64(mbv2["add5"]), grid=3) == by_name
+    by_name = keras_patch.patchify(mbv2["bytes"], mbv2["add5_name"], grid=(3, 3), arena=False)
+    assert keras_patch.patchify(mbv2["bytes"], mbv2["add5"], grid=(3, 3), arena=False) == by_name
+    assert keras_patch.patchify(mbv2["bytes"], str(mbv2["add5"]), grid="3x3", arena=False) == by_name
+    assert keras_patch.patchify(mbv2["bytes"], np.int64(mbv2["add5"]), grid=3, arena=False) == by_name
     path = tmp_path / "mbv2.tflite"
     path.write_bytes(mbv2["bytes"])
-    assert keras_patch.patchify(str(path), mbv2["add5_name"], grid=(3, 3)) == by_name
-    assert keras_patch.patchify(path, mbv2["add5_name"], grid=(3, 3)) == by_name
+    assert keras_patch.patchify(str(path), mbv2["add5_name"], grid=(3, 3), arena=False) == by_name
+    assert keras_patch.patchify(path, mbv2["add5_name"], grid=(3, 3), arena=False) == by_name
 
 
 def test_split_by_keras_layer_name(mbv2):
     """A Keras layer name (tensor `.../block_2_add_1/Add`) picks the one op it names."""
     assert "/block_2_add_1/" in mbv2["add2_name"]
-    by_name = keras_patch.patchify(mbv2["bytes"], mbv2["add2_name"], grid=(2, 2))
-    assert keras_patch.patchify(mbv2["bytes"], "block_2_add", grid=(2, 2)) == by_name
+    by_name = keras_patch.patchify(mbv2["bytes"], mbv2["add2_name"], grid=(2, 2), arena=False)
+    assert keras_patch.patchify(mbv2["bytes"], "block_2_add", grid=(2, 2), arena=False) == by_name
     project = first_op(mbv2["model"], "CONV_2D", "/block_1_project_1/")
-    assert keras_patch.patchify(mbv2["bytes"], "block_1_project", grid=(2, 2)) == \
-        keras_patch.patchify(mbv2["bytes"], project, grid=(2, 2))
+    assert keras_patch.patchify(mbv2["bytes"], "block_1_project", grid=(2, 2), arena=False) == \
+        keras_patch.patchify(mbv2["bytes"], project, grid=(2, 2), arena=False)
 
 
 def test_error_ambiguous_layer_name_lists_candidates(mbv2):
@@ -224,7 +224,7 @@ def test_start_argument(mbv2, float_images):
     block1_project = first_op(m, "CONV_2D", "block_1_project")
     start_name = out_name(m, block1_project)
     start_index = m.op_outputs(block1_project)[0]
-    patched = keras_patch.patchify(m.to_bytes(), mbv2["add2_name"], grid=(3, 5), start=start_name)
+    patched = keras_patch.patchify(m.to_bytes(), mbv2["add2_name"], grid=(3, 5), start=start_name, arena=False)
     p = TFLiteModel.from_bytes(patched)
     assert op_types(p) == op_types(m)[: block1_project + 1] + [o.CUSTOM_CODE] + op_types(m)[mbv2["add2"] + 1:]
     stage = find_stages(p)[0]
@@ -232,15 +232,15 @@ def test_start_argument(mbv2, float_images):
     opts = stage_options(p, stage)
     assert [o.LAYER_OP_NAMES[l.op] for l in opts.layers] == ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "ADD"]
     assert sorted(opts.layers[-1].inputs) == [0, 3]  # the skip connection reads the stage input
-    assert keras_patch.patchify(m.to_bytes(), mbv2["add2_name"], grid=(3, 5), start=start_index) == patched
-    assert keras_patch.patchify(m.to_bytes(), mbv2["add2_name"], grid=(3, 5), start=str(start_index)) == patched
+    assert keras_patch.patchify(m.to_bytes(), mbv2["add2_name"], grid=(3, 5), start=start_index, arena=False) == patched
+    assert keras_patch.patchify(m.to_bytes(), mbv2["add2_name"], grid=(3, 5), start=str(start_index), arena=False) == patched
     assert_bit_exact(mbv2["bytes"], patched, float_images, [mbv2["add2_name"], mbv2["mean_name"]])
 
 
 def test_patch_then_patch_a_second_stage(mbv2, patched_add2, float_images):
     """A patched model can be patched again after its first stage."""
     p = TFLiteModel.from_bytes(patched_add2)
-    twice = keras_patch.patchify(patched_add2, mbv2["add5_name"], grid=(2, 2), start=mbv2["add2_name"])
+    twice = keras_patch.patchify(patched_add2, mbv2["add5_name"], grid=(2, 2), start=mbv2["add2_name"], arena=False)
     t = TFLiteModel.from_bytes(twice)
     assert op_types(t)[:3] == ["QUANTIZE", o.CUSTOM_CODE, o.CUSTOM_CODE]
     assert len(find_stages(t)) == 2 and p.num_ops - t.num_ops == mbv2["add5"] - mbv2["add2"] - 1
@@ -364,7 +364,7 @@ def test_error_already_patched(mbv2, patched_add2):
 def test_error_bad_grid_argument(mbv2):
     for grid in ["4by4", (0, 2), (2, 2, 2), -1, True, (2.5, 2), (2, False), "２x２", "-2x2", np.array([2.0, 2.0])]:
         with pytest.raises(KerasPatchError) as info:
-            keras_patch.patchify(mbv2["bytes"], mbv2["add2_name"], grid=grid)
+            keras_patch.patchify(mbv2["bytes"], mbv2["add2_name"], grid=grid, arena=False)
         assert "grid" in str(info.value)
 
 

@@ -448,7 +448,11 @@ def patchify_stages(tflite_bytes: ModelSource, stages: Sequence[StageRequest], a
     >>> patched = keras_patch.patchify_stages("mbv2.tflite", [  # doctest: +SKIP
     ...     (None, "block_2_add", (4, 4)), ("block_2_add", "block_5_add", (2, 2))])
     """
-    model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
+    from keras_patch.graph.passes.pipeline import undo_arena_stages
+
+    # The one-layer stages of the arena passes (an exported model's in-place depthwise ops, folded
+    # PADs) become builtin ops again: stages are placed on the network, then the passes run again.
+    model = TFLiteModel.from_bytes(undo_arena_stages(read_model_bytes(tflite_bytes)))
     if len(model.model.subgraphs) != 1:
         raise UnsupportedModelError(f"The model has {len(model.model.subgraphs)} subgraphs; keras-patch handles one.")
     stages = list(stages)

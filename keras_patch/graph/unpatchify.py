@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional, Sequence
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
@@ -219,14 +220,16 @@ def _builtin_ops(model: TFLiteModel, op_index: int) -> list:
     return operators
 
 
-def unpatchify(tflite_bytes: ModelSource) -> bytes:
-    """Returns the model with every KP_PATCH_STAGE op expanded into builtin ops.
+def unpatchify(tflite_bytes: ModelSource, ops: Optional[Sequence[int]] = None) -> bytes:
+    """Returns the model with every KP_PATCH_STAGE op (or those of `ops`) expanded into builtin ops.
 
     An offline memory plan the model carries is dropped with them: it was
     made for the patched tensors (and aliases in-place stages).
     """
     model = TFLiteModel.from_bytes(read_model_bytes(tflite_bytes))
     stages = set(find_stages(model))
+    if ops is not None:
+        stages &= {int(op) for op in ops}
     if not stages:
         return model.to_bytes()
     from keras_patch.arena.offline_metadata import remove_offline_offsets

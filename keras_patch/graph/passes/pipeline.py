@@ -277,16 +277,14 @@ def _live_peak(model: TFLiteModel, kernel: str, with_input: bool, with_aliases: 
 
 
 def undo_arena_stages(data: bytes) -> bytes:
-    """The model without what the arena passes add to a graph: when every KP_PATCH_STAGE op is a
-    one-layer stage (an in-place depthwise op, a folded PAD), they become builtin ops again
-    (`unpatchify`) and the offline plan goes with them, so the planner sees the network to plan
-    (e.g. a `.tflite` from `export_tflite`). Models with multi-layer stages are returned as they are.
+    """The model without the one-layer KP_PATCH_STAGE ops the arena passes add (in-place depthwise
+    ops, folded PADs): they become builtin ops again (`unpatchify`), and the offline plan goes with
+    them, so stages can be placed on the network (e.g. in a `.tflite` from `export_tflite`, or a
+    model patched before) and the passes run again. Multi-layer stages stay.
     """
     from keras_patch.graph.patchify import find_stages, stage_options
     from keras_patch.graph.unpatchify import unpatchify
 
     model = TFLiteModel.from_bytes(data)
-    stages = find_stages(model)
-    if stages and all(stage_options(model, op).num_layers == 1 for op in stages):
-        return unpatchify(data)
-    return data
+    single = [op for op in find_stages(model) if stage_options(model, op).num_layers == 1]
+    return unpatchify(data, single) if single else data

@@ -35,7 +35,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import MODELS, head_holders, load_model  # noqa: E402
+from memory import MODELS, load_model  # noqa: E402
 from tables import render_table  # noqa: E402
 
 #: The models of the table, in order.
@@ -106,6 +106,30 @@ def render(models: list, markdown: bool) -> str:
     return render_table(header, lines, markdown)
 
 
+def live_peak_text(patched: bytes, kernel: str = "portable", top: int = 4) -> str:
+    """The op whose live set without the input (in-place pairs counted once) is largest, and its buffers."""
+    from keras_patch.arena.profiler import _short_op_label
+    from keras_patch.graph.passes.offline_plan import plan_buffers
+    from keras_patch.graph.passes.pipeline import _live_per_op
+    from keras_patch.graph.tflite_model import TFLiteModel
+    from keras_patch.planner.schedule import short_tensor_name
+
+    model = TFLiteModel.from_bytes(patched)
+    live = _live_per_op(model, kernel, with_input=False, with_aliases=True)
+    inputs = {model.tensor(t).name for t in model.inputs}
+    buffers = plan_buffers(model, kernel)
+
+    def holders(op: int) -> str:
+        alive = sorted((b for b in buffers if b.first_op <= op <= b.last_op and b.name not in inputs),
+                       key=lambda b: -b.size)
+        names = [("scratch" if b.name.startswith("scratch:") else short_tensor_name(b.name)) + f" {b.size:,}"
+                 for b in alive[:top]]
+        return f"{_short_op_label(model, op)}: {live[op]:,} B = " + " + ".join(names)
+
+    peak = max(live)
+    return "; and ".join(holders(op) for op in range(len(live)) if live[op] == peak)
+
+
 def check_targets(models: list) -> list:
     """The issue's targets: layer by layer at the live bound; A' limits with the plan."""
     lines = []
@@ -124,7 +148,7 @@ def check_targets(models: list) -> list:
         line = (f"target {name}: A' <= {limit:,} B at MAC overhead <= {MAX_MAC_OVERHEAD:.2f}: "
                 f"{'HOLDS' if holds else 'NOT MET'} (A' {row['A_']:,} B at {row['overhead']:.3f})")
         if not holds:
-            line += f"; the live set without input peaks at {head_holders(row['patched'], without_input=True)}"
+            line += f"; held by the live set without input at {live_peak_text(row['patched'])}"
         lines.append(line)
     return lines
 

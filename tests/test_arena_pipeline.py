@@ -144,3 +144,27 @@ def test_arena_options_are_checked():
     with pytest.raises(TypeError, match="arena"):
         ArenaOptions.resolve("yes")
     assert not ArenaOptions.resolve(False).any and ArenaOptions.resolve(None) == ArenaOptions()
+
+
+def test_a_folded_pad_stage_runs_in_place_bit_exact():
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((33, 31, 8))
+    x = keras.layers.Conv2D(24, 1, name="expand")(inputs)
+    x = keras.layers.ZeroPadding2D(((1, 2), (2, 1)), name="pad")(x)  # not TF's SAME split: a PAD op stays
+    x = keras.layers.DepthwiseConv2D(3, strides=2, name="dw")(x)
+    outputs = keras.layers.Conv2D(8, 1, name="project")(x)
+    data = np.random.default_rng(0).uniform(-1, 1, (4, 33, 31, 8)).astype(np.float32)
+    original = bytes(convert_int8(keras.Model(inputs, outputs), data, int8_io=False))
+    assert "PAD" in _op_types(original)
+    model = TFLiteModel.from_bytes(original)
+    report = optimize_arena(model)
+    result = model.to_bytes()
+    stages = [stage_options(model, op) for op in find_stages(model)]
+    assert any(s.in_place and s.layers[0].pad != (0, 0) for s in stages), report.table()
+    assert "PAD" not in _op_types(result) and check_offline_plan(model) == report.head_bytes
+    x = np.random.default_rng(1).uniform(-1, 1, (3, 33, 31, 8)).astype(np.float32)
+    want = run_tflite(original, x)[0]
+    for executor in ("reference", "cpp"):
+        np.testing.assert_array_equal(run_tflite(result, x, executor=executor)[0], want, err_msg=executor)

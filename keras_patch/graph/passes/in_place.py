@@ -109,3 +109,51 @@ def set_stages_in_place(model: TFLiteModel, kernel: str = "portable") -> List[in
             model.operator(op).customOptions = np.frombuffer(o.encode_options(in_place), np.uint8)
             changed.append(op)
     return changed
+
+
+def stage_in_place_failure(model: TFLiteModel, op: int, last_readers=None) -> Optional[str]:
+    """None if KP_PATCH_STAGE op `op`, a one-layer depthwise stage not yet in place (e.g. a folded
+    PAD's, with explicit pads), can run in place over its input; else why not. The rules of
+    `depthwise_in_place_failure`: grid 1x1, depth multiplier 1, an input that dies at it, no more
+    output than input pixels, a saved plane smaller than the tensor it saves."""
+    from keras_patch.arena import aliases
+
+    options = stage_options(model, op)
+    label = model.op_label(op)
+    if options.num_layers != 1 or options.layers[0].op != o.OP_DEPTHWISE_CONV_2D:
+        return f"{label} is not a one-layer DEPTHWISE_CONV_2D stage."
+    if options.in_place:
+        return f"{label} already runs in place."
+    if tuple(options.grid) != (1, 1):
+        return f"{label}: grid {options.grid[0]}x{options.grid[1]}; in place needs 1x1."
+    if last_readers is None:
+        last_readers = aliases._last_readers(model)
+    t_in, t_out = model.op_inputs(op)[0], model.op_outputs(op)[0]
+    _, ih, iw, ic = model.tensor(t_in).shape
+    _, oh, ow, oc = model.tensor(t_out).shape
+    if oc != ic:
+        return f"{label}: depth multiplier {oc // max(ic, 1)}; in place needs 1."
+    if not aliases._dies_at(model, t_in, op, last_readers):
+        return f"{label}: its input is read after it (or is a graph output)."
+    if oh * ow > ih * iw:
+        return f"{label}: output {oh}x{ow} has more pixels than input {ih}x{iw}."
+    if aliases.depthwise_save_bytes(ih, iw) >= min(ih * iw * ic, oh * ow * oc):
+        return f"{label}: saving one {ih}x{iw} plane costs as much as the tensor it saves."
+    return None
+
+
+def set_one_layer_stages_in_place(model: TFLiteModel, ops: Iterable[int]) -> List[int]:
+    """Sets `in_place` on one-layer depthwise stages (`stage_in_place_failure` is None for each).
+
+    Raises:
+        UnsupportedModelError: an op that cannot run in place (the reason).
+    """
+    changed = []
+    for op in ops:
+        reason = stage_in_place_failure(model, op)
+        if reason:
+            raise UnsupportedModelError(reason)
+        options = dataclasses.replace(stage_options(model, op), in_place=True)
+        model.operator(op).customOptions = np.frombuffer(o.encode_options(options), np.uint8)
+        changed.append(op)
+    return changed

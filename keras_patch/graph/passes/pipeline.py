@@ -154,7 +154,7 @@ def prepare_graph(model: TFLiteModel, options: ArenaOptions, report: Optional[Ar
 
 
 def _pad_label(folded) -> str:
-    return f"PAD op {folded.pad_op} ({folded.how}, {folded.bytes_saved:,} B)"
+    return f"{folded.pad_op}: {folded.how}, {folded.bytes_saved:,} B"
 
 
 def optimize_arena(model: TFLiteModel, options: Union[ArenaOptions, bool, None] = None,
@@ -219,18 +219,26 @@ def _depthwise_in_place(model: TFLiteModel, kernel: str) -> List[int]:
     arena); all are converted if leaving some builtin raises the head.
     """
     from keras_patch.arena import aliases
-    from keras_patch.graph.passes.in_place import make_depthwise_in_place
+    from keras_patch.graph.passes.in_place import (make_depthwise_in_place, set_one_layer_stages_in_place,
+                                                   stage_in_place_failure)
     from keras_patch.graph.passes.offline_plan import attach_offline_plan
+    from keras_patch.graph.patchify import find_stages
 
     last_readers = aliases._last_readers(model)
-    eligible = [op for op in range(model.num_ops) if model.op_type(op) == "DEPTHWISE_CONV_2D"
-                and aliases.depthwise_in_place_failure(model, op, last_readers) is None]
+    builtin = [op for op in range(model.num_ops) if model.op_type(op) == "DEPTHWISE_CONV_2D"
+               and aliases.depthwise_in_place_failure(model, op, last_readers) is None]
+    staged = [op for op in find_stages(model) if stage_in_place_failure(model, op, last_readers) is None]
+    eligible = sorted(builtin + staged)
     if not eligible:
         return []
 
+    def convert(target: TFLiteModel, ops) -> None:
+        make_depthwise_in_place(target, [op for op in ops if op in builtin])
+        set_one_layer_stages_in_place(target, [op for op in ops if op in staged])
+
     def head_with(ops) -> tuple:
         trial = TFLiteModel.from_bytes(model.to_bytes())
-        make_depthwise_in_place(trial, ops)
+        convert(trial, ops)
         attach_offline_plan(trial, kernel)
         return arena_head(trial, kernel), trial
 
@@ -242,7 +250,7 @@ def _depthwise_in_place(model: TFLiteModel, kernel: str) -> List[int]:
     if not needed or (len(needed) < len(eligible) and head_with(needed)[0] > head_all):
         needed = eligible if head_all < head_with([])[0] else needed
     if needed:
-        make_depthwise_in_place(model, needed)
+        convert(model, needed)
     return needed
 
 

@@ -47,7 +47,7 @@ def with_outputs(model_bytes: bytes, names) -> bytes:
     """The model with the tensors `names` appended to its outputs (for inspection)."""
     m = TFLiteModel.from_bytes(model_bytes)
     extra = [m.find_tensor(n) for n in names]
-    m.subgraph.outputs = np.array(m.outputs + extra, np.int32)
+    m.add_outputs(extra)
     return m.to_bytes()
 
 

@@ -11,7 +11,7 @@ import struct  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import model_zoo  # noqa: E402
@@ -33,17 +33,10 @@ from keras_patch.runtime.host import run_tflite  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs")
 
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-               print_blob=True)
-settings.register_profile("ci", max_examples=100, derandomize=True, database=None, **_COMMON)
-settings.register_profile("dev", max_examples=10, **_COMMON)
-PROFILE = os.environ.get("KP_HYPOTHESIS_PROFILE", "ci")
-settings.load_profile(PROFILE)
-_SCALE = {"ci": 1.0, "dev": 0.1}.get(PROFILE, 1.0)
-
-
-def examples(n_ci: int) -> int:
-    return max(2, int(n_ci * _SCALE))
+try:  # the project's hypothesis profiles and example counts
+    from tests.test_bit_exact import examples
+except ImportError:  # tests/ itself on sys.path
+    from test_bit_exact import examples  # noqa: E402
 
 
 # ----------------------------------------------------------------------------

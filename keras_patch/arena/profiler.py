@@ -197,7 +197,10 @@ class Profile:
       one; `lower_bound_bytes`: the most bytes alive at one op (in-place
       pairs counted once), which no plan goes below; all three also
       `..._without_input`. With a plan, `patched_peak_bytes` (the head TFLM
-      will use) is `offline_plan_head_bytes`.
+      will use) is `offline_plan_head_bytes`; without the input, the figure
+      is the better of the carried plan with the input left out and an
+      offline plan of the rest (the arena the network needs when the input
+      lives in a buffer of its own, e.g. the camera's).
 
     `rows` has one `OpProfile` per layer-by-layer op, `stages` one
     `StageProfile` per KP_PATCH_STAGE op, `blocks()` groups the rows per

@@ -372,15 +372,19 @@ def test_apply_plan_empty_plan_and_errors(model):
 
 @pytest.mark.slow  # three int8 conversions: ~45 s on 2 cores
 def test_apply_plan_of_the_planner_trains_and_exports_bit_exact(model):
-    """plan -> apply_plan -> fit -> export_tflite: one KP_PATCH_STAGE per planned stage, bit-exact."""
+    """plan -> apply_plan -> fit -> export_tflite: one KP_PATCH_STAGE per planned stage, bit-exact.
+
+    The arena passes stay off (`arena=False`): they are tested in test_arena_pipeline.py; here the
+    stages alone are mapped back to Keras layers.
+    """
     import keras_patch
     from keras_patch.graph.patchify import find_stages
     from keras_patch.graph.tflite_model import TFLiteModel
     from keras_patch.keras.export import export_tflite
 
     data = images(n=4, seed=6)
-    unpatched = export_tflite(model, data)
-    plan = keras_patch.plan(unpatched, max_mac_overhead=1.3)
+    unpatched = export_tflite(model, data, arena=False)
+    plan = keras_patch.plan(unpatched, max_mac_overhead=1.3, arena=False)
     assert len(plan.stages) >= 2  # several stages, some mid-network: what apply_plan maps back
     wrapped = keras_patch.apply_plan(model, plan)
     stages = stage_layers(wrapped)
@@ -391,7 +395,7 @@ def test_apply_plan_of_the_planner_trains_and_exports_bit_exact(model):
     check_same(model, wrapped, data)
 
     # Same weights: the exported model is the plan applied to the unpatched one.
-    patched = export_tflite(wrapped, data)
+    patched = export_tflite(wrapped, data, arena=False)
     assert len(find_stages(TFLiteModel.from_bytes(patched))) == len(plan.stages)
     assert keras_patch.profile(patched).patched_peak_bytes == plan.peak_bytes
     x = np.random.default_rng(7).integers(-128, 128, (2, 48, 48, 3), dtype=np.int8)
@@ -406,7 +410,7 @@ def test_apply_plan_of_the_planner_trains_and_exports_bit_exact(model):
     # against its own unpatched int8 model.
     wrapped.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", jit_compile=False)
     wrapped.fit(data, np.ones((4, 10), "float32"), batch_size=4, epochs=1, verbose=0)
-    trained = export_tflite(wrapped, data)
+    trained = export_tflite(wrapped, data, arena=False)
     assert len(find_stages(TFLiteModel.from_bytes(trained))) == len(plan.stages)
     assert keras_patch.profile(trained).patched_peak_bytes == plan.peak_bytes
     for got, want in zip(keras_patch.run_tflite(trained, x), keras_patch.run_tflite(keras_patch.unpatchify(trained), x)):

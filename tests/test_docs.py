@@ -86,7 +86,7 @@ def test_readme_command_lines_parse(command):
     assert words[0] in subparsers.choices, command
     sub = subparsers.choices[words[0]]
     options = {s: a for a in sub._actions for s in a.option_strings}
-    for word in re.findall(r"--[a-z][a-z-]*", command):
+    for word in re.findall(r"--[a-z][a-z0-9-]*", command):
         assert word in options, f"{command}: no option {word}"
     for action in options.values():
         if action.choices:

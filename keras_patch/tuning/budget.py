@@ -252,7 +252,9 @@ def measure_model(
         board_limits = _board_limits(board, estimate_arena(tflite).total_bytes)
     return BudgetReport(
         peak_sram_bytes=prof.patched_peak_bytes,
-        layer_by_layer_sram_bytes=prof.layer_by_layer_peak_bytes,
+        # With the planner, layer by layer means with the plan's arena passes (its own figure).
+        layer_by_layer_sram_bytes=(chosen.layer_by_layer_peak_bytes if chosen is not None
+                                   else prof.layer_by_layer_peak_bytes),
         model_bytes=len(tflite),
         flash_bytes=flash.total_bytes,
         macs=prof.macs,
@@ -261,7 +263,8 @@ def measure_model(
         flash_budget_bytes=flash_bytes,
         seconds=time.perf_counter() - start,
         tflite=tflite,
-        patch_stages=int(prof.num_stages),
+        # the planned (or PatchStage) stages, not the arena passes' one-layer stages
+        patch_stages=len(chosen.stages) if chosen is not None else len(patch_stages(model)),
         allow_worse=allow_worse,
         plan=chosen,
         **board_limits,

@@ -128,7 +128,7 @@ def test_random_keras_stages_bit_exact(build_dir, spec, data):
     m = TFLiteModel.from_bytes(original)
     split = stage_exit_op(m)
     grid = data.draw(kps.grids(m.tensor(m.op_outputs(split)[0]).shape[1:3]), label="grid")
-    patched = keras_patch.patchify(original, split, grid)
+    patched = keras_patch.patchify(original, split, grid, arena=False)
     x = data.draw(kps.int8_inputs(spec.input_shape, n_random=0), label="x").array()
     result = run_stage_firmware(stage_vectors_header(patched, x), build_dir, make_args=_make_args())
     _check(result, _first_stage_options(patched))
@@ -151,7 +151,7 @@ def _first_stage_options(patched, grid=None):
 def test_residual_stages_bit_exact(residual, build_dir, grid, which_add):
     m = TFLiteModel.from_bytes(residual)
     split = [i for i in range(m.num_ops) if m.op_type(i) == "ADD"][which_add]
-    patched = keras_patch.patchify(residual, split, grid)
+    patched = keras_patch.patchify(residual, split, grid, arena=False)
     for seed in (1, 2):
         x = np.random.default_rng(seed).integers(-128, 128, (1, 48, 48, 3), dtype=np.int8)
         result = run_stage_firmware(stage_vectors_header(patched, x), build_dir, make_args=_make_args())
@@ -163,7 +163,7 @@ def test_mobilenet_v2_stage_bit_exact_and_fast(mbv2_144, build_dir, tmp_path):
     """MobileNetV2 0.35@144 to block_2_add, 4x4 patches and layer by layer, CMSIS-NN vs portable."""
     m = TFLiteModel.from_bytes(mbv2_144)
     split = next(i for i in range(m.num_ops) if "block_2_add" in m.tensor(m.op_outputs(i)[0]).name)
-    patched = keras_patch.patchify(mbv2_144, split, (4, 4))
+    patched = keras_patch.patchify(mbv2_144, split, (4, 4), arena=False)
     x = np.random.default_rng(2).integers(-128, 128, (1, 144, 144, 3), dtype=np.int8)
     runs = {}
     for grid in ((4, 4), (1, 1)):

@@ -32,7 +32,7 @@ def _stage_output_by_litert(original: bytes, split: int, x: np.ndarray) -> np.nd
 def test_residual_stage_on_cortex_m4(residual, grid, tmp_path):
     m = TFLiteModel.from_bytes(residual)
     split = [i for i in range(m.num_ops) if m.op_type(i) == "ADD"][1]
-    patched = keras_patch.patchify(residual, split, grid)
+    patched = keras_patch.patchify(residual, split, grid, arena=False)
     x = np.random.default_rng(1).integers(-128, 128, (1, 48, 48, 3), dtype=np.int8)
     header = stage_vectors_header(patched, x)
     # The golden output is the unpatched model's own stage output (LiteRT reference kernels).
@@ -50,7 +50,7 @@ def test_mobilenet_v2_stage_on_cortex_m4(mbv2_144, tmp_path):
     """MobileNetV2 0.35@144 up to block_2_add, 4x4 patches, and the same layers layer by layer."""
     m = TFLiteModel.from_bytes(mbv2_144)
     split = next(i for i in range(m.num_ops) if "block_2_add" in m.tensor(m.op_outputs(i)[0]).name)
-    patched = keras_patch.patchify(mbv2_144, split, (4, 4))
+    patched = keras_patch.patchify(mbv2_144, split, (4, 4), arena=False)
     x = np.random.default_rng(2).integers(-128, 128, (1, 144, 144, 3), dtype=np.int8)
     patch = run_stage_firmware(stage_vectors_header(patched, x), str(tmp_path / "patch"))
     whole = run_stage_firmware(stage_vectors_header(patched, x, grid=(1, 1)), str(tmp_path / "whole"))
@@ -66,7 +66,7 @@ def test_mobilenet_v2_stage_on_cortex_m4(mbv2_144, tmp_path):
 
 def test_bad_options_are_an_error_not_a_crash(residual, tmp_path):
     m = TFLiteModel.from_bytes(residual)
-    patched = keras_patch.patchify(residual, [i for i in range(m.num_ops) if m.op_type(i) == "ADD"][0], (2, 2))
+    patched = keras_patch.patchify(residual, [i for i in range(m.num_ops) if m.op_type(i) == "ADD"][0], (2, 2), arena=False)
     x = np.zeros((1, 48, 48, 3), np.int8)
     header = stage_vectors_header(patched, x)
     start = header.index("kOptions[] = {") + len("kOptions[] = {")

@@ -565,7 +565,7 @@ def _offline_figures(data: bytes, kernel: str) -> tuple:
         model = TFLiteModel.from_bytes(data)
     buffers = pass_.plan_buffers(model, kernel)
     tensors = pass_.planned_tensors(model)
-    aliases = pass_._alias_buffers(model, tensors)
+    aliases = pass_.alias_buffers(model, tensors)
     inputs = {tensors.index(t) for t in model.inputs if t in tensors}
 
     def figures(drop: set) -> tuple:

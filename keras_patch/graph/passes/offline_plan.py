@@ -82,7 +82,7 @@ def plan_buffers(model: TFLiteModel, kernel: str = "portable") -> List[PlannedBu
     return memory_planner.model_buffers(model, scratch)
 
 
-def _alias_buffers(model: TFLiteModel, tensors: Sequence[int]) -> Dict[int, int]:
+def alias_buffers(model: TFLiteModel, tensors: Sequence[int]) -> Dict[int, int]:
     """`in_place_aliases` (tensor indices of subgraph 0) as buffer indices."""
     position = {t: i for i, t in enumerate(tensors)}
     return {
@@ -132,7 +132,7 @@ def attach_offline_plan(model: TFLiteModel, kernel: str = "portable", time_limit
     remove_offline_offsets(model)
     buffers = plan_buffers(model, kernel)
     tensors = planned_tensors(model)
-    aliases = _alias_buffers(model, tensors)
+    aliases = alias_buffers(model, tensors)
     plan = plan_offline(buffers, aliases, time_limit_s=time_limit_s, offline_indices=range(len(tensors)))
     greedy = memory_planner.plan_greedy(buffers, placed_copies=False).head_bytes
     if aliases and plan.head_bytes > greedy:
@@ -257,7 +257,7 @@ def check_offline_plan(model: TFLiteModel, kernel: str = "portable") -> Optional
 
     buffers = plan_buffers(model, kernel)
     tensors = planned_tensors(model)
-    aliases = _alias_buffers(model, tensors)
+    aliases = alias_buffers(model, tensors)
     pairs = {(a, b) for a, b in aliases.items()} | {(b, a) for a, b in aliases.items()}
     replay = memory_planner.plan_greedy(buffers)
     sizes = [memory_planner.align_up(b.size) for b in buffers]

@@ -201,10 +201,10 @@ def optimize_arena(model: TFLiteModel, options: Union[ArenaOptions, bool, None] 
             changes.append(f"offline plan ({plan.method}), live-tensor bound {plan.lower_bound:,} B")
         report.steps.append(ArenaStep("offline plan", changes, arena_head(model, kernel)))
     from keras_patch.arena.offline_plan import live_lower_bound
-    from keras_patch.graph.passes.offline_plan import _alias_buffers, plan_buffers, planned_tensors
+    from keras_patch.graph.passes.offline_plan import alias_buffers, plan_buffers, planned_tensors
 
     buffers = plan_buffers(model, kernel)
-    aliases = _alias_buffers(model, planned_tensors(model)) if options.offline_plan else None
+    aliases = alias_buffers(model, planned_tensors(model)) if options.offline_plan else None
     report.lower_bound_bytes = live_lower_bound(buffers, aliases)
     return report
 
@@ -257,12 +257,12 @@ def _depthwise_in_place(model: TFLiteModel, kernel: str) -> List[int]:
 def _live_per_op(model: TFLiteModel, kernel: str, with_input: bool, with_aliases: bool = False) -> List[int]:
     """Bytes alive (16-aligned) while each op runs; in-place pairs counted once if `with_aliases`."""
     from keras_patch.arena import memory_planner
-    from keras_patch.graph.passes.offline_plan import _alias_buffers, plan_buffers, planned_tensors
+    from keras_patch.graph.passes.offline_plan import alias_buffers, plan_buffers, planned_tensors
 
     buffers = plan_buffers(model, kernel)
     tensors = planned_tensors(model)
     skip = {k for k, t in enumerate(tensors) if t in model.inputs} if not with_input else set()
-    shared = _alias_buffers(model, tensors) if with_aliases else {}
+    shared = alias_buffers(model, tensors) if with_aliases else {}
     live = [0] * model.num_ops
     for k, b in enumerate(buffers):
         if k in skip:

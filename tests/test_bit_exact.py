@@ -37,6 +37,7 @@ except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less "prepend
 from keras_patch.errors import UnsupportedModelError  # noqa: E402
 from keras_patch.stage.options import CUSTOM_CODE, LAYER_OP_NAMES  # noqa: E402
 from keras_patch.graph.patchify import patchify, stage_options  # noqa: E402
+from keras_patch.graph.unpatchify import unpatchify  # noqa: E402
 from keras_patch.runtime.host import check_reference_kernel_limits, run_tflite  # noqa: E402
 from keras_patch.graph.tflite_model import TFLiteModel  # noqa: E402
 
@@ -120,8 +121,15 @@ def is_single_exit(m: TFLiteModel, op: int) -> bool:
 
 
 def check_structure(original: bytes, patched: bytes, split: int) -> None:
-    """Exactly one KP_PATCH_STAGE, replacing exactly the ops up to `split`."""
+    """Exactly one KP_PATCH_STAGE, replacing exactly the ops up to `split`, besides the one-layer
+    stages the arena passes may add elsewhere (an in-place depthwise, a folded PAD): those are
+    expanded back to builtins first."""
     m, p = TFLiteModel.from_bytes(original), TFLiteModel.from_bytes(patched)
+    custom = [i for i in range(p.num_ops) if p.op_type(i) == CUSTOM_CODE]
+    passes_stages = [i for i in custom if op_output_name(p, i) != op_output_name(m, split)]
+    assert all(stage_options(p, i).num_layers == 1 for i in passes_stages), describe(p)
+    if passes_stages:
+        p = TFLiteModel.from_bytes(unpatchify(patched, passes_stages))
     stage = ancestors(m, split)
     custom = [i for i in range(p.num_ops) if p.op_type(i) == CUSTOM_CODE]
     assert len(custom) == 1, [p.op_type(i) for i in range(p.num_ops)]

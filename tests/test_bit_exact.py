@@ -36,7 +36,8 @@ except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less "prepend
 
 from keras_patch.errors import UnsupportedModelError  # noqa: E402
 from keras_patch.stage.options import CUSTOM_CODE, LAYER_OP_NAMES  # noqa: E402
-from keras_patch.graph.patchify import patchify, stage_options  # noqa: E402
+from keras_patch.graph.patchify import find_stages, patchify, patchify_stages, stage_options  # noqa: E402
+from keras_patch.graph.rules import patchable_runs  # noqa: E402
 from keras_patch.graph.unpatchify import unpatchify  # noqa: E402
 from keras_patch.runtime.host import check_reference_kernel_limits, run_tflite  # noqa: E402
 from keras_patch.graph.tflite_model import TFLiteModel  # noqa: E402
@@ -232,6 +233,54 @@ def test_patched_prefix_is_bit_exact(spec, data):
 
     check_structure(original, patched, split)
     assert_bit_exact(original, patched, x, op_output_name(m, split))
+
+
+@pytest.mark.slow
+@settings(max_examples=examples(30))
+@given(spec=kps.stage_specs(max_size=24), data=st.data())
+def test_stage_ending_in_global_average_pool_is_bit_exact(spec, data):
+    """A stage ending at the head's MEAN (options version 3): the grid tiles the MEAN's input, the
+    stage starts at a random single-entry op; the MEAN output equals TFLM's (the oracle) and
+    LiteRT's, with both executors."""
+    model = kps.build_model(spec)
+    original = convert(model)
+    m = TFLiteModel.from_bytes(original)
+    note(describe(m))
+    (mean,) = [i for i in range(m.num_ops) if m.op_type(i) == "MEAN"]
+    runs = [run for run in patchable_runs(m) if run[1] == mean]
+    assert runs, "no patch stage can end at the MEAN"
+    first, _, entry, _ = data.draw(st.sampled_from(runs), label="run")
+    tiled_h, tiled_w = m.tensor(m.op_inputs(mean)[0]).shape[1:3]
+    grid = data.draw(kps.grids((tiled_h, tiled_w)), label="grid")
+    x = data.draw(kps.int8_inputs(spec.input_shape), label="x").array()
+
+    patched = patchify_stages(original, [(m.tensor(entry).name, mean, grid)])
+
+    p = TFLiteModel.from_bytes(patched)
+    stages = [op for op in find_stages(p) if op_output_name(p, op) == op_output_name(m, mean)]
+    assert len(stages) == 1, describe(p)
+    options = stage_options(p, stages[0])
+    assert options.ends_with_mean and options.version == 3 and tuple(options.grid) == grid
+    assert options.num_layers == mean - first + 1
+    mean_name = op_output_name(m, mean)
+    # TFLM (the oracle) runs the MEAN alone on LiteRT's MEAN input: the stage must give its output.
+    # (Not the whole chain: TFLM's int8 RELU6 ignores the output quantization, LiteRT's requantizes.)
+    mean_input = run_tflite(with_outputs(original, [m.tensor(m.op_inputs(mean)[0]).name]), x)[-1]
+    want_tflm = tflm_outputs(single_op_model(original, mean), mean_input, 1)[0]
+    got = run_tflite(with_outputs(patched, [mean_name]), x)[-1]
+    np.testing.assert_array_equal(got, want_tflm.reshape(got.shape), err_msg="the stage's MEAN vs TFLM's")
+    assert_bit_exact(original, patched, x, mean_name)  # both executors, vs LiteRT
+
+
+def single_op_model(model_bytes: bytes, op: int) -> bytes:
+    """The model cut down to op `op` alone: its activation input in, its output out."""
+    sub = TFLiteModel.from_bytes(model_bytes)
+    sub.subgraph.inputs = np.array(sub.op_inputs(op)[:1], np.int32)
+    sub.subgraph.outputs = np.array(sub.op_outputs(op), np.int32)
+    sub.subgraph.operators = [sub.subgraph.operators[op]]
+    sub.model.signatureDefs = []
+    sub.remove_unused()
+    return sub.to_bytes()
 
 
 def tflm_outputs(model_bytes: bytes, x: np.ndarray, num_outputs: int) -> list:

@@ -209,7 +209,7 @@ def build_stage_options(model: TFLiteModel, op_indices: Sequence[int], entry: in
         raise UnsupportedModelError(
             f"The stage's last op {op_label(model, op_indices[-1])} does not write the split tensor."
         )
-    failure = rules.single_exit(model, op_indices, consumers)
+    failure = rules.mean_not_last(model, op_indices) or rules.single_exit(model, op_indices, consumers)
     if failure:
         raise UnsupportedModelError(failure)
     layers = []
@@ -218,9 +218,16 @@ def build_stage_options(model: TFLiteModel, op_indices: Sequence[int], entry: in
         layers.append(_layer_options(model, op, position, tensor_ids, op_inputs))
     ordered = sorted(tensor_ids.items(), key=lambda kv: kv[1])
     shapes, scales, zero_points = [], [], []
+    ends_with_mean = model.op_type(op_indices[-1]) == "MEAN"
     for t, _ in ordered:
         label = "the stage's input" if t == entry else f"stage tensor {tensor_ids[t]} (of {len(ordered) - 1})"
-        shapes.append(tuple(_spatial(model, t, label)))
+        if ends_with_mean and t == exit_tensor:
+            failure = rules.mean_output_failure(model, t, label)
+            if failure:
+                raise UnsupportedModelError(failure)
+            shapes.append((1, 1, int(model.tensor(t).shape[-1])))
+        else:
+            shapes.append(tuple(_spatial(model, t, label)))
         info = model.tensor(t)
         scales.append(float(info.scale[0]))
         zero_points.append(int(info.zero_point[0]))
@@ -257,7 +264,7 @@ def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict,
 
     a = activation_input(inputs[0])
     in_h, in_w, _ = model.tensor(inputs[0]).shape[1:]
-    out_h, out_w, _ = model.tensor(model.op_outputs(op)[0]).shape[1:]
+    out_h, out_w = (tuple(model.tensor(model.op_outputs(op)[0]).shape) + (1, 1, 1))[1:3]  # a MEAN's: [1, C]
     if code in (o.OP_CONV_2D, o.OP_DEPTHWISE_CONV_2D):
         filt = model.tensor(inputs[1])
         kh, kw = filt.shape[1], filt.shape[2]
@@ -296,6 +303,11 @@ def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict,
             raise UnsupportedModelError(failure)
         paddings = model.constant(inputs[1])
         return o.LayerOptions(code, (a, -1), pad=(int(paddings[1, 0]), int(paddings[2, 0])))
+    if code == o.OP_MEAN:
+        failure = rules.op_mean_global(model, op)
+        if failure:
+            raise UnsupportedModelError(failure)
+        return o.LayerOptions(code, (a, -1), kernel=(in_h, in_w))
     return o.LayerOptions(code, (a, -1))  # RELU, RELU6
 
 
@@ -594,7 +606,10 @@ def _check_stage_io(model: TFLiteModel, op_index: int, options: o.StageOptions) 
             raise InvalidOptionsError(
                 f"'tensor_shape' {where}: the {role} is {np.dtype(view.dtype).name}, KP_PATCH_STAGE needs int8."
             )
-        if view.shape != (1, *options.tensor_shapes[stage_tensor]):
+        shapes = [(1, *options.tensor_shapes[stage_tensor])]
+        if role == "output" and options.ends_with_mean:  # MEAN without keep_dims: [1, C]
+            shapes.append((1, options.tensor_shapes[stage_tensor][2]))
+        if view.shape not in shapes:
             raise InvalidOptionsError(
                 f"'tensor_shape' {where}: options say {options.tensor_shapes[stage_tensor]}, the tensor is {info.shape}."
             )

@@ -92,14 +92,26 @@ def tensor_failure(model: TFLiteModel, t: int, label: str) -> Optional[str]:
     return None
 
 
+def mean_output_failure(model: TFLiteModel, t: int, label: str) -> Optional[str]:
+    """A MEAN's output is an int8 `[1, C]` or `[1, 1, 1, C]` tensor with per-tensor quantization."""
+    info = model.tensor(t)
+    if tuple(info.shape[:-1]) not in ((1,), (1, 1, 1)) or any(d < 0 for d in info.shape_signature[1:]):
+        return (f"{label}: tensor {layer_label(model, t)} has shape {info.shape}; a MEAN in a patch stage "
+                f"averages height and width into [1, C] or [1, 1, 1, C].")
+    if info.dtype != np.int8 or info.scale.size != 1 or info.zero_point.size != 1:
+        return f"{label}: tensor {layer_label(model, t)} must be int8 with per-tensor quantization."
+    return None
+
+
 def op_activations_int8(model: TFLiteModel, op: int) -> Optional[str]:
-    """The op's activation inputs and its output are NHWC int8 tensors with per-tensor quantization."""
-    tensors = [t for t in _activation_inputs(model, op)] + model.op_outputs(op)[:1]
-    for t in tensors:
+    """The op's activation inputs and its output are NHWC int8 tensors with per-tensor quantization
+    (a MEAN's output: `mean_output_failure`)."""
+    for t in _activation_inputs(model, op):
         failure = tensor_failure(model, t, op_label(model, op))
         if failure:
             return failure
-    return None
+    check = mean_output_failure if model.op_type(op) == "MEAN" else tensor_failure
+    return check(model, model.op_outputs(op)[0], op_label(model, op)) if model.op_outputs(op) else None
 
 
 def op_constant_weights(model: TFLiteModel, op: int) -> Optional[str]:
@@ -142,10 +154,36 @@ def op_pad_spatial(model: TFLiteModel, op: int) -> Optional[str]:
     return None
 
 
+def op_mean_global(model: TFLiteModel, op: int) -> Optional[str]:
+    """A MEAN averages a 4-D tensor over height and width only (a global average pool):
+    its axes are a constant {1, 2} (or {-3, -2})."""
+    if model.op_type(op) != "MEAN":
+        return None
+    inputs = model.op_inputs(op)
+    label = op_label(model, op)
+    axes = model.constant(inputs[1]) if len(inputs) > 1 and model.is_constant(inputs[1]) else None
+    rank = len(model.tensor(inputs[0]).shape)
+    if axes is None or rank != 4 or sorted(int(a) % 4 for a in np.ravel(axes)) != [1, 2]:
+        shown = "not a constant" if axes is None else np.ravel(axes).tolist()
+        return (f"{label}: only a MEAN over height and width of a 4-D tensor (axes [1, 2], a global "
+                f"average pool) can run in a patch stage; its axes are {shown}.")
+    return None
+
+
 #: The rules every op of a stage must pass, in the order they are checked.
 OP_RULES: List[OpRule] = [
     op_type_supported, op_single_output, op_constant_weights, op_add_same_shapes, op_pad_spatial,
+    op_mean_global,
 ]
+
+
+def mean_not_last(model: TFLiteModel, op_indices: Sequence[int]) -> Optional[str]:
+    """A MEAN can only end a stage (its 1x1 output exists once, after the last patch)."""
+    for op in op_indices[:-1]:
+        if model.op_type(op) == "MEAN":
+            return (f"{op_label(model, op)} is not the stage's last op: a MEAN (global average pool) "
+                    f"can only end a patch stage. End the stage at it.")
+    return None
 
 
 def op_rule_failure(model: TFLiteModel, op: int, check_tensors: bool = True) -> Optional[str]:
@@ -202,12 +240,23 @@ def single_entry_failure(model: TFLiteModel, op: int, t: int) -> str:
             f"(start the stage at or before that tensor, or end it before this op).")
 
 
+def tiled_tensor(model: TFLiteModel, exit_tensor: int) -> int:
+    """The tensor a stage ending at `exit_tensor` cuts into patches: the exit itself, or the input
+    of the MEAN that writes it (docs/patch_stage_op.md, "Global average pool")."""
+    producer = model.producers().get(exit_tensor)
+    if producer is not None and model.op_type(producer) == "MEAN":
+        return model.op_inputs(producer)[0]
+    return exit_tensor
+
+
 def grid_fits(model: TFLiteModel, exit_tensor: int, grid: tuple) -> Optional[str]:
-    """The grid has at most as many rows and columns as the stage output has pixels."""
-    out_h, out_w = model.tensor(exit_tensor).shape[1:3]
+    """The grid has at most as many rows and columns as the stage output (or a final MEAN's input) has pixels."""
+    tiled = tiled_tensor(model, exit_tensor)
+    out_h, out_w = model.tensor(tiled).shape[1:3]
     if grid[0] > out_h or grid[1] > out_w:
-        return (f"grid {grid[0]}x{grid[1]} is larger than the stage output {out_h}x{out_w} "
-                f"(tensor {layer_label(model, exit_tensor)}): use at most {out_h}x{out_w} patches.")
+        what = "stage output" if tiled == exit_tensor else "input of the stage's final MEAN"
+        return (f"grid {grid[0]}x{grid[1]} is larger than the {what} {out_h}x{out_w} "
+                f"(tensor {layer_label(model, tiled)}): use at most {out_h}x{out_w} patches.")
     return None
 
 
@@ -228,7 +277,8 @@ def run_failure(model: TFLiteModel, op_indices: Sequence[int], entry: int, consu
                 return single_entry_failure(model, op, t)
         inside.add(model.op_outputs(op)[0])
     exit_tensor = model.op_outputs(op_indices[-1])[0]
-    failure = exit_not_model_output(model, exit_tensor) or single_exit(model, op_indices, consumers)
+    failure = (mean_not_last(model, op_indices) or exit_not_model_output(model, exit_tensor)
+               or single_exit(model, op_indices, consumers))
     if failure:
         return failure
     consumers = model.consumers() if consumers is None else consumers
@@ -282,7 +332,7 @@ def patchable_runs(model: TFLiteModel, max_layers: int = o.MAX_LAYERS, first_ops
             out = model.op_outputs(j)[0]
             if furthest <= j and out not in outputs:
                 runs.append((i, j, entry, out))
-            if out in outputs or reach[j] < 0:
+            if out in outputs or reach[j] < 0 or model.op_type(j) == "MEAN":  # a MEAN ends every run
                 break
             furthest = max(furthest, reach[j])
             inside.add(out)

@@ -35,6 +35,7 @@ _OP_VERSIONS = {
     o.OP_PAD: 2,
     o.OP_RELU: 2,
     o.OP_RELU6: 2,
+    o.OP_MEAN: 2,
 }
 
 
@@ -118,11 +119,12 @@ def _int8_tensor(model: TFLiteModel, name: str, shape: tuple, scale: float, zero
 
 
 def _paddings_tensor(model: TFLiteModel, name: str, paddings: np.ndarray) -> int:
+    """A constant int32 tensor (PAD's paddings, MEAN's axes) holding `paddings`."""
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(paddings.astype("<i4").tobytes(), np.uint8)
     model.model.buffers.append(buffer)
     tensor = schema.TensorT()
-    tensor.shape = np.array([4, 2], np.int32)
+    tensor.shape = np.array(paddings.shape, np.int32)
     tensor.type = schema.TensorType.INT32
     tensor.buffer = len(model.model.buffers) - 1
     tensor.name = name
@@ -202,6 +204,11 @@ def _builtin_ops(model: TFLiteModel, op_index: int) -> list:
             paddings = np.array([[0, 0], [layer.pad[0], out_h - in_h - layer.pad[0]],
                                  [layer.pad[1], out_w - in_w - layer.pad[1]], [0, 0]])
             inputs.append(_paddings_tensor(model, f"{prefix}_{l}/paddings", paddings))
+        elif layer.op == o.OP_MEAN:  # over height and width; keep_dims where the op's output is 4-D
+            options = schema.ReducerOptionsT()
+            options.keepDims = len(model.tensor(tensor_ids[l + 1]).shape) == 4
+            op.builtinOptionsType = schema.BuiltinOptions.ReducerOptions
+            inputs.append(_paddings_tensor(model, f"{prefix}_{l}/axes", np.array([1, 2])))
         else:  # RELU, RELU6 have no options
             options = None
             op.builtinOptionsType = schema.BuiltinOptions.NONE

@@ -100,7 +100,7 @@ def candidate_splits(tflite_bytes: ModelSource, min_output_size: int = 1) -> Lis
     splits: List[int] = []
     for _, last, run_entry, out in rules.patchable_runs(model, first_ops=[first]):
         shape = model.tensor(out).shape
-        if run_entry == entry and len(shape) == 4 and min(shape[1], shape[2]) >= min_output_size:
+        if run_entry == entry and len(shape) == 4 and model.op_type(last) != "MEAN" and min(shape[1], shape[2]) >= min_output_size:
             splits.append(last)
     return splits
 

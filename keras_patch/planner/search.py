@@ -360,7 +360,7 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
             continue
         if arena.in_place:  # the patch arena runs depthwise layers in place where that is smaller
             options = dataclasses.replace(options, in_place=True)
-        out_h, out_w, _ = options.output_shape
+        out_h, out_w, _ = options.tiled_shape  # a final MEAN: its input is tiled
         choices = _grid_choices(grids, out_h, out_w)
         if not choices:
             continue

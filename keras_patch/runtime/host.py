@@ -225,11 +225,11 @@ class _StageSegment:
     stage: object  # PreparedStage (reference) or cpp_executor.CppStage
     input_tensor: int
     output_tensor: int
+    output_shape: tuple  # as the model declares it: a final MEAN's may be [1, C]
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        if isinstance(self.stage, PreparedStage):
-            return run_stage(self.stage, x)
-        return self.stage.run(x)
+        y = run_stage(self.stage, x) if isinstance(self.stage, PreparedStage) else self.stage.run(x)
+        return y.reshape(self.output_shape)
 
 
 EXECUTORS = ("reference", "cpp")
@@ -249,7 +249,8 @@ def stage_operations(options) -> int:
     """Operations one inference of the stage executes, patch by patch (recomputation included).
 
     Per output pixel of a layer: `kh*kw*C_in*C_out` for CONV_2D, `kh*kw*C` for
-    DEPTHWISE_CONV_2D and the poolings, `C` for PAD, ADD, RELU and RELU6.
+    DEPTHWISE_CONV_2D and the poolings, `C` for PAD, ADD, RELU and RELU6; a
+    final MEAN adds every pixel of its input once (`H * W * C`).
     """
     from keras_patch.stage import geometry
     from keras_patch.stage import options as o
@@ -263,7 +264,11 @@ def stage_operations(options) -> int:
             per_pixel.append(layer.kernel[0] * layer.kernel[1] * c_out)
         else:
             per_pixel.append(c_out)
-    return geometry.patched_pixel_sum(options, per_pixel)
+    mean = 0
+    if options.ends_with_mean:
+        h, w, c = options.tiled_shape
+        mean = h * w * c
+    return geometry.patched_pixel_sum(options, per_pixel) + mean
 
 
 def _check_host_work(model: TFLiteModel, op_index: int, options) -> None:
@@ -338,7 +343,8 @@ class HostRunner:
                     run = []
                 prepared = _prepare(model, i, executor)
                 self.segments.append(
-                    _StageSegment(prepared, model.op_inputs(i)[0], model.op_outputs(i)[0])
+                    _StageSegment(prepared, model.op_inputs(i)[0], model.op_outputs(i)[0],
+                                  tuple(model.tensor(model.op_outputs(i)[0]).shape))
                 )
             elif i in guards:  # its own segment, its input checked before LiteRT runs it
                 if run:

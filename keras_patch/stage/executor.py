@@ -4,7 +4,9 @@
 against the weight tensors, compute requantization multipliers and
 activation ranges, plan the patch arena); `run_stage` does what Eval does:
 for each output tile, compute every layer on its region only, keeping just
-that patch's intermediates, and write the tile into the output.
+that patch's intermediates, and write the tile into the output (or, for a
+stage ending with a MEAN, add the tile of the MEAN's input to the int32 sums
+that become the output after the last tile).
 
 Example:
 
@@ -125,6 +127,10 @@ def prepare_stage(options: o.StageOptions, op_inputs: Sequence[Optional[Constant
                 layer.kernel, layer.stride, layer.dilation, layer.pad,
                 q.activation_range(relu_act, scales[out_t], zps[out_t]),
             )
+        elif layer.op == o.OP_MEAN:
+            in_h, in_w, _ = shapes[a]
+            item.multiplier, item.shift = q.mean_multiplier(scales[a], scales[out_t], in_h * in_w)
+            _check_shift(l, layer, [item.shift])
         elif layer.op in (o.OP_MAX_POOL_2D, o.OP_AVERAGE_POOL_2D, o.OP_PAD):
             if scales[a] != scales[out_t] or zps[a] != zps[out_t]:
                 _fail("tensor_scale", f"layer {l} ({layer.op_name}) must keep its input's scale and zero point.")
@@ -190,18 +196,30 @@ def run_stage(stage: PreparedStage, inputs: np.ndarray, patch_by_patch: bool = T
         )
     out_h, out_w, out_c = opts.output_shape
     outputs = np.empty((inputs.shape[0], out_h, out_w, out_c), np.int8)
-    tile_list = geometry.tiles(opts) if patch_by_patch else [(0, out_h, 0, out_w)]
+    tiled = opts.tiled_tensor
+    tiled_h, tiled_w, tiled_c = opts.tiled_shape
+    tile_list = geometry.tiles(opts) if patch_by_patch else [(0, tiled_h, 0, tiled_w)]
     in_h, in_w, _ = expected
     for n in range(inputs.shape[0]):
+        sums = np.zeros(tiled_c, np.int64)  # a final MEAN's accumulators
         for tile in tile_list:
             regions = geometry.patch_regions(opts, tile)
             # Only this patch's intermediates are alive: region arrays keyed by tensor id.
             values = {0: (inputs[n], (0, in_h, 0, in_w))}
-            for l in range(opts.num_layers):
+            for l in range(tiled):
                 region = regions[l + 1]
                 if geometry.is_empty(region):
                     continue
                 values[l + 1] = (_run_layer(stage, l, values, regions), region)
             y0, y1, x0, x1 = tile
-            outputs[n, y0:y1, x0:x1] = values[opts.num_layers][0]
+            data, (ry0, _, rx0, _) = values[tiled]
+            data = data[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
+            if opts.ends_with_mean:
+                sums += data.astype(np.int64).sum(axis=(0, 1))
+            else:
+                outputs[n, y0:y1, x0:x1] = data
+        if opts.ends_with_mean:
+            mean = stage.layers[-1]
+            outputs[n, 0, 0] = int8_ops.mean(sums, tiled_h * tiled_w, opts.tensor_zero_points[tiled],
+                                             opts.tensor_zero_points[-1], mean.multiplier, mean.shift)
     return outputs

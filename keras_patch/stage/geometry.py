@@ -3,13 +3,15 @@
 Implements the "Patch geometry" and "Scratch buffers" sections of
 `docs/patch_stage_op.md`:
 
-* the stage output is cut into `grid_h x grid_w` tiles, tile `i` covering rows
+* the stage output (or, when the last layer is a MEAN, the MEAN's input) is cut
+  into `grid_h x grid_w` tiles, tile `i` covering rows
   `[floor(i*H/grid_h), floor((i+1)*H/grid_h))` (same for columns);
 * walking the layers backwards, each tensor's region for a patch is the hull
   of what its consumers read, clipped to the tensor (taps outside it are
   padding);
 * intermediate tensors live in one scratch "patch arena", placed by a
-  first-fit planner over their per-patch lifetimes.
+  first-fit planner over their per-patch lifetimes (after a MEAN's int32 sums,
+  which live for the whole op).
 
 Example:
 
@@ -19,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -74,10 +77,15 @@ def layer_input_region(options: StageOptions, layer_index: int, out_region: Regi
 
 
 def patch_regions(options: StageOptions, tile: Region) -> List[Optional[Region]]:
-    """Region of every stage tensor (index 0..L) needed to compute output `tile`."""
+    """Region of every stage tensor (index 0..L) needed to compute `tile` of the tiled tensor.
+
+    The tiled tensor is the output, or the MEAN's input when the stage ends
+    with a MEAN (whose 1x1 output then has no region: it is written once,
+    after the last tile).
+    """
     regions: List[Optional[Region]] = [None] * (options.num_layers + 1)
-    regions[-1] = tile
-    for l in range(options.num_layers - 1, -1, -1):
+    regions[options.tiled_tensor] = tile
+    for l in range(options.tiled_tensor - 1, -1, -1):
         out_region = regions[l + 1]
         if is_empty(out_region):
             continue
@@ -91,8 +99,8 @@ def patch_regions(options: StageOptions, tile: Region) -> List[Optional[Region]]
 
 
 def tiles(options: StageOptions) -> List[Region]:
-    """Output tiles in execution order (row-major)."""
-    out_h, out_w, _ = options.output_shape
+    """Tiles of the tiled tensor (the output, or a final MEAN's input) in execution order (row-major)."""
+    out_h, out_w, _ = options.tiled_shape
     rows = tile_bounds(out_h, options.grid[0])
     cols = tile_bounds(out_w, options.grid[1])
     return [(r0, r1, c0, c1) for (r0, r1) in rows for (c0, c1) in cols]
@@ -108,7 +116,9 @@ class PatchArenaPlan:
 
     Layers that run in place (docs "In place") have a one-plane save buffer
     at `save_offsets[l]` (`save_sizes[l]` bytes); -1 / 0 for the others.  A
-    tensor written in place shares its input's offset.
+    tensor written in place shares its input's offset. A stage ending with a
+    MEAN keeps its int32 sums at offset 0 (`accumulator_bytes`, alive for the
+    whole op); everything else follows them.
     """
 
     offsets: List[int]  # per stage tensor; -1 for the stage input/output
@@ -116,6 +126,7 @@ class PatchArenaPlan:
     total_bytes: int
     save_offsets: tuple = ()  # per layer; -1: the layer does not run in place
     save_sizes: tuple = ()  # per layer; bytes of its one-plane save buffer
+    accumulator_bytes: int = 0  # a final MEAN's int32 sums, at offset 0
 
     @property
     def in_place_layers(self) -> List[int]:
@@ -182,6 +193,18 @@ def plan_patch_arena(options: StageOptions) -> PatchArenaPlan:
 
 def _plan_from_sizes(options: StageOptions, sizes: List[int], planes: List[int]) -> PatchArenaPlan:
     """`plan_patch_arena` from per-tensor sizes (4-aligned) and largest region areas."""
+    plan = _plan_patch_buffers(options, sizes, planes)
+    if not options.ends_with_mean:
+        return plan
+    sums = _align(4 * options.output_shape[2])  # docs "Scratch buffers", step 5
+    return dataclasses.replace(
+        plan, offsets=[o + sums if o >= 0 else o for o in plan.offsets],
+        save_offsets=tuple(o + sums if o >= 0 else o for o in plan.save_offsets),
+        total_bytes=plan.total_bytes + sums, accumulator_bytes=sums)
+
+
+def _plan_patch_buffers(options: StageOptions, sizes: List[int], planes: List[int]) -> PatchArenaPlan:
+    """The per-patch buffers of `_plan_from_sizes`, from offset 0."""
     L = options.num_layers
     save_sizes = [_align(planes[layer.inputs[0]]) for layer in options.layers]
     if getattr(options, "in_place", False) and L == 1:
@@ -265,7 +288,7 @@ def patch_live_bytes(options: StageOptions, plan: PatchArenaPlan, layer: int) ->
         if plan.offsets[t] >= 0 and lifetimes[t][0] <= layer <= lifetimes[t][1]:
             slots[plan.offsets[t]] = max(slots.get(plan.offsets[t], 0), size)
     save = plan.save_sizes[layer] if layer < len(plan.save_offsets) and plan.save_offsets[layer] >= 0 else 0
-    return sum(slots.values()) + save
+    return sum(slots.values()) + save + plan.accumulator_bytes
 
 
 def _align8(n: int) -> int:
@@ -415,10 +438,13 @@ def patched_pixel_sum(options: StageOptions, per_pixel) -> int:
 
 
 def receptive_field(options: StageOptions) -> tuple:
-    """(height, width) of the input window one stage-output pixel depends on (unclipped)."""
+    """(height, width) of the input window one pixel of the tiled tensor depends on (unclipped).
+
+    The tiled tensor is the stage output, or a final MEAN's input.
+    """
     extents = [None] * (options.num_layers + 1)
-    extents[-1] = (1, 1)
-    for l in range(options.num_layers - 1, -1, -1):
+    extents[options.tiled_tensor] = (1, 1)
+    for l in range(options.tiled_tensor - 1, -1, -1):
         if extents[l + 1] is None:
             continue
         layer = options.layers[l]
@@ -460,8 +486,10 @@ def _axis_spans(options: StageOptions, axis: int, parts: Optional[int] = None) -
     `parts`: tiles along the axis (default: the options' grid)."""
     parts = options.grid[axis] if parts is None else parts
     spans: list = [None] * (options.num_layers + 1)
-    spans[-1] = tile_bounds(options.output_shape[axis], parts)
-    for l in range(options.num_layers - 1, -1, -1):
+    spans[options.tiled_tensor] = tile_bounds(options.tiled_shape[axis], parts)
+    if options.ends_with_mean:  # its 1x1 output: no MACs, no patch-arena buffer; a placeholder span
+        spans[-1] = [(0, 1)] * parts
+    for l in range(options.tiled_tensor - 1, -1, -1):
         out = spans[l + 1]
         if out is None:
             return None

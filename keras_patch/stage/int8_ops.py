@@ -184,6 +184,14 @@ def relu(x, x_region, out_region, in_zp, out_zp, multiplier, shift, act):
     return np.clip(out, act[0], act[1]).astype(np.int8)
 
 
+def mean(sums: np.ndarray, num_pixels: int, in_zp: int, out_zp: int, multiplier: int, shift: int) -> np.ndarray:
+    """TFLM's int8 MEAN from the per-channel sums of raw int8 values over `num_pixels` pixels
+    (`multiplier`, `shift`: `quantization.mean_multiplier`)."""
+    acc = np.asarray(sums, np.int64) - in_zp * num_pixels
+    y = q.multiply_by_quantized_multiplier(acc, multiplier, shift) + out_zp
+    return np.clip(y, q.INT8_MIN, q.INT8_MAX).astype(np.int8)
+
+
 def _crop(x, x_region, region):
     ry0, _, rx0, _ = x_region
     y0, y1, x0, x1 = region

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import array
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from flatbuffers import flexbuffers
@@ -33,9 +33,10 @@ from keras_patch.stage.quantization import SUPPORTED_ACTIVATIONS
 
 CUSTOM_CODE = "KP_PATCH_STAGE"
 #: The newest options version this keras-patch reads and writes (docs "Versioning").
-OPTIONS_VERSION = 2
-#: Versions `decode_options` accepts; `encode_options` writes 1 unless `in_place` is set.
-READ_VERSIONS = (1, 2)
+OPTIONS_VERSION = 3
+#: Versions `decode_options` accepts; `encode_options` writes the lowest that holds the stage
+#: (3 with a MEAN layer, else 2 with `in_place`, else 1).
+READ_VERSIONS = (1, 2, 3)
 
 # Layer op codes are TFLite's BuiltinOperator values.
 OP_ADD = 0
@@ -46,6 +47,7 @@ OP_MAX_POOL_2D = 17
 OP_RELU = 19
 OP_RELU6 = 21
 OP_PAD = 34
+OP_MEAN = 40
 LAYER_OP_NAMES = {
     OP_ADD: "ADD",
     OP_AVERAGE_POOL_2D: "AVERAGE_POOL_2D",
@@ -55,6 +57,7 @@ LAYER_OP_NAMES = {
     OP_RELU: "RELU",
     OP_RELU6: "RELU6",
     OP_PAD: "PAD",
+    OP_MEAN: "MEAN",
 }
 WEIGHTED_OPS = (OP_CONV_2D, OP_DEPTHWISE_CONV_2D)
 TWO_INPUT_OPS = (OP_ADD,)
@@ -77,6 +80,10 @@ OPTION_KEYS = {
 }
 #: Keys that exist only from a version on (older files do not carry them).
 KEY_SINCE = {"in_place": 2}
+#: Layer ops that exist only from a version on.
+OP_SINCE = {OP_MEAN: 3}
+#: Most pixels a MEAN layer averages: its int32 sums stay far from overflow.
+MAX_MEAN_PIXELS = 2**22
 LAYER_PARAMS_WIDTH = 8  # kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left
 MAX_LAYERS = 256
 MAX_GRID = 64
@@ -110,9 +117,10 @@ class StageOptions:
     tensor_scales: List[float]
     tensor_zero_points: List[int]
     layers: List[LayerOptions] = field(default_factory=list)
-    # The version the options were read with (`encode_options` writes the lowest
-    # version that holds them: 2 with `in_place`, else 1); not part of equality.
-    version: int = field(default=1, compare=False)
+    # The version the options were read with; None for options built in memory
+    # (`encode_options` writes the lowest version that holds them: 3 with a MEAN
+    # layer, 2 with `in_place`, else 1). Not part of equality.
+    version: Optional[int] = field(default=None, compare=False)
     in_place: bool = False  # docs/patch_stage_op.md "In place" (options version 2)
 
     def __post_init__(self):
@@ -133,6 +141,26 @@ class StageOptions:
     def output_shape(self) -> tuple:
         return self.tensor_shapes[-1]
 
+    @property
+    def ends_with_mean(self) -> bool:
+        """Whether the last layer is a MEAN (a global average pool computed patch by patch)."""
+        return bool(self.layers) and self.layers[-1].op == OP_MEAN
+
+    @property
+    def tiled_tensor(self) -> int:
+        """The stage tensor `grid` tiles: the output, or the MEAN's input (docs "Patch geometry")."""
+        return self.num_layers - 1 if self.ends_with_mean else self.num_layers
+
+    @property
+    def tiled_shape(self) -> tuple:
+        """`tensor_shapes[tiled_tensor]`: what the grid cuts into patches."""
+        return self.tensor_shapes[self.tiled_tensor]
+
+    @property
+    def minimum_version(self) -> int:
+        """The lowest options version that holds these options."""
+        return max([2 if self.in_place else 1] + [OP_SINCE.get(l.op, 1) for l in self.layers])
+
 
 def _int_vector(values) -> array.array:
     return array.array("i", [int(v) for v in values])
@@ -142,7 +170,7 @@ def encode_options(options: StageOptions) -> bytes:
     """FlexBuffer map of `options` (int vectors 32-bit, float vectors float32)."""
     builder = flexbuffers.Builder()
     layers = options.layers
-    version = max(int(options.version), 2 if options.in_place else 1)
+    version = max(int(options.version or 1), options.minimum_version)
     with builder.Map():
         builder.Int("version", version)
         if version >= KEY_SINCE["in_place"]:
@@ -290,11 +318,12 @@ def validate_options(options: StageOptions, num_op_inputs: int = None) -> None:
             fail("tensor_shape", f"tensor {t} has shape {shape}; every dimension must be in 1..65536.")
         if shape[0] * shape[1] * shape[2] > MAX_TENSOR_ELEMENTS:
             fail("tensor_shape", f"tensor {t} has shape {shape}; at most 2^31 - 1 elements are supported.")
-    out_h, out_w, _ = options.output_shape
+    out_h, out_w, _ = options.tiled_shape
     if not (1 <= gh <= MAX_GRID and 1 <= gw <= MAX_GRID):
         fail("grid", f"{options.grid} must be two ints in 1..{MAX_GRID}.")
     if gh > out_h or gw > out_w:
-        fail("grid", f"grid {gh}x{gw} is larger than the stage output {out_h}x{out_w}.")
+        tiled = "the MEAN's input" if options.ends_with_mean else "the stage output"
+        fail("grid", f"grid {gh}x{gw} is larger than {tiled} {out_h}x{out_w}.")
     for t, (scale, zp) in enumerate(zip(options.tensor_scales, options.tensor_zero_points)):
         if not (scale > 0 and scale < float("inf")):
             fail("tensor_scale", f"tensor {t} has scale {scale}; it must be positive and finite.")
@@ -305,6 +334,12 @@ def validate_options(options: StageOptions, num_op_inputs: int = None) -> None:
         where = f"layer {l} ({layer.op_name})"
         if layer.op not in LAYER_OP_NAMES:
             fail("layer_op", f"layer {l} has op code {layer.op}; supported: {sorted(LAYER_OP_NAMES)}.")
+        if layer.op == OP_MEAN:
+            if options.version is not None and options.version < OP_SINCE[OP_MEAN]:
+                fail("layer_op", f"{where} needs options version {OP_SINCE[OP_MEAN]}; the file is version "
+                     f"{options.version}.")
+            if l != options.num_layers - 1:
+                fail("layer_op", f"{where}: a MEAN must be the last layer of a stage.")
         a, b = layer.inputs
         if not 0 <= a <= l:
             fail("layer_inputs", f"{where} reads tensor {a}; it may read tensors 0..{l}.")
@@ -349,6 +384,17 @@ def validate_options(options: StageOptions, num_op_inputs: int = None) -> None:
                 fail("tensor_shape", f"{where}: output channels {out_c} are not a multiple of input channels {in_c}.")
             if layer.op in (OP_MAX_POOL_2D, OP_AVERAGE_POOL_2D) and out_c != in_c:
                 fail("tensor_shape", f"{where}: pooling keeps channels, got {in_c} -> {out_c}.")
+        elif layer.op == OP_MEAN:
+            if (kh, kw, sh, sw, dh, dw, pt, pl) != (in_h, in_w, 1, 1, 1, 1, 0, 0):
+                fail("layer_params", f"{where}: a MEAN averages its whole {in_h}x{in_w} input: parameters "
+                     f"must be [{in_h}, {in_w}, 1, 1, 1, 1, 0, 0], got {[kh, kw, sh, sw, dh, dw, pt, pl]}.")
+            if layer.activation != 0:
+                fail("layer_activation", f"{where}: MEAN carries no fused activation.")
+            if (out_h, out_w, out_c) != (1, 1, in_c):
+                fail("tensor_shape", f"{where}: the mean of {in_h}x{in_w}x{in_c} is 1x1x{in_c}, "
+                     f"got {out_h}x{out_w}x{out_c}.")
+            if in_h * in_w > MAX_MEAN_PIXELS:
+                fail("tensor_shape", f"{where} averages {in_h}x{in_w} pixels; at most 2^22 are supported.")
         elif layer.op == OP_PAD:
             if (kh, kw, sh, sw, dh, dw) != (1, 1, 1, 1, 1, 1):
                 fail("layer_params", f"{where}: PAD needs kernel, stride and dilation 1.")

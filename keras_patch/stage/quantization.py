@@ -104,6 +104,21 @@ def multiply_by_quantized_multiplier_smaller_than_one_exp(
     )
 
 
+def mean_multiplier(input_scale: float, output_scale: float, num_pixels: int) -> tuple:
+    """TFLM's int8 MEAN requantization with the `1 / num_pixels` folded in (`QuantizedMeanOrSum`).
+
+    `M, shift = QuantizeMultiplier(double(s_in) / double(s_out))`;
+    `k = min(floor(log2(n)), 32, 31 + shift)`; returns
+    `(int32((int64(M) << k) / n), shift - k)`.
+
+    >>> mean_multiplier(0.5, 0.5, 25)
+    (687194767, -3)
+    """
+    multiplier, shift = quantize_multiplier(float(np.float32(input_scale)) / float(np.float32(output_scale)))
+    k = min(int(num_pixels).bit_length() - 1, 32, 31 + shift)
+    return int((multiplier << k) // num_pixels), shift - k  # both >= 0: C's division truncates the same
+
+
 def per_channel_multipliers(input_scale: float, filter_scales, output_scale: float) -> tuple:
     """Conv/depthwise requantization as `PopulateConvolutionQuantizationParams`.
 

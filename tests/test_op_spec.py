@@ -1,6 +1,7 @@
 """The KP_PATCH_STAGE options: docs/patch_stage_op.md is the one source of truth."""
 
 import array
+import dataclasses
 import os
 import re
 
@@ -111,15 +112,19 @@ def _encode_raw(entries: dict) -> bytes:
 
 
 def _raw_entries() -> dict:
-    root = flexbuffers.GetRoot(bytearray(o.encode_options(_good_options()))).AsMap
+    return flexbuffers_entries(o.encode_options(_good_options()))
+
+
+def flexbuffers_entries(data: bytes) -> dict:
+    """The options map as {key: int or array.array}, to re-encode with changes (`_encode_raw`)."""
+    root = flexbuffers.GetRoot(bytearray(data)).AsMap
     result = {}
     for k, v in zip(root.Keys, root.Values):
         if v.IsInt:
             result[k.AsKey] = int(v.AsInt)
         else:
             vec = v.AsTypedVector
-            code = "f" if vec.ElementType == flexbuffers.Type.FLOAT else "i"
-            result[k.AsKey] = array.array(code, vec.Value)
+            result[k.AsKey] = array.array("f" if vec.ElementType == flexbuffers.Type.FLOAT else "i", vec.Value)
     return result
 
 
@@ -163,7 +168,7 @@ def test_garbage_bytes_raise_invalid_options(data):
 @pytest.mark.parametrize(
     "changes, key",
     [
-        (dict(version=3), "version"),
+        (dict(version=4), "version"),
         (dict(version=0), "version"),
         (dict(grid=(3, 2)), "grid"),
         (dict(grid=(0, 1)), "grid"),
@@ -230,3 +235,78 @@ def test_unread_intermediate_tensor_is_rejected():
     )
     with pytest.raises(InvalidOptionsError, match="'layer_inputs'"):
         o.validate_options(dangling)
+
+
+# ------------------------------------------------------------------ MEAN (options version 3)
+
+
+def _mean_options(**changes) -> o.StageOptions:
+    """conv 3x3 -> MEAN: a global average pool whose input (7x6x5) the grid tiles."""
+    layers = [
+        o.LayerOptions(op=o.OP_CONV_2D, inputs=(0, -1), kernel=(3, 3), pad=(1, 1), activation=1, weights=(1, 2)),
+        o.LayerOptions(op=o.OP_MEAN, inputs=(1, -1), kernel=(7, 6)),
+    ]
+    base = dict(grid=(3, 2), tensor_shapes=[(7, 6, 3), (7, 6, 5), (1, 1, 5)],
+                tensor_scales=[0.02, 0.05, 0.03], tensor_zero_points=[-1, -128, 7], layers=layers)
+    base.update(changes)
+    return o.StageOptions(**base)
+
+
+def _with_mean_layer(**changes) -> o.StageOptions:
+    opts = _mean_options()
+    return _mean_options(layers=[opts.layers[0], dataclasses.replace(opts.layers[1], **changes)])
+
+
+def test_mean_options_are_version_3_and_round_trip():
+    opts = _mean_options()
+    assert opts.ends_with_mean and opts.tiled_tensor == 1 and opts.tiled_shape == (7, 6, 5)
+    decoded = o.decode_options(o.encode_options(opts))
+    assert decoded == opts and decoded.version == 3
+    # Without a MEAN the lowest version that holds the stage is still written.
+    assert o.decode_options(o.encode_options(_good_options(in_place=False))).version == 1
+
+
+@pytest.mark.parametrize(
+    "opts, key, words",
+    [
+        (_mean_options(grid=(8, 1)), "grid", "MEAN's input"),
+        (_with_mean_layer(kernel=(7, 5)), "layer_params", "whole 7x6 input"),
+        (_with_mean_layer(stride=(2, 1)), "layer_params", "whole 7x6 input"),
+        (_with_mean_layer(pad=(1, 0)), "layer_params", "whole 7x6 input"),
+        (_with_mean_layer(activation=1), "layer_activation", "no fused activation"),
+        (_mean_options(tensor_shapes=[(7, 6, 3), (7, 6, 5), (1, 1, 4)]), "tensor_shape", "is 1x1x5"),
+        (_mean_options(tensor_shapes=[(7, 6, 3), (7, 6, 5), (1, 2, 5)]), "tensor_shape", "is 1x1x5"),
+    ],
+)
+def test_mean_inconsistent_options_name_the_key(opts, key, words):
+    with pytest.raises(InvalidOptionsError, match=f"'{key}'.*{words}"):
+        o.decode_options(o.encode_options(opts))
+
+
+def test_mean_too_many_pixels_names_tensor_shape():
+    opts = _mean_options(grid=(1, 1), tensor_shapes=[(2048, 4096, 1), (2048, 4096, 1), (1, 1, 1)],
+                         layers=[o.LayerOptions(op=o.OP_RELU, inputs=(0, -1)),
+                                 o.LayerOptions(op=o.OP_MEAN, inputs=(1, -1), kernel=(2048, 4096))])
+    with pytest.raises(InvalidOptionsError, match="'tensor_shape'.*2\\^22"):
+        o.validate_options(opts)
+
+
+def test_mean_must_be_the_last_layer():
+    opts = _mean_options(
+        grid=(1, 1), tensor_shapes=[(7, 6, 3), (1, 1, 3), (1, 1, 3)], tensor_scales=[0.02, 0.05, 0.05],
+        tensor_zero_points=[0, 0, 0],
+        layers=[o.LayerOptions(op=o.OP_MEAN, inputs=(0, -1), kernel=(7, 6)),
+                o.LayerOptions(op=o.OP_RELU, inputs=(1, -1))])
+    with pytest.raises(InvalidOptionsError, match="'layer_op'.*last layer"):
+        o.validate_options(opts)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_mean_in_an_older_version_names_layer_op(version):
+    entries = flexbuffers_entries(o.encode_options(_mean_options()))
+    entries["version"] = version
+    if version == 1:
+        del entries["in_place"]
+    with pytest.raises(InvalidOptionsError, match=f"'layer_op'.*needs options version 3; the file is version {version}"):
+        o.decode_options(_encode_raw(entries))
+

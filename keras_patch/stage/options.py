@@ -354,7 +354,8 @@ def validate_options(options: StageOptions, num_op_inputs: int = None) -> None:
         sh, sw = layer.stride
         dh, dw = layer.dilation
         pt, pl = layer.pad
-        if min(kh, kw, sh, sw, dh, dw) < 1 or max(kh, kw, sh, sw, dh, dw) > 64 or min(pt, pl) < 0:
+        window = (sh, sw, dh, dw) if layer.op == OP_MEAN else (kh, kw, sh, sw, dh, dw)  # a MEAN's: its input
+        if min(kh, kw, sh, sw, dh, dw) < 1 or max(window) > 64 or min(pt, pl) < 0:
             fail("layer_params", f"{where} has kernel {layer.kernel}, stride {layer.stride}, "
                  f"dilation {layer.dilation}, pad {layer.pad}; kernel/stride/dilation must be 1..64, pad >= 0.")
         in_h, in_w, in_c = options.tensor_shapes[a]

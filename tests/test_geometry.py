@@ -29,7 +29,7 @@ def test_tiles_partition_the_axis(size, parts):
 
 @st.composite
 def chains(draw):
-    """Random conv/pool/pad/add chains with consistent shapes."""
+    """Random conv/pool/pad/add chains with consistent shapes, sometimes ending with a MEAN."""
     h = draw(st.integers(4, 40))
     w = draw(st.integers(4, 40))
     c = draw(st.integers(1, 4))
@@ -73,6 +73,9 @@ def chains(draw):
         layers.append(o.LayerOptions(op=op, inputs=(l, -1), kernel=(k, k), stride=(s, s), pad=pad, weights=wts))
         shapes.append((out_h, out_w, out_c))
     grid = (draw(st.integers(1, min(8, shapes[-1][0]))), draw(st.integers(1, min(8, shapes[-1][1]))))
+    if draw(st.booleans()):  # a global average pool: the grid tiles its input
+        layers.append(o.LayerOptions(op=o.OP_MEAN, inputs=(len(layers), -1), kernel=shapes[-1][:2]))
+        shapes.append((1, 1, shapes[-1][2]))
     return o.StageOptions(grid=grid, tensor_shapes=shapes, tensor_scales=[0.05] * len(shapes),
                           tensor_zero_points=[0] * len(shapes), layers=layers)
 
@@ -97,7 +100,9 @@ def test_patch_arena_never_overlaps_live_tensors(opts):
     lifetimes = geometry.tensor_lifetimes(opts)
     placed = [t for t in range(len(plan.sizes)) if plan.offsets[t] >= 0]
     assert set(placed) <= set(range(1, opts.num_layers))
+    assert plan.accumulator_bytes == (-(-4 * opts.output_shape[2] // 4) * 4 if opts.ends_with_mean else 0)
     for t in placed:
+        assert plan.offsets[t] >= plan.accumulator_bytes  # the MEAN's sums live for the whole op
         assert plan.offsets[t] % geometry.PATCH_ARENA_ALIGNMENT == 0
         assert plan.offsets[t] + plan.sizes[t] <= plan.total_bytes
         for u in placed:
@@ -113,7 +118,7 @@ def test_patch_arena_never_overlaps_live_tensors(opts):
 @given(opts=chains())
 def test_regions_fit_tensors_and_tiles_cover_output(opts):
     o.validate_options(opts)
-    covered = np.zeros(opts.output_shape[:2], np.int32)
+    covered = np.zeros(opts.tiled_shape[:2], np.int32)
     for tile in geometry.tiles(opts):
         regions = geometry.patch_regions(opts, tile)
         for t, region in enumerate(regions):

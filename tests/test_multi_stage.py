@@ -23,6 +23,7 @@ import keras_patch
 from keras_patch.arena.profiler import profile
 from keras_patch.cli import main
 from keras_patch.errors import KerasPatchError, UnsupportedModelError
+from keras_patch.graph import rules
 from keras_patch.graph.patchify import find_stages, patchify_stages, stage_options
 from keras_patch.graph.tflite_model import TFLiteModel
 from keras_patch.graph.unpatchify import unpatchify
@@ -488,8 +489,8 @@ def _draw_stages(data, m: TFLiteModel, candidates: list, max_stages: int = 4) ->
             break
     stages = []
     for entry, ops in chosen:
-        exit_shape = m.tensor(m.op_outputs(ops[-1])[0]).shape
-        grid = data.draw(kps.grids(exit_shape[1:3]), label=f"grid of ops {ops[0]}..{ops[-1]}")
+        tiled_shape = m.tensor(rules.tiled_tensor(m, m.op_outputs(ops[-1])[0])).shape  # a final MEAN's input
+        grid = data.draw(kps.grids(tiled_shape[1:3]), label=f"grid of ops {ops[0]}..{ops[-1]}")
         start = None if entry == default_entry_tensor(m) and data.draw(st.booleans()) else entry
         stages.append((start, ops[-1], grid))
     return stages

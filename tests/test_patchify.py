@@ -258,10 +258,50 @@ def _error(fn, *args, expected=UnsupportedModelError, **kwargs) -> str:
 
 
 def test_error_unsupported_op_in_range(mbv2):
-    mean = mbv2["mean"]
-    message = _error(keras_patch.patchify, mbv2["bytes"], mean, grid=(1, 1))
-    assert f"op {mean} (MEAN -> {short_tensor_name(mbv2['mean_name'])})" in message
+    m = mbv2["model"]
+    fc = first_op(m, "FULLY_CONNECTED")
+    message = _error(keras_patch.patchify, mbv2["bytes"], fc, grid=(1, 1))
+    assert f"op {fc} (FULLY_CONNECTED -> {short_tensor_name(out_name(m, fc))})" in message
     assert "cannot run inside a patch stage" in message and "CONV_2D" in message  # lists the supported ops
+
+
+def test_stage_through_the_global_average_pool(mbv2, float_images):
+    """The whole network up to the MEAN is one stage: the grid tiles the MEAN's input (3x3)."""
+    m = mbv2["model"]
+    patched = keras_patch.patchify(mbv2["bytes"], mbv2["mean"], grid=(3, 3), arena=False)
+    p = TFLiteModel.from_bytes(patched)
+    assert op_types(p) == ["QUANTIZE", o.CUSTOM_CODE] + op_types(m)[mbv2["mean"] + 1:]
+    opts = stage_options(p, 1)
+    assert opts.ends_with_mean and opts.version == 3 and opts.tiled_shape[:2] == (3, 3)
+    assert_bit_exact(mbv2["bytes"], patched, float_images, [mbv2["mean_name"]])
+    message = _error(keras_patch.patchify, mbv2["bytes"], mbv2["mean"], grid=(4, 1))
+    assert "input of the stage's final MEAN 3x3" in message
+
+
+def _mean_model(axis, keepdims: bool, after: bool) -> bytes:
+    import keras
+
+    inputs = keras.Input((8, 8, 3), batch_size=1)
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = keras.layers.Lambda(lambda t: keras.ops.mean(t, axis=axis, keepdims=keepdims))(x)
+    if after:
+        x = keras.layers.Conv2D(4, 1)(x)
+    return model_zoo.to_int8_tflite(keras.Model(inputs, keras.layers.Flatten()(x)))
+
+
+def test_error_mean_over_channels():
+    data = _mean_model(axis=-1, keepdims=True, after=False)
+    m = TFLiteModel.from_bytes(data)
+    message = _error(keras_patch.patchify, data, first_op(m, "MEAN"), grid=(1, 1))
+    assert "only a MEAN over height and width" in message and "its axes are [-1]" in message
+
+
+def test_error_mean_inside_a_stage():
+    data = _mean_model(axis=(1, 2), keepdims=True, after=True)
+    m = TFLiteModel.from_bytes(data)
+    mean = first_op(m, "MEAN")
+    message = _error(keras_patch.patchify, data, mean + 1, grid=(1, 1))
+    assert f"op {mean} (MEAN" in message and "can only end a patch stage" in message
 
 
 def test_error_unsupported_op_mixed_ops_model():
@@ -500,7 +540,7 @@ CORRUPTIONS = {
     "missing-layer_weights": (
         lambda e: encode_entries({k: v for k, v in e.items() if k != "layer_weights"}), ["'layer_weights'", "missing"]),
     "version-wrong-type": (lambda e: encode_entries({**e, "version": "1"}), ["'version'", "int"]),
-    "version-3": (lambda e: encode_entries({**e, "version": 3}), ["'version'"]),
+    "version-4": (lambda e: encode_entries({**e, "version": 4}), ["'version'"]),
     "version-2-without-in_place": (lambda e: encode_entries({**e, "version": 2}), ["'in_place'", "missing"]),
     "num_layers-float": (lambda e: encode_entries({**e, "num_layers": 10.0}), ["'num_layers'"]),
     "num_layers-0": (lambda e: encode_entries({**e, "num_layers": 0}), ["'num_layers'"]),

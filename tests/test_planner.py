@@ -58,7 +58,7 @@ def _random_plans(model: TFLiteModel, count: int, seed: int):
             ops = set(range(run[0], run[1] + 1))
             if ops & used:
                 continue
-            h, w = model.tensor(run[3]).shape[1:3]
+            h, w = model.tensor(rules.tiled_tensor(model, run[3])).shape[1:3]
             grid = (rng.randint(1, min(h, 6)), rng.randint(1, min(w, 6)))
             chosen.append((run, grid))
             used |= ops
@@ -151,7 +151,7 @@ def exhaustive(data: bytes, max_mac_overhead: float, grids, kernel="portable"):
     budget = int(np.floor(max_mac_overhead * macs)) - macs
     options = []
     for run in rules.patchable_runs(model):
-        h, w = model.tensor(run[3]).shape[1:3]
+        h, w = model.tensor(rules.tiled_tensor(model, run[3])).shape[1:3]
         for grid in grids:
             if grid[0] <= h and grid[1] <= w:
                 opts, span = _stage(model, run, grid, kernel)

@@ -267,7 +267,7 @@ struct Case {
 void TestInconsistentOptionsNameTheKey() {
   std::vector<Case> cases;
   Options o;
-  o = Options(); o.version = 3; cases.push_back({"version", o});
+  o = Options(); o.version = 4; cases.push_back({"version", o});
   o = Options(); o.version = 0; cases.push_back({"version", o});
   o = Options(); o.num_layers = 0; cases.push_back({"num_layers", o});
   o = Options(); o.num_layers = 257; cases.push_back({"num_layers", o});
@@ -733,8 +733,13 @@ void TestOneLayerInPlaceRules() {
   v1.version = 1;  // no 'in_place' key in version 1: not in place
   CHECK(Validate(v1.Builder().Finish(), 3).empty());
   Options v3 = OneLayerDepthwise(8, 8, 3, 3, 1, 1, 1, 1);
-  v3.version = 3;
-  CHECK(Names(Validate(v3.Builder().Finish(), 3), "version"));
+  v3.version = 3;  // version 3 reads 'in_place' as version 2 does
+  CHECK(Validate(v3.Builder().Finish(), 3).empty());
+  v3.in_place = 2;
+  CHECK(Names(Validate(v3.Builder().Finish(), 3), "in_place"));
+  Options v4 = OneLayerDepthwise(8, 8, 3, 3, 1, 1, 1, 1);
+  v4.version = 4;
+  CHECK(Names(Validate(v4.Builder().Finish(), 3), "version"));
 }
 
 // conv 1x1 (c -> e), depthwise 3x3 (e), conv 1x1 (e -> c2): the depthwise

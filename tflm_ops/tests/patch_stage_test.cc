@@ -1179,6 +1179,8 @@ int WriteSeeds(const char* dir) {
   relu.inputs[5] = -1;
   relu.inputs[4] = 2;
   seeds.push_back(relu.Builder().Finish());
+  seeds.push_back(ConvMean(8, 8, 3, 4, 3, 2).Builder().Finish());
+  seeds.push_back(OneLayerMean(5, 7, 3, 0.2f, 0.01f, -5, 9, 2, 3).Builder().Finish());
   for (size_t i = 0; i < seeds.size(); ++i) {
     char path[512];
     snprintf(path, sizeof(path), "%s/seed_%d", dir, static_cast<int>(i));

@@ -923,9 +923,17 @@ void TestMeanOptionsNameTheKey() {
   cases.push_back({"layer_op", o});
   o.version = 2; o.params[0] = 3;  // version is checked first, then the position
   cases.push_back({"layer_op", o});
-  // The MEAN's window is the whole input, which the generic bound limits to 64
-  // (so the 2^22-pixel bound is not reached through valid parameters).
-  o = OneLayerMean(65, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1); cases.push_back({"layer_params", o});
+  // The MEAN's kernel is its whole input, beyond other ops' 64, up to 2^22 pixels.
+  o = OneLayerMean(65, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1);
+  CHECK(Validate(o.Builder().Finish(), 1).empty());
+  o = OneLayerMean(2048, 2048, 1, 0.1f, 0.1f, 0, 0, 1, 1);
+  CHECK(Validate(o.Builder().Finish(), 1).empty());
+  o = OneLayerMean(4096, 1025, 1, 0.1f, 0.1f, 0, 0, 1, 1); cases.push_back({"tensor_shape", o});
+  o = OneLayerMean(4096, 1025, 1, 0.1f, 0.1f, 0, 0, 1, 1); o.act = {1};
+  cases.push_back({"layer_activation", o});  // activation before the 2^22 bound
+  o = OneLayerMean(65, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1); o.params[2] = 65;  // stride: 1..64 first
+  cases.push_back({"layer_params", o});
+  o = OneLayerMean(65, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1); o.params[0] = 0; cases.push_back({"layer_params", o});
   // One-layer in-place needs a DEPTHWISE_CONV_2D.
   o = OneLayerMean(4, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1); o.in_place = 1;
   cases.push_back({"in_place", o});
@@ -1024,6 +1032,31 @@ void TestMeanHandChecked() {
   CHECK_EQ(y[1], -128);
   CHECK_EQ(y[2], ref[2]);
   CHECK_EQ(ref[2], 9 + 5 * 20);  // mean -0 of the raw values, minus zp -5, times 20
+}
+
+void TestMeanLargestInput() {
+  // 2^22 pixels, zero point -128: the sums minus zp * n reach 255 * 2^22,
+  // within int32 (UBSan builds check), patch by patch in 64x64 tiles.
+  std::vector<uint64_t> buffer;
+  KpStage* stage = NULL;
+  CHECK(PrepareNoWeights(OneLayerMean(2048, 2048, 1, 0.02f, 0.03f, -128, 5, 64, 64), &buffer, &stage)
+            .empty());
+  if (stage == NULL) return;
+  std::vector<int8_t> x(2048 * 2048);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<int8_t>(i % 7 == 0 ? -128 : 127);
+  std::vector<uint8_t> arena(stage->arena_bytes);
+  int8_t y = 0;
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  CHECK(KpEvalStage(stage, &x[0], &y, NULL, &arena[0], r) == kKpOk);
+  const std::vector<int8_t> ref = RefMean(x, 2048, 2048, 1, 0.02f, 0.03f, -128, 5);
+  CHECK_EQ(y, ref[0]);
+  CHECK_EQ(y, 127);  // (6/7 * 255) * 2/3 + 5 saturates
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<int8_t>(-128 + (i % 61));
+  CHECK(KpEvalStage(stage, &x[0], &y, NULL, &arena[0], r) == kKpOk);
+  const std::vector<int8_t> ref2 = RefMean(x, 2048, 2048, 1, 0.02f, 0.03f, -128, 5);
+  CHECK_EQ(y, ref2[0]);
+  CHECK(y > 5 && y < 127);
 }
 
 void TestMeanGeometryAndArena() {
@@ -1215,6 +1248,7 @@ int main(int argc, char** argv) {
   Run("MeanOptionsNameTheKey", TestMeanOptionsNameTheKey);
   Run("MeanShiftLimit", TestMeanShiftLimit);
   Run("MeanHandChecked", TestMeanHandChecked);
+  Run("MeanLargestInput", TestMeanLargestInput);
   Run("MeanGeometryAndArena", TestMeanGeometryAndArena);
   Run("MeanMatchesFullTensor", TestMeanMatchesFullTensor);
   Run("MeanInPlaceSameBits", TestMeanInPlaceSameBits);

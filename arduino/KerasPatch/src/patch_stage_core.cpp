@@ -269,7 +269,10 @@ KpStatus KpValidateOptions(const KpOptionsView& v, int32_t num_op_inputs,
                   pt = Param(v, l, 6), pl = Param(v, l, 7);
     const int64_t ksd[6] = {kh, kw, sh, sw, dh, dw};
     bool params_ok = pt >= 0 && pl >= 0;
-    for (int i = 0; i < 6; ++i) params_ok = params_ok && ksd[i] >= 1 && ksd[i] <= 64;
+    for (int i = 0; i < 6; ++i) {
+      // A MEAN's kernel is its whole input (checked below), not bounded by 64.
+      params_ok = params_ok && ksd[i] >= 1 && (ksd[i] <= 64 || (op == kKpOpMean && i < 2));
+    }
     if (!params_ok) {
       KP_FAIL_KEY(kKeyLayerParams,
                   "layer %d (%s) has kernel (%d, %d), stride (%d, %d), dilation (%d, %d), pad "

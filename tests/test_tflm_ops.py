@@ -207,6 +207,75 @@ def test_tflm_adapter_end_to_end(tmp_path):
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD"} <= ops_seen
 
 
+def _mean_stage_models():
+    """(case, original with the MEAN output added, [(first op, patched with the MEAN output added)], x):
+    the head's MEAN as the end of the longest stage that can end there and of the MEAN alone."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    from keras_patch.graph.patchify import find_stages, patchify_stages, stage_options
+    from keras_patch.graph.rules import patchable_runs
+    from keras_patch.graph.tflite_model import TFLiteModel
+
+    try:
+        from tests import strategies as kps
+        from tests.model_zoo import to_int8_tflite
+        from tests.test_bit_exact import with_outputs
+    except ImportError:
+        import strategies as kps
+        from model_zoo import to_int8_tflite
+        from test_bit_exact import with_outputs
+
+    cases = [
+        (kps.StageSpec((17, 13, 3), (kps.Conv(6, (3, 3), (2, 2), "same", act="relu6"),
+                                     kps.Pool("max", (3, 3), (1, 1), "same"), kps.Pad(((1, 2), (0, 1))),
+                                     kps.DWConv((3, 3), (1, 1), "valid", depth_multiplier=2, act="relu")), 7),
+         (3, 2)),
+        (kps.StageSpec((12, 12, 4), (kps.TwoBranchAdd(4, 2, kps.Branch("avgpool", (3, 3)),
+                                                      kps.Branch("dwpw", (3, 3), "relu"), "relu6"),
+                                     kps.Relu("relu6", "act_layer")), 3), (2, 3)),
+    ]
+    models = []
+    for k, (spec, grid) in enumerate(cases):
+        with contextlib.redirect_stdout(io.StringIO()):
+            original = to_int8_tflite(kps.build_model(spec))
+        m = TFLiteModel.from_bytes(original)
+        (mean,) = [i for i in range(m.num_ops) if m.op_type(i) == "MEAN"]
+        name = m.tensor(m.op_outputs(mean)[0]).name
+        runs = [run for run in patchable_runs(m) if run[1] == mean]
+        patched = []
+        for first, _, entry, _ in (runs[0], runs[-1]):
+            model = patchify_stages(original, [(m.tensor(entry).name, mean, grid)])
+            p = TFLiteModel.from_bytes(model)
+            (op,) = [i for i in find_stages(p) if p.tensor(p.op_outputs(i)[0]).name == name]
+            opts = stage_options(p, op)
+            assert opts.version == 3 and opts.layers[-1].op == 40 and opts.num_layers == mean - first + 1
+            assert tuple(p.tensor(p.op_outputs(op)[0]).shape) == (1, opts.output_shape[2])  # [1, C]
+            patched.append((first, with_outputs(model, [name])))
+        x = np.random.default_rng(k).integers(-128, 128, (3, *spec.input_shape)).astype(np.int8)
+        models.append((k, with_outputs(original, [name]), patched, x))
+    return models
+
+
+def test_tflm_adapter_stage_ending_with_mean(tmp_path):
+    """Stages ending at the head's MEAN (options version 3, output [1, C]) in TFLM's
+    MicroInterpreter == the unpatched model in TFLM (TFLM's own MEAN), every output bit for bit:
+    the longest stage a MEAN can end and the MEAN alone (reading the op input), tiled grids."""
+    import numpy as np
+
+    runner = _tflm_runner(tmp_path)
+    for k, original, patched, x in _mean_stage_models():
+        want, _ = _run_tflm(runner, original, x, tmp_path)
+        assert len({int(v) for v in want[-1].reshape(-1)}) > 2  # the MEAN output is not constant
+        for first, model in patched:
+            got, _ = _run_tflm(runner, model, x, tmp_path)
+            assert len(got) == len(want)
+            for w, g in zip(want, got):
+                np.testing.assert_array_equal(g, w, err_msg=f"case {k}, stage from op {first}")
+
+
 def _live_mobilenet_v2(size: int, alpha: float, classes: int):
     """build_demo_model with random BatchNorm statistics and a rescaled head:
     with Keras' default BN init the random-weight activations vanish and every
@@ -565,6 +634,21 @@ def _arena_passes_check(unpatched: bytes, kernel: str, run) -> None:
         np.testing.assert_array_equal(got, want, err_msg=f"{kernel} {name}: arena passes vs unpatched TFLM")
         predicted = profile(patched, kernel=kernel).patched_peak_bytes
         assert arena["arena_head_bytes"] == predicted, (kernel, name, arena, predicted)
+
+
+def test_tflm_m4_stage_ending_with_mean(tmp_path):
+    """test_tflm_adapter_stage_ending_with_mean on the Cortex-M4F firmware in QEMU (TFLM's CMSIS-NN
+    kernels and KP_PATCH_STAGE's CMSIS-NN path when so built; a MEAN always runs the portable code)."""
+    import numpy as np
+
+    elf = _tflm_m4_runner(tmp_path)
+    for k, original, patched, x in _mean_stage_models():
+        want, _, _, _ = _run_tflm_m4(elf, original, x, tmp_path)
+        for first, model in patched:
+            got, _, _, _ = _run_tflm_m4(elf, model, x, tmp_path)
+            assert len(got) == len(want)
+            for w, g in zip(want, got):
+                np.testing.assert_array_equal(g, w, err_msg=f"case {k}, stage from op {first} (Cortex-M4)")
 
 
 def test_tflm_arena_passes_float_pad_mobilenet(tmp_path):

@@ -40,7 +40,7 @@ void TileBounds(int32_t size, int32_t parts, int32_t index, int32_t* lo, int32_t
 }
 
 KpRegion StageTile(const KpStage& stage, int32_t index) {
-  const KpTensor& out = stage.tensors[stage.num_layers];
+  const KpTensor& out = stage.tensors[TiledTensor(stage)];
   KpRegion tile;
   TileBounds(out.h, stage.grid_h, index / stage.grid_w, &tile.y0, &tile.y1);
   TileBounds(out.w, stage.grid_w, index % stage.grid_w, &tile.x0, &tile.x1);
@@ -49,9 +49,10 @@ KpRegion StageTile(const KpStage& stage, int32_t index) {
 
 void PatchRegions(const KpStage& stage, const KpRegion& tile, KpRegion* regions) {
   const int32_t num_layers = stage.num_layers;
-  for (int32_t t = 0; t < num_layers; ++t) regions[t] = kKpEmptyRegion;
-  regions[num_layers] = tile;
-  for (int32_t l = num_layers - 1; l >= 0; --l) {
+  const int32_t tiled = TiledTensor(stage);
+  for (int32_t t = 0; t <= num_layers; ++t) regions[t] = kKpEmptyRegion;
+  regions[tiled] = tile;  // a final MEAN's output keeps the empty region
+  for (int32_t l = tiled - 1; l >= 0; --l) {
     const KpRegion out = regions[l + 1];
     if (RegionEmpty(out)) continue;
     const KpLayer& layer = stage.layers[l];
@@ -255,6 +256,22 @@ KpStatus PlanPatchArena(KpStage* stage, bool in_place, const KpReporter& reporte
     } else {
       for (int32_t l = 0; l < L; ++l) stage->layers[l].save_offset = -1;
       total = PlaceBuffers(stage);
+    }
+  }
+  // A final MEAN's int32 sums come first, alive for the whole op (docs
+  // "Scratch buffers", step 5): every other buffer moves up by their size.
+  const uint32_t sums = MeanSumsBytes(*stage);
+  if (sums > 0 && total != UINT64_MAX) {
+    total = total + sums > static_cast<uint64_t>(INT32_MAX) ? UINT64_MAX : total + sums;
+    if (total != UINT64_MAX) {
+      for (int32_t t = 1; t < L; ++t) {
+        if (tensors[t].arena_offset >= 0) tensors[t].arena_offset += static_cast<int32_t>(sums);
+      }
+      for (int32_t l = 0; l < L; ++l) {
+        if (stage->layers[l].save_offset >= 0) {
+          stage->layers[l].save_offset += static_cast<int32_t>(sums);
+        }
+      }
     }
   }
   if (total == UINT64_MAX) {

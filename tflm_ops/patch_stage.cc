@@ -5,7 +5,8 @@ portable core (patch_stage_core.h), which does all parsing, validation,
 planning and arithmetic.
 
   Init     keeps a pointer to the custom options (they live in the model).
-  Prepare  parses and validates them, checks the op's tensors, builds the
+  Prepare  parses and validates them (options versions 1..3; version 3 adds
+           the MEAN layer), checks the op's tensors, builds the
            stage in persistent memory, requests the patch arena (scratch
            buffer #0 of docs/patch_stage_op.md) and, when the core is built
            with -DCMSIS_NN, the CMSIS-NN context (scratch buffer #1).
@@ -123,7 +124,9 @@ KpStatus GetConst(void* context, int32_t index, KpConstTensor* out) {
   return kKpOk;
 }
 
-// Checks op input 0 / output 0 against stage tensor 0 / L.
+// Checks op input 0 / output 0 against stage tensor 0 / L (a stage ending
+// with a MEAN may also have the output [1, C], TFLite's MEAN without keep_dims;
+// the core decides from the dims passed here).
 KpStatus CheckIo(const KpStage& stage, bool is_output, const TfLiteTensor* tensor,
                  const KpReporter& reporter) {
   int32_t dims[4] = {0, 0, 0, 0};

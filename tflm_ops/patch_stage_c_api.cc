@@ -7,6 +7,7 @@
 #include <stdio.h>
 
 #include "int8_arith.h"
+#include "patch_geometry.h"
 #include "patch_stage_cmsis.h"
 #include "patch_stage_core.h"
 
@@ -158,6 +159,12 @@ int kp_stage_save_plan(const void* buffer, int32_t* offsets, int32_t* sizes, int
     offsets[l] = stage->layers[l].save_offset;
     sizes[l] = stage->layers[l].save_bytes;
   }
+  return 0;
+}
+
+int kp_stage_accumulator_bytes(const void* buffer, uint32_t* bytes) {
+  if (buffer == NULL || bytes == NULL) return 1;
+  *bytes = keras_patch::MeanSumsBytes(*static_cast<const KpStage*>(buffer));
   return 0;
 }
 

@@ -32,6 +32,7 @@ int kp_stage_persistent_bytes(const uint8_t* options, size_t options_size,
 
 /* Parses, validates and prepares the stage in `buffer` (8-byte aligned,
    kp_stage_persistent_bytes long); sets *arena_bytes to the patch arena P.
+   With a final MEAN layer, kp_stage_eval needs the arena 4-byte aligned.
    inputs[i] describes op input i (inputs[0] is not read). */
 int kp_stage_prepare(const uint8_t* options, size_t options_size,
                      const kp_const_tensor* inputs, int32_t num_op_inputs,
@@ -72,6 +73,10 @@ int kp_stage_arena_plan(const void* buffer, int32_t* offsets, int32_t* sizes,
 /* The in-place save buffers (docs/patch_stage_op.md "In place"): offsets[l]
    (-1: layer l does not run in place) and sizes[l] for l = 0 .. num_layers-1. */
 int kp_stage_save_plan(const void* buffer, int32_t* offsets, int32_t* sizes, int32_t num_layers);
+
+/* Bytes of a final MEAN's int32 sums at offset 0 of the patch arena
+   (docs/patch_stage_op.md "Scratch buffers", step 5); 0 without a MEAN. */
+int kp_stage_accumulator_bytes(const void* buffer, uint32_t* bytes);
 
 /* The option keys the core reads: field 0 name, 1 type, 2 length. */
 int kp_num_option_keys(void);

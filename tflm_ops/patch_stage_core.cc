@@ -34,6 +34,7 @@ const char* OpName(int64_t op) {
     case kKpOpRelu: return "RELU";
     case kKpOpRelu6: return "RELU6";
     case kKpOpPad: return "PAD";
+    case kKpOpMean: return "MEAN";
     default: return "unknown op";
   }
 }
@@ -196,12 +197,17 @@ KpStatus KpValidateOptions(const KpOptionsView& v, int32_t num_op_inputs,
     }
   }
   const int64_t gh = V(v, kKeyGrid, 0), gw = V(v, kKeyGrid, 1);
+  // The tiled tensor: the output, or a final MEAN's input (by the last
+  // layer's op code alone, before any layer is checked).
+  const bool ends_with_mean = V(v, kKeyLayerOp, L - 1) == kKpOpMean;
+  const int64_t tiled = ends_with_mean ? L - 1 : L;
   if (gh < 1 || gh > kKpMaxGrid || gw < 1 || gw > kKpMaxGrid) {
     KP_FAIL_KEY(kKeyGrid, "(%d, %d) must be two ints in 1..64.", I(gh), I(gw));
   }
-  if (gh > Shape(v, L, 0) || gw > Shape(v, L, 1)) {
-    KP_FAIL_KEY(kKeyGrid, "grid %dx%d is larger than the stage output %dx%d.", I(gh), I(gw),
-                I(Shape(v, L, 0)), I(Shape(v, L, 1)));
+  if (gh > Shape(v, tiled, 0) || gw > Shape(v, tiled, 1)) {
+    KP_FAIL_KEY(kKeyGrid, "grid %dx%d is larger than %s %dx%d.", I(gh), I(gw),
+                ends_with_mean ? "the MEAN's input" : "the stage output", I(Shape(v, tiled, 0)),
+                I(Shape(v, tiled, 1)));
   }
   for (int64_t t = 0; t <= L; ++t) {
     const float s = Scale(v, t);
@@ -219,12 +225,22 @@ KpStatus KpValidateOptions(const KpOptionsView& v, int32_t num_op_inputs,
     const int64_t op = V(v, kKeyLayerOp, l);
     if (op != kKpOpAdd && op != kKpOpAveragePool2D && op != kKpOpConv2D &&
         op != kKpOpDepthwiseConv2D && op != kKpOpMaxPool2D && op != kKpOpRelu &&
-        op != kKpOpRelu6 && op != kKpOpPad) {
+        op != kKpOpRelu6 && op != kKpOpPad && op != kKpOpMean) {
       KP_FAIL_KEY(kKeyLayerOp,
-                  "layer %d has op code %d; supported: [0, 1, 3, 4, 17, 19, 21, 34].", I(l),
+                  "layer %d has op code %d; supported: [0, 1, 3, 4, 17, 19, 21, 34, 40].", I(l),
                   I(op));
     }
     const char* name = OpName(op);
+    if (op == kKpOpMean) {
+      if (v.version < kKpMeanSinceVersion) {
+        KP_FAIL_KEY(kKeyLayerOp, "layer %d (%s) needs options version %d; the file is version %d.",
+                    I(l), name, static_cast<int>(kKpMeanSinceVersion), static_cast<int>(v.version));
+      }
+      if (l != L - 1) {
+        KP_FAIL_KEY(kKeyLayerOp, "layer %d (%s): a MEAN must be the last layer of a stage.", I(l),
+                    name);
+      }
+    }
     const int64_t a = V(v, kKeyLayerInputs, 2 * l), b = V(v, kKeyLayerInputs, 2 * l + 1);
     if (a < 0 || a > l) {
       KP_FAIL_KEY(kKeyLayerInputs, "layer %d (%s) reads tensor %d; it may read tensors 0..%d.",
@@ -251,7 +267,10 @@ KpStatus KpValidateOptions(const KpOptionsView& v, int32_t num_op_inputs,
                   pt = Param(v, l, 6), pl = Param(v, l, 7);
     const int64_t ksd[6] = {kh, kw, sh, sw, dh, dw};
     bool params_ok = pt >= 0 && pl >= 0;
-    for (int i = 0; i < 6; ++i) params_ok = params_ok && ksd[i] >= 1 && ksd[i] <= 64;
+    for (int i = 0; i < 6; ++i) {
+      // A MEAN's kernel is its whole input (checked below), not bounded by 64.
+      params_ok = params_ok && ksd[i] >= 1 && (ksd[i] <= 64 || (op == kKpOpMean && i < 2));
+    }
     if (!params_ok) {
       KP_FAIL_KEY(kKeyLayerParams,
                   "layer %d (%s) has kernel (%d, %d), stride (%d, %d), dilation (%d, %d), pad "
@@ -314,6 +333,27 @@ KpStatus KpValidateOptions(const KpOptionsView& v, int32_t num_op_inputs,
       if ((op == kKpOpMaxPool2D || op == kKpOpAveragePool2D) && out_c != in_c) {
         KP_FAIL_KEY(kKeyTensorShape, "layer %d (%s): pooling keeps channels, got %d -> %d.",
                     I(l), name, I(in_c), I(out_c));
+      }
+    } else if (op == kKpOpMean) {
+      if (kh != in_h || kw != in_w || sh != 1 || sw != 1 || dh != 1 || dw != 1 || pt != 0 ||
+          pl != 0) {
+        KP_FAIL_KEY(kKeyLayerParams,
+                    "layer %d (%s): a MEAN averages its whole %dx%d input: parameters must be "
+                    "[%d, %d, 1, 1, 1, 1, 0, 0].",
+                    I(l), name, I(in_h), I(in_w), I(in_h), I(in_w));
+      }
+      if (act != 0) {
+        KP_FAIL_KEY(kKeyLayerActivation, "layer %d (%s): MEAN carries no fused activation.", I(l),
+                    name);
+      }
+      if (out_h != 1 || out_w != 1 || out_c != in_c) {
+        KP_FAIL_KEY(kKeyTensorShape, "layer %d (%s): the mean of %dx%dx%d is 1x1x%d, got %dx%dx%d.",
+                    I(l), name, I(in_h), I(in_w), I(in_c), I(in_c), I(out_h), I(out_w), I(out_c));
+      }
+      if (in_h * in_w > kKpMaxMeanPixels) {
+        KP_FAIL_KEY(kKeyTensorShape,
+                    "layer %d (%s) averages %dx%d pixels; at most 2^22 are supported.", I(l), name,
+                    I(in_h), I(in_w));
       }
     } else if (op == kKpOpPad) {
       if (kh != 1 || kw != 1 || sh != 1 || sw != 1 || dh != 1 || dw != 1) {
@@ -429,6 +469,34 @@ KpStatus Multiplier(double real, int64_t layer, const char* name, const KpReport
                 name, s);
   }
   *shift = s;
+  return kKpOk;
+}
+
+// TFLM's int8 MEAN over the n = H * W pixels of `in` (QuantizedMeanOrSum,
+// compute_sum = false): M, shift = QuantizeMultiplier(s_in / s_out);
+// k = min(floor(log2(n)), 32, 31 + shift); M' = (M << k) / n, shift' =
+// shift - k.  Like every requantization, shift' > 30 is rejected (TFLite's
+// left shift would overflow); shift' >= -31 by construction.
+KpStatus MeanMultiplier(const KpTensor& in, const KpTensor& out, int64_t layer, const char* name,
+                        const KpReporter& reporter, int32_t* multiplier, int32_t* shift) {
+  int32_t m = 0;
+  int s = 0;
+  arith::QuantizeMultiplier(static_cast<double>(in.scale) / static_cast<double>(out.scale), &m,
+                            &s);
+  const int64_t n = static_cast<int64_t>(in.h) * in.w;
+  int k = 0;
+  while ((static_cast<int64_t>(2) << k) <= n) ++k;  // floor(log2(n))
+  if (k > 32) k = 32;
+  if (k > 31 + s) k = 31 + s;
+  const int32_t folded = static_cast<int32_t>((static_cast<int64_t>(m) << k) / n);
+  const int folded_shift = s - k;
+  if (folded_shift > 30) {
+    KP_FAIL_KEY(kKeyTensorScale,
+                "layer %d (%s): requantization multiplier too large (shift %d > 30).", I(layer),
+                name, folded_shift);
+  }
+  *multiplier = folded;
+  *shift = folded_shift;
   return kKpOk;
 }
 
@@ -627,6 +695,11 @@ KpStatus KpPrepareStage(const KpOptionsView& v, int32_t num_op_inputs, KpGetCons
       }
       KpActivationRange(layer.op == kKpOpRelu ? kKpActRelu : kKpActRelu6, out.scale,
                         out.zero_point, &layer.act_min, &layer.act_max);
+    } else if (layer.op == kKpOpMean) {
+      if (MeanMultiplier(in, out, l, name, reporter, &layer.multiplier[0], &layer.shift[0]) !=
+          kKpOk) {
+        return kKpError;
+      }
     } else if (in.scale != out.scale || in.zero_point != out.zero_point) {
       // MAX_POOL_2D, AVERAGE_POOL_2D, PAD
       KP_FAIL_KEY(kKeyTensorScale, "layer %d (%s) must keep its input's scale and zero point.",
@@ -645,11 +718,16 @@ KpStatus KpCheckStageIo(const KpStage& stage, bool is_output, int32_t type, int3
   const int32_t t = is_output ? stage.num_layers : 0;
   const KpTensor& tensor = stage.tensors[t];
   const char* what = is_output ? "output" : "input";
-  if (type != kKpTypeInt8 || num_dims != 4 || dims == NULL || dims[0] != 1 ||
-      dims[1] != tensor.h || dims[2] != tensor.w || dims[3] != tensor.c) {
-    KP_FAIL_KEY(kKeyTensorShape, "the op %s must be int8 of shape [1, %d, %d, %d] (stage tensor %d).",
+  // A final MEAN's output may also be [1, C] (TFLite's MEAN without keep_dims).
+  const bool flat = is_output && EndsWithMean(stage) && num_dims == 2 && dims != NULL &&
+                    dims[0] == 1 && dims[1] == tensor.c;
+  if (type != kKpTypeInt8 ||
+      (!flat && (num_dims != 4 || dims == NULL || dims[0] != 1 || dims[1] != tensor.h ||
+                 dims[2] != tensor.w || dims[3] != tensor.c))) {
+    KP_FAIL_KEY(kKeyTensorShape, "the op %s must be int8 of shape [1, %d, %d, %d]%s (stage tensor %d).",
                 what, static_cast<int>(tensor.h), static_cast<int>(tensor.w),
-                static_cast<int>(tensor.c), static_cast<int>(t));
+                static_cast<int>(tensor.c), is_output && EndsWithMean(stage) ? " or [1, C]" : "",
+                static_cast<int>(t));
   }
   if (scale != tensor.scale) {
     KP_FAIL_KEY(kKeyTensorScale, "the op %s's scale differs from stage tensor %d's.", what,

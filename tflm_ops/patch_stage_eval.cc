@@ -228,6 +228,29 @@ void Relu(const KpLayer& layer, const ConstPlane& in, const KpRegion& r, const P
   }
 }
 
+// A final MEAN (docs "Global average pool"): adds the tile's pixels of its
+// input (raw int8 values) to the per-channel int32 sums.
+void MeanAccumulate(const ConstPlane& in, const KpRegion& tile, int32_t* sums) {
+  for (int32_t y = tile.y0; y < tile.y1; ++y) {
+    for (int32_t x = tile.x0; x < tile.x1; ++x) {
+      const int8_t* src = in.At(y, x);
+      for (int32_t ch = 0; ch < in.c; ++ch) sums[ch] += src[ch];
+    }
+  }
+}
+
+// After the last tile: TFLM's int8 MEAN requantization of the sums
+// (QuantizedMeanOrSum; layer.multiplier[0] / shift[0] have 1 / n folded in).
+void MeanOutput(const KpLayer& layer, const int32_t* sums, int32_t n, int32_t channels,
+                int32_t in_zp, int32_t out_zp, int8_t* output) {
+  for (int32_t ch = 0; ch < channels; ++ch) {
+    const int32_t v = arith::MultiplyByQuantizedMultiplier(sums[ch] - in_zp * n,
+                                                           layer.multiplier[0], layer.shift[0]) +
+                      out_zp;
+    output[ch] = static_cast<int8_t>(Clamp(v, -128, 127));
+  }
+}
+
 // Where stage tensor t's pixels of this patch are.
 Plane TensorPlane(const KpStage& s, int32_t t, int8_t* input_or_output, uint8_t* arena) {
   const KpTensor& tensor = s.tensors[t];
@@ -287,6 +310,15 @@ KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
       return kKpError;
     }
   }
+  const bool mean = EndsWithMean(s);
+  const int32_t tiled = TiledTensor(s);  // layers 0 .. tiled-1 run per tile
+  if (mean && (reinterpret_cast<uintptr_t>(arena) & 3u) != 0) {
+    reporter.report(reporter.context,
+                    "KP_PATCH_STAGE Eval: the patch arena must be 4-byte aligned (MEAN sums).");
+    return kKpError;
+  }
+  int32_t* sums = mean ? reinterpret_cast<int32_t*>(arena) : NULL;
+  if (mean) memset(sums, 0, static_cast<size_t>(s.tensors[s.num_layers].c) * sizeof(int32_t));
   for (int32_t l = 0; l < s.num_layers; ++l) {
     const KpLayer& layer = s.layers[l];
     if ((layer.op == kKpOpConv2D || layer.op == kKpOpDepthwiseConv2D) &&
@@ -299,8 +331,9 @@ KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
   }
   const int32_t num_tiles = s.grid_h * s.grid_w;
   for (int32_t tile = 0; tile < num_tiles; ++tile) {
-    PatchRegions(s, StageTile(s, tile), s.regions);
-    for (int32_t l = 0; l < s.num_layers; ++l) {
+    const KpRegion tile_region = StageTile(s, tile);
+    PatchRegions(s, tile_region, s.regions);
+    for (int32_t l = 0; l < tiled; ++l) {
       const KpRegion& r = s.regions[l + 1];
       if (RegionEmpty(r)) continue;
       const KpLayer& layer = s.layers[l];
@@ -355,6 +388,15 @@ KpStatus KpEvalStage(KpStage* stage, const int8_t* input, int8_t* output,
           break;
       }
     }
+    if (mean) {  // the tile of tensor `tiled` (tensor 0 itself in a one-layer stage)
+      int8_t* io = const_cast<int8_t*>(input);  // tensor 0 is only read
+      MeanAccumulate(AsConst(TensorPlane(s, tiled, io, arena)), tile_region, sums);
+    }
+  }
+  if (mean) {
+    const KpTensor& in_t = s.tensors[tiled];
+    MeanOutput(s.layers[s.num_layers - 1], sums, in_t.h * in_t.w, s.tensors[s.num_layers].c,
+               in_t.zero_point, s.tensors[s.num_layers].zero_point, output);
   }
   return kKpOk;
 }

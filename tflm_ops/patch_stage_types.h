@@ -21,8 +21,13 @@ struct KpReporter {
   void* context;
 };
 
-// Newest options version read; version 1 files (no 'in_place') are read too.
-static const int32_t kKpOptionsVersion = 2;
+// Newest options version read; versions 1 (no 'in_place') and 2 (no MEAN
+// layer) are read too.
+static const int32_t kKpOptionsVersion = 3;
+// The first version with a MEAN layer (docs "Global average pool").
+static const int32_t kKpMeanSinceVersion = 3;
+// Most pixels (H * W) a MEAN layer averages: its int32 sums cannot overflow.
+static const int32_t kKpMaxMeanPixels = 1 << 22;
 static const int32_t kKpMinOptionsVersion = 1;
 static const int32_t kKpMaxLayers = 256;
 static const int32_t kKpMaxGrid = 64;
@@ -39,6 +44,7 @@ enum KpLayerOp {
   kKpOpRelu = 19,
   kKpOpRelu6 = 21,
   kKpOpPad = 34,
+  kKpOpMean = 40,  // options version 3, only as the last layer
 };
 
 // Fused activations: TFLite ActivationFunctionType values.
@@ -115,7 +121,8 @@ struct KpLayer {
   int32_t activation;
   int32_t filter_input, bias_input;  // op input indices, -1 for none
   int32_t act_min, act_max;
-  // RELU/RELU6: [0]; ADD: input 1, input 2, output.
+  // RELU/RELU6: [0]; ADD: input 1, input 2, output; MEAN: [0] with the
+  // 1 / (H * W) folded in (TFLM's QuantizedMeanOrSum: M', shift').
   int32_t multiplier[3];
   int32_t shift[3];
   int32_t channel_offset;  // CONV/DEPTHWISE: first entry in the per-channel arrays
@@ -125,7 +132,10 @@ struct KpLayer {
   int32_t save_bytes;
 };
 
-// A prepared stage: lives in one caller-provided persistent buffer.
+// A prepared stage: lives in one caller-provided persistent buffer.  When
+// the last layer is a MEAN (layers[num_layers - 1].op == kKpOpMean), grid
+// tiles tensor num_layers - 1 and the patch arena starts with the MEAN's
+// int32 sums (align4(4 * C_L) bytes at offset 0; docs "Scratch buffers").
 struct KpStage {
   int32_t num_layers;
   int32_t grid_h, grid_w;

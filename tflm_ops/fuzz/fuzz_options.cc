@@ -8,7 +8,8 @@ data seed.  For every input the core must either report exactly one error
 or prepare the stage; nothing may read or write out of bounds (ASan) or hit
 undefined behaviour (UBSan).  Small prepared stages are also run: the
 patch-by-patch output must equal the same stage run as one tile (grid 1x1,
-i.e. layer by layer), and a second Eval must give the same bits.  A stage
+i.e. layer by layer; for a stage ending with a MEAN, the MEAN of the whole
+input tensor), and a second Eval must give the same bits.  A stage
 with `in_place` set must give the bits of the same stage without it; a
 one-layer in-place stage also runs with input and output at one address.
 
@@ -150,10 +151,12 @@ void SetGridOne(KpOptionsView* v) {
 }
 
 // Outcome counts, printed at exit (how deep the inputs get).
-long g_parsed = 0, g_validated = 0, g_prepared = 0, g_evaluated = 0, g_in_place = 0;
+long g_parsed = 0, g_validated = 0, g_prepared = 0, g_evaluated = 0, g_in_place = 0, g_mean = 0;
 void PrintStats() {
-  fprintf(stderr, "kp_fuzz: parsed %ld, validated %ld, prepared %ld, evaluated %ld (in place %ld)\n",
-          g_parsed, g_validated, g_prepared, g_evaluated, g_in_place);
+  fprintf(stderr,
+          "kp_fuzz: parsed %ld, validated %ld, prepared %ld, evaluated %ld (in place %ld, ending "
+          "with MEAN %ld)\n",
+          g_parsed, g_validated, g_prepared, g_evaluated, g_in_place, g_mean);
 }
 
 }  // namespace
@@ -204,6 +207,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   ++g_prepared;
   if (count.messages != 0 || !SmallEnough(*stage)) return 0;
   ++g_evaluated;
+  if (stage->layers[stage->num_layers - 1].op == kKpOpMean) ++g_mean;
   const void* const* data_ptr = weights.data.empty() ? NULL : &weights.data[0];
   const KpTensor& in = stage->tensors[0];
   const KpTensor& out = stage->tensors[stage->num_layers];

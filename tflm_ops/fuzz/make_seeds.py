@@ -1,4 +1,5 @@
-"""Writes fuzz seeds (tflm_ops/fuzz/seeds/): options of random valid stages.
+"""Writes fuzz seeds (tflm_ops/fuzz/seeds/): options of random valid stages
+(plus stages with `in_place` set and stages ending with a MEAN layer).
 
     PYTHONPATH=. python3 tflm_ops/fuzz/make_seeds.py
 
@@ -36,6 +37,7 @@ def main(count: int = 40) -> None:
             f.write(data)
     print(f"wrote {len(written)} seeds to {OUT}")
     in_place_seeds(count // 4)
+    mean_seeds(count // 4)
 
 
 def in_place_seeds(count: int) -> None:
@@ -59,6 +61,37 @@ def in_place_seeds(count: int) -> None:
         with open(os.path.join(OUT, f"in_place_{i:02d}"), "wb") as f:
             f.write(data)
     print(f"wrote {len(written)} in-place seeds to {OUT}")
+
+
+def mean_seeds(count: int) -> None:
+    """Seeds ending with a MEAN layer (options version 3): a random valid stage, then the
+    global average pool of its output (the grid then tiles the MEAN's input)."""
+    import dataclasses
+
+    from hypothesis import strategies as st
+
+    written = []
+
+    @settings(max_examples=count, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(stage=stages(max_layers=4, max_size=10, max_channels=4), scale=st.sampled_from([0.01, 0.3, 2.0]),
+           zp=st.integers(-128, 127))
+    def collect(stage, scale, zp):
+        opts = stage[0]
+        h, w, c = opts.output_shape
+        mean = o.LayerOptions(op=40, inputs=(opts.num_layers, -1), kernel=(h, w))
+        opts = dataclasses.replace(
+            opts, version=3, layers=list(opts.layers) + [mean], tensor_shapes=list(opts.tensor_shapes) + [(1, 1, c)],
+            tensor_scales=list(opts.tensor_scales) + [scale], tensor_zero_points=list(opts.tensor_zero_points) + [zp])
+        data = o.encode_options(opts) + bytes(8)
+        if data not in written:
+            written.append(data)
+
+    collect()
+    for i, data in enumerate(written):
+        with open(os.path.join(OUT, f"mean_{i:02d}"), "wb") as f:
+            f.write(data)
+    print(f"wrote {len(written)} MEAN seeds to {OUT}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Unit tests of the portable KP_PATCH_STAGE core.  Plain C++ runner; the last
 line is "N passed, M failed" and the exit status is nonzero on failure.
   make -C tflm_ops test        make -C tflm_ops sanitize
 ==============================================================================*/
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -267,7 +268,7 @@ struct Case {
 void TestInconsistentOptionsNameTheKey() {
   std::vector<Case> cases;
   Options o;
-  o = Options(); o.version = 3; cases.push_back({"version", o});
+  o = Options(); o.version = 4; cases.push_back({"version", o});
   o = Options(); o.version = 0; cases.push_back({"version", o});
   o = Options(); o.num_layers = 0; cases.push_back({"num_layers", o});
   o = Options(); o.num_layers = 257; cases.push_back({"num_layers", o});
@@ -608,6 +609,7 @@ KpStatus InPlaceGetConst(void* context, int32_t index, KpConstTensor* out) {
 // layers: op codes (3 = 1x1 conv c -> channels[l+1], 4 = depthwise kxk stride s pad p).
 std::string PrepareInPlace(const Options& o, InPlaceStage* s) {
   for (int64_t l = 0; l < o.num_layers; ++l) {
+    if (o.op[l] != kKpOpConv2D && o.op[l] != kKpOpDepthwiseConv2D) continue;  // no weights
     const int32_t c_in = static_cast<int32_t>(o.shape[3 * o.inputs[2 * l] + 2]);
     const int32_t c_out = static_cast<int32_t>(o.shape[3 * (l + 1) + 2]);
     const bool conv = o.op[l] == kKpOpConv2D;
@@ -733,8 +735,13 @@ void TestOneLayerInPlaceRules() {
   v1.version = 1;  // no 'in_place' key in version 1: not in place
   CHECK(Validate(v1.Builder().Finish(), 3).empty());
   Options v3 = OneLayerDepthwise(8, 8, 3, 3, 1, 1, 1, 1);
-  v3.version = 3;
-  CHECK(Names(Validate(v3.Builder().Finish(), 3), "version"));
+  v3.version = 3;  // version 3 reads 'in_place' as version 2 does
+  CHECK(Validate(v3.Builder().Finish(), 3).empty());
+  v3.in_place = 2;
+  CHECK(Names(Validate(v3.Builder().Finish(), 3), "in_place"));
+  Options v4 = OneLayerDepthwise(8, 8, 3, 3, 1, 1, 1, 1);
+  v4.version = 4;
+  CHECK(Names(Validate(v4.Builder().Finish(), 3), "version"));
 }
 
 // conv 1x1 (c -> e), depthwise 3x3 (e), conv 1x1 (e -> c2): the depthwise
@@ -783,6 +790,419 @@ void TestMultiLayerInPlaceLowersArenaSameBits() {
   }
 }
 
+
+// ------------------------------------------------------------ MEAN
+
+// conv 3x3 pad 1 (h x w x c -> h x w x e), then MEAN (-> 1 x 1 x e); options
+// version 3, grid over the conv's output.
+Options ConvMean(int64_t h, int64_t w, int64_t c, int64_t e, int64_t gh, int64_t gw) {
+  Options o;
+  o.version = 3;
+  o.num_layers = 2;
+  o.grid = {gh, gw};
+  o.shape = {h, w, c, h, w, e, 1, 1, e};
+  o.scale = {0.05f, 0.04f, 0.013f};
+  o.zp = {1, -7, 4};
+  o.op = {kKpOpConv2D, kKpOpMean};
+  o.inputs = {0, -1, 1, -1};
+  o.params = {3, 3, 1, 1, 1, 1, 1, 1, h, w, 1, 1, 1, 1, 0, 0};
+  o.act = {0, 0};
+  o.weights = {1, 2, -1, -1};
+  return o;
+}
+
+// One-layer MEAN over h x w x c (reads the op input directly).
+Options OneLayerMean(int64_t h, int64_t w, int64_t c, float s_in, float s_out, int64_t zp_in,
+                     int64_t zp_out, int64_t gh, int64_t gw) {
+  Options o;
+  o.version = 3;
+  o.num_layers = 1;
+  o.grid = {gh, gw};
+  o.shape = {h, w, c, 1, 1, c};
+  o.scale = {s_in, s_out};
+  o.zp = {zp_in, zp_out};
+  o.op = {kKpOpMean};
+  o.inputs = {0, -1};
+  o.params = {h, w, 1, 1, 1, 1, 0, 0};
+  o.act = {0};
+  o.weights = {-1, -1};
+  return o;
+}
+
+// TFLM's int8 MEAN of a whole h x w x c tensor, written out independently of
+// the core (int64 arithmetic, gemmlowp's rounding spelled out): the test's
+// reference.
+int64_t RefRoundingHighMul(int64_t a, int64_t b) {
+  if (a == INT32_MIN && b == INT32_MIN) return INT32_MAX;
+  const int64_t ab = a * b;
+  const int64_t v = ab + (ab >= 0 ? (int64_t(1) << 30) : 1 - (int64_t(1) << 30));
+  return v >= 0 ? v / (int64_t(1) << 31) : -((-v) / (int64_t(1) << 31));
+}
+int64_t RefRoundingShift(int64_t x, int e) {
+  const int64_t floor_div = x >= 0 ? x >> e : -((-x + (int64_t(1) << e) - 1) >> e);
+  const int64_t remainder = x - floor_div * (int64_t(1) << e);
+  const int64_t threshold = ((int64_t(1) << e) - 1) / 2 + (x < 0 ? 1 : 0);
+  return floor_div + (remainder > threshold ? 1 : 0);
+}
+std::vector<int8_t> RefMean(const std::vector<int8_t>& x, int32_t h, int32_t w, int32_t c,
+                            float s_in, float s_out, int32_t zp_in, int32_t zp_out) {
+  // QuantizeMultiplier by frexp, as the spec writes it.
+  int e = 0;
+  const double q = frexp(static_cast<double>(s_in) / static_cast<double>(s_out), &e);
+  int64_t m = static_cast<int64_t>(q * 2147483648.0 + 0.5);  // q > 0: half away from zero
+  if (m == (int64_t(1) << 31)) {
+    m /= 2;
+    ++e;
+  }
+  if (e < -31) e = 0, m = 0;
+  const int64_t n = static_cast<int64_t>(h) * w;
+  int k = 0;
+  while ((int64_t(1) << (k + 1)) <= n) ++k;
+  k = k < 32 ? k : 32;
+  k = k < 31 + e ? k : 31 + e;
+  const int64_t m2 = (m << k) / n;
+  const int shift = e - k;
+  std::vector<int8_t> y(c);
+  for (int32_t ch = 0; ch < c; ++ch) {
+    int64_t sum = 0;
+    for (int64_t p = 0; p < n; ++p) sum += x[p * c + ch];
+    const int64_t acc = (sum - zp_in * n) * (int64_t(1) << (shift > 0 ? shift : 0));
+    int64_t v = RefRoundingShift(RefRoundingHighMul(acc, m2), shift > 0 ? 0 : -shift) + zp_out;
+    y[ch] = static_cast<int8_t>(v < -128 ? -128 : (v > 127 ? 127 : v));
+  }
+  return y;
+}
+
+// Prepare for a stage without weights (MEAN alone).
+std::string PrepareNoWeights(const Options& o, std::vector<uint64_t>* buffer, KpStage** stage) {
+  const std::vector<uint8_t> bytes = o.Builder().Finish();
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  KpOptionsView view;
+  *stage = NULL;
+  if (KpParseOptions(&bytes[0], bytes.size(), r, &view) != kKpOk) return m.all;
+  buffer->assign(KpPersistentBytes(view) / 8 + 1, 0);
+  if (KpPrepareStage(view, 1, NULL, NULL, &(*buffer)[0], buffer->size() * 8, r, stage) != kKpOk) {
+    return m.all;
+  }
+  return "";
+}
+
+void TestMeanOptionsNameTheKey() {
+  CHECK(Validate(ConvMean(8, 8, 3, 4, 3, 2).Builder().Finish(), 3).empty());
+  // The grid tiles the MEAN's input (8x8), not its 1x1 output.
+  CHECK(Validate(ConvMean(8, 8, 3, 4, 8, 8).Builder().Finish(), 3).empty());
+  std::vector<Case> cases;
+  Options o;
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.version = 2; cases.push_back({"layer_op", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.version = 1; cases.push_back({"layer_op", o});
+  o = ConvMean(8, 8, 3, 4, 9, 1); cases.push_back({"grid", o});    // > the MEAN's input
+  o = ConvMean(8, 8, 3, 4, 1, 9); cases.push_back({"grid", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.params[8] = 7; cases.push_back({"layer_params", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.params[9] = 9; cases.push_back({"layer_params", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.params[10] = 2; cases.push_back({"layer_params", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.params[13] = 2; cases.push_back({"layer_params", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.params[14] = 1; cases.push_back({"layer_params", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.act[1] = 1; cases.push_back({"layer_activation", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.shape[8] = 5; cases.push_back({"tensor_shape", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.shape[6] = 2; cases.push_back({"tensor_shape", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.shape[7] = 2; cases.push_back({"tensor_shape", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.weights[2] = 3; cases.push_back({"layer_weights", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.inputs[3] = 0; cases.push_back({"layer_inputs", o});
+  // Order: version before position, parameters before activation before shape.
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.params[8] = 7; o.act[1] = 1; o.shape[8] = 5;
+  cases.push_back({"layer_params", o});
+  o = ConvMean(8, 8, 3, 4, 3, 2); o.act[1] = 1; o.shape[8] = 5;
+  cases.push_back({"layer_activation", o});
+  // A MEAN that is not the last layer: MEAN then RELU (grid over the 1x1 output).
+  o = OneLayerMean(4, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1);
+  o.num_layers = 2; o.shape = {4, 4, 2, 1, 1, 2, 1, 1, 2}; o.scale = {0.1f, 0.1f, 0.1f};
+  o.zp = {0, 0, 0}; o.op = {kKpOpMean, kKpOpRelu}; o.inputs = {0, -1, 1, -1};
+  o.params = {4, 4, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0}; o.act = {0, 0};
+  o.weights = {-1, -1, -1, -1};
+  cases.push_back({"layer_op", o});
+  o.version = 2; o.params[0] = 3;  // version is checked first, then the position
+  cases.push_back({"layer_op", o});
+  // The MEAN's kernel is its whole input, beyond other ops' 64, up to 2^22 pixels.
+  o = OneLayerMean(65, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1);
+  CHECK(Validate(o.Builder().Finish(), 1).empty());
+  o = OneLayerMean(2048, 2048, 1, 0.1f, 0.1f, 0, 0, 1, 1);
+  CHECK(Validate(o.Builder().Finish(), 1).empty());
+  o = OneLayerMean(4096, 1025, 1, 0.1f, 0.1f, 0, 0, 1, 1); cases.push_back({"tensor_shape", o});
+  o = OneLayerMean(4096, 1025, 1, 0.1f, 0.1f, 0, 0, 1, 1); o.act = {1};
+  cases.push_back({"layer_activation", o});  // activation before the 2^22 bound
+  o = OneLayerMean(65, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1); o.params[2] = 65;  // stride: 1..64 first
+  cases.push_back({"layer_params", o});
+  o = OneLayerMean(65, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1); o.params[0] = 0; cases.push_back({"layer_params", o});
+  // One-layer in-place needs a DEPTHWISE_CONV_2D.
+  o = OneLayerMean(4, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1); o.in_place = 1;
+  cases.push_back({"in_place", o});
+  o = OneLayerMean(4, 4, 2, 0.1f, 0.1f, 0, 0, 1, 1);
+  CHECK(Validate(o.Builder().Finish(), 1).empty());
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string message = Validate(cases[i].options.Builder().Finish(), 3);
+    CHECK(Names(message, cases[i].key));
+    if (message.find(cases[i].key) == std::string::npos) printf("  (MEAN case %d)\n", static_cast<int>(i));
+  }
+  // A layer_op message for a MEAN in version 2 says why.
+  o = ConvMean(8, 8, 3, 4, 3, 2);
+  o.version = 2;
+  CHECK(Validate(o.Builder().Finish(), 3).find("version 3") != std::string::npos);
+}
+
+void TestMeanShiftLimit() {
+  // s_in / s_out = 2^33: QuantizeMultiplier's shift 34; k = floor(log2(n))
+  // brings it to 34 - k, accepted from n = 16 on (shift 30).
+  const float s_in = 8589934592.0f, s_out = 1.0f;
+  std::vector<uint64_t> buffer;
+  KpStage* stage = NULL;
+  CHECK(Names(PrepareNoWeights(OneLayerMean(2, 2, 3, s_in, s_out, 0, 0, 1, 1), &buffer, &stage),
+              "tensor_scale"));
+  CHECK(Names(PrepareNoWeights(OneLayerMean(3, 5, 3, s_in, s_out, 0, 0, 1, 1), &buffer, &stage),
+              "tensor_scale"));
+  CHECK(PrepareNoWeights(OneLayerMean(4, 4, 3, s_in, s_out, 0, 0, 1, 1), &buffer, &stage).empty());
+  if (stage != NULL) {
+    CHECK_EQ(stage->layers[0].shift[0], 30);
+    CHECK_EQ(stage->layers[0].multiplier[0], 1 << 30);  // (2^30 << 4) / 16
+  }
+  // The spec's example: 0.5 / 0.5 over 25 pixels.
+  CHECK(PrepareNoWeights(OneLayerMean(5, 5, 2, 0.5f, 0.5f, 3, -2, 1, 1), &buffer, &stage).empty());
+  if (stage != NULL) {
+    CHECK_EQ(stage->layers[0].multiplier[0], 687194767);
+    CHECK_EQ(stage->layers[0].shift[0], -3);
+  }
+}
+
+void TestMeanHandChecked() {
+  // 5x5x2, s_in = s_out = 0.5, zp_in 3, zp_out -2: y = mean - 3 - 2 with
+  // TFLM's double rounding.  Channel 0: 24 x 10 and one 22 (sum 262):
+  // SRDHM(187, 687194767) = 60, RDBP(60, 3) = 8 (7.5 rounds up; the exact
+  // mean 7.48 would give 7), y = 6.  Channel 1: 25 x -40 (sum -1000):
+  // (-1075) / 25 = -43, y = -45.
+  for (int grid = 0; grid < 3; ++grid) {
+    const int64_t gh = grid == 0 ? 1 : (grid == 1 ? 3 : 5), gw = grid == 0 ? 1 : 2;
+    std::vector<uint64_t> buffer;
+    KpStage* stage = NULL;
+    CHECK(PrepareNoWeights(OneLayerMean(5, 5, 2, 0.5f, 0.5f, 3, -2, gh, gw), &buffer, &stage)
+              .empty());
+    if (stage == NULL) return;
+    CHECK_EQ(stage->arena_bytes, 8u);  // the sums alone: align4(4 * 2)
+    std::vector<int8_t> x(50);
+    for (int p = 0; p < 25; ++p) {
+      x[2 * p] = 10;
+      x[2 * p + 1] = -40;
+    }
+    x[2 * 17] = 22;
+    std::vector<uint8_t> arena(stage->arena_bytes, 0xAA);  // garbage: sums start at 0
+    int8_t y[2] = {0, 0};
+    Messages m = {"", 0};
+    const KpReporter r = {Capture, &m};
+    CHECK(KpEvalStage(stage, &x[0], y, NULL, &arena[0], r) == kKpOk);
+    CHECK_EQ(y[0], 6);
+    CHECK_EQ(y[1], -45);
+    const std::vector<int8_t> ref = RefMean(x, 5, 5, 2, 0.5f, 0.5f, 3, -2);
+    CHECK_EQ(ref[0], 6);
+    CHECK_EQ(ref[1], -45);
+    CHECK(KpEvalStage(stage, &x[0], y, NULL, &arena[0], r) == kKpOk);  // again: same bits
+    CHECK_EQ(y[0], 6);
+    CHECK_EQ(y[1], -45);
+    // A misaligned arena is an error, not a misaligned int32 access.
+    std::vector<uint8_t> big(stage->arena_bytes + 4);
+    CHECK(KpEvalStage(stage, &x[0], y, NULL, &big[1], r) == kKpError);
+    CHECK_EQ(m.count, 1);
+  }
+  // Saturation at both ends and a scale ratio that is not 1.
+  std::vector<uint64_t> buffer;
+  KpStage* stage = NULL;
+  CHECK(PrepareNoWeights(OneLayerMean(3, 7, 3, 0.2f, 0.01f, -5, 9, 2, 3), &buffer, &stage).empty());
+  if (stage == NULL) return;
+  std::vector<int8_t> x(63);
+  for (int p = 0; p < 21; ++p) {
+    x[3 * p] = 127;
+    x[3 * p + 1] = -128;
+    x[3 * p + 2] = static_cast<int8_t>(p - 10);
+  }
+  std::vector<uint8_t> arena(stage->arena_bytes, 0xAA);
+  int8_t y[3];
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  CHECK(KpEvalStage(stage, &x[0], y, NULL, &arena[0], r) == kKpOk);
+  const std::vector<int8_t> ref = RefMean(x, 3, 7, 3, 0.2f, 0.01f, -5, 9);
+  CHECK_EQ(y[0], 127);
+  CHECK_EQ(y[1], -128);
+  CHECK_EQ(y[2], ref[2]);
+  CHECK_EQ(ref[2], 9 + 5 * 20);  // mean -0 of the raw values, minus zp -5, times 20
+}
+
+void TestMeanLargestInput() {
+  // 2^22 pixels, zero point -128: the sums minus zp * n reach 255 * 2^22,
+  // within int32 (UBSan builds check), patch by patch in 64x64 tiles.
+  std::vector<uint64_t> buffer;
+  KpStage* stage = NULL;
+  CHECK(PrepareNoWeights(OneLayerMean(2048, 2048, 1, 0.02f, 0.03f, -128, 5, 64, 64), &buffer, &stage)
+            .empty());
+  if (stage == NULL) return;
+  std::vector<int8_t> x(2048 * 2048);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<int8_t>(i % 7 == 0 ? -128 : 127);
+  std::vector<uint8_t> arena(stage->arena_bytes);
+  int8_t y = 0;
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  CHECK(KpEvalStage(stage, &x[0], &y, NULL, &arena[0], r) == kKpOk);
+  const std::vector<int8_t> ref = RefMean(x, 2048, 2048, 1, 0.02f, 0.03f, -128, 5);
+  CHECK_EQ(y, ref[0]);
+  CHECK_EQ(y, 127);  // (6/7 * 255) * 2/3 + 5 saturates
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<int8_t>(-128 + (i % 61));
+  CHECK(KpEvalStage(stage, &x[0], &y, NULL, &arena[0], r) == kKpOk);
+  const std::vector<int8_t> ref2 = RefMean(x, 2048, 2048, 1, 0.02f, 0.03f, -128, 5);
+  CHECK_EQ(y, ref2[0]);
+  CHECK(y > 5 && y < 127);
+}
+
+void TestMeanGeometryAndArena() {
+  InPlaceStage s;
+  g_lcg = 31u;
+  CHECK(PrepareInPlace(ConvMean(8, 8, 3, 4, 3, 2), &s).empty());
+  if (s.stage == NULL) return;
+  const KpStage& st = *s.stage;
+  // Tiles of tensor 1 (8x8): rows [0,2) [2,5) [5,8), columns [0,4) [4,8).
+  const KpRegion tile = StageTile(st, 3);
+  CHECK_EQ(tile.y0, 2);
+  CHECK_EQ(tile.y1, 5);
+  CHECK_EQ(tile.x0, 4);
+  CHECK_EQ(tile.x1, 8);
+  KpRegion regions[3];
+  PatchRegions(st, tile, regions);
+  CHECK(RegionEmpty(regions[2]));  // the MEAN's output has no region
+  CHECK_EQ(regions[1].y0, 2);
+  CHECK_EQ(regions[1].x1, 8);
+  CHECK_EQ(regions[0].y0, 1);
+  CHECK_EQ(regions[0].y1, 6);
+  CHECK_EQ(regions[0].x0, 3);
+  CHECK_EQ(regions[0].x1, 8);
+  // Sums: align4(4 * 4) = 16 bytes at 0; tensor 1 (largest tile 3x4 x 4
+  // channels = 48 bytes) after them.
+  CHECK_EQ(st.tensors[1].arena_offset, 16);
+  CHECK_EQ(st.tensors[1].arena_size, 48);
+  CHECK_EQ(st.arena_bytes, 64u);
+  CHECK_EQ(MeanSumsBytes(st), 16u);
+  CHECK_EQ(TiledTensor(st), 1);
+  // 5 output channels: align4(20) = 20 bytes of sums.
+  InPlaceStage odd;
+  CHECK(PrepareInPlace(ConvMean(7, 5, 2, 5, 2, 2), &odd).empty());
+  if (odd.stage == NULL) return;
+  CHECK_EQ(odd.stage->tensors[1].arena_offset, 20);
+  CHECK_EQ(odd.stage->tensors[1].arena_size, 4 * 3 * 5);  // tile rows [3, 7) x columns [2, 5)
+  CHECK_EQ(odd.stage->arena_bytes, 20u + 60u);
+}
+
+// conv -> MEAN patch by patch equals the full conv tensor (the conv alone as
+// a stage, grid 1x1) averaged by the test's own MEAN, for several grids.
+void TestMeanMatchesFullTensor() {
+  const int64_t cases[][6] = {{8, 8, 3, 4, 3, 2}, {9, 6, 2, 7, 4, 5}, {5, 11, 3, 3, 1, 1},
+                              {12, 12, 4, 6, 12, 12}};
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); ++i) {
+    const int64_t* k = cases[i];
+    Options mean = ConvMean(k[0], k[1], k[2], k[3], k[4], k[5]);
+    Options conv = mean;  // the conv alone, its output the op's
+    conv.version = 1;
+    conv.num_layers = 1;
+    conv.grid = {1, 1};
+    conv.shape.resize(6);
+    conv.scale.resize(2);
+    conv.zp.resize(2);
+    conv.op.resize(1);
+    conv.inputs.resize(2);
+    conv.params.resize(8);
+    conv.act.resize(1);
+    conv.weights.resize(2);
+    InPlaceStage a, b;
+    g_lcg = 500u + static_cast<uint32_t>(i);
+    CHECK(PrepareInPlace(mean, &a).empty());
+    g_lcg = 500u + static_cast<uint32_t>(i);
+    CHECK(PrepareInPlace(conv, &b).empty());
+    if (a.stage == NULL || b.stage == NULL) return;
+    const size_t in_bytes = static_cast<size_t>(k[0] * k[1] * k[2]);
+    const size_t full_bytes = static_cast<size_t>(k[0] * k[1] * k[3]);
+    std::vector<int8_t> input(in_bytes), full(full_bytes), got(static_cast<size_t>(k[3]));
+    for (size_t j = 0; j < in_bytes; ++j) input[j] = static_cast<int8_t>(Rand(-128, 127));
+    CHECK(EvalInPlace(&b, &input[0], &full[0]) == kKpOk);
+    CHECK(EvalInPlace(&a, &input[0], &got[0]) == kKpOk);
+    const std::vector<int8_t> want =
+        RefMean(full, static_cast<int32_t>(k[0]), static_cast<int32_t>(k[1]),
+                static_cast<int32_t>(k[3]), mean.scale[1], mean.scale[2],
+                static_cast<int32_t>(mean.zp[1]), static_cast<int32_t>(mean.zp[2]));
+    CHECK(memcmp(&got[0], &want[0], got.size()) == 0);
+    // Not trivially constant: some channel differs from the output zero point.
+    bool varied = false;
+    for (size_t c = 0; c < got.size(); ++c) varied = varied || got[c] != mean.zp[2];
+    CHECK(varied);
+  }
+}
+
+// conv 1x1 -> depthwise 3x3 -> MEAN with in_place: the depthwise writes over
+// tensor 1 (tensor 2 is an intermediate now), after the sums; same bits.
+void TestMeanInPlaceSameBits() {
+  Options o = InvertedResidual(12, 12, 4, 24, 1, 3, 0);
+  o.version = 3;
+  o.op[2] = kKpOpMean;
+  o.shape[9] = 1, o.shape[10] = 1, o.shape[11] = 24;
+  o.params[16] = 12, o.params[17] = 12;
+  o.act[2] = 0;
+  o.weights[4] = -1, o.weights[5] = -1;
+  Options p = o;
+  p.in_place = 1;
+  InPlaceStage plain, in_place;
+  g_lcg = 77u;
+  CHECK(PrepareInPlace(o, &plain).empty());
+  g_lcg = 77u;
+  CHECK(PrepareInPlace(p, &in_place).empty());
+  if (plain.stage == NULL || in_place.stage == NULL) return;
+  const int32_t sums = 4 * 24;
+  CHECK(in_place.stage->arena_bytes < plain.stage->arena_bytes);
+  CHECK(in_place.stage->layers[1].save_offset >= sums);
+  CHECK_EQ(in_place.stage->tensors[2].arena_offset, in_place.stage->tensors[1].arena_offset);
+  CHECK(plain.stage->tensors[1].arena_offset >= sums);
+  CHECK(plain.stage->tensors[2].arena_offset >= sums);
+  std::vector<int8_t> input(12 * 12 * 4), want(24), got(24);
+  for (size_t j = 0; j < input.size(); ++j) input[j] = static_cast<int8_t>(Rand(-128, 127));
+  CHECK(EvalInPlace(&plain, &input[0], &want[0]) == kKpOk);
+  CHECK(EvalInPlace(&in_place, &input[0], &got[0]) == kKpOk);
+  CHECK(memcmp(&got[0], &want[0], 24) == 0);
+}
+
+void TestMeanCheckIo() {
+  std::vector<uint64_t> buffer;
+  KpStage* stage = NULL;
+  CHECK(PrepareNoWeights(OneLayerMean(5, 5, 2, 0.5f, 0.5f, 3, -2, 1, 1), &buffer, &stage).empty());
+  if (stage == NULL) return;
+  Messages m = {"", 0};
+  const KpReporter r = {Capture, &m};
+  const int32_t flat[4] = {1, 2, 0, 0}, nhwc[4] = {1, 1, 1, 2}, bad[4] = {2, 2, 0, 0};
+  CHECK(KpCheckStageIo(*stage, true, kKpTypeInt8, 2, flat, 0.5f, -2, r) == kKpOk);
+  CHECK(KpCheckStageIo(*stage, true, kKpTypeInt8, 4, nhwc, 0.5f, -2, r) == kKpOk);
+  CHECK_EQ(m.count, 0);
+  CHECK(KpCheckStageIo(*stage, true, kKpTypeInt8, 2, bad, 0.5f, -2, r) == kKpError);
+  CHECK(KpCheckStageIo(*stage, true, kKpTypeInt8, 1, flat + 1, 0.5f, -2, r) == kKpError);
+  CHECK(KpCheckStageIo(*stage, true, kKpTypeInt32, 2, flat, 0.5f, -2, r) == kKpError);
+  CHECK(KpCheckStageIo(*stage, false, kKpTypeInt8, 2, flat, 0.5f, 3, r) == kKpError);  // input
+  CHECK_EQ(m.count, 4);
+  CHECK(Names(m.all, "tensor_shape"));
+  // Without a MEAN a [1, C] output is refused.
+  std::vector<uint64_t> buffer2;
+  KpStage* relu = NULL;
+  Options o = OneLayerMean(1, 1, 2, 0.5f, 0.5f, 3, -2, 1, 1);
+  o.op = {kKpOpRelu};
+  o.params = {1, 1, 1, 1, 1, 1, 0, 0};
+  o.shape = {1, 1, 2, 1, 1, 2};
+  CHECK(PrepareNoWeights(o, &buffer2, &relu).empty());
+  if (relu == NULL) return;
+  m.count = 0;
+  CHECK(KpCheckStageIo(*relu, true, kKpTypeInt8, 2, flat, 0.5f, -2, r) == kKpError);
+  CHECK(KpCheckStageIo(*relu, true, kKpTypeInt8, 4, nhwc, 0.5f, -2, r) == kKpOk);
+  CHECK_EQ(m.count, 1);
+}
+
 int WriteSeeds(const char* dir) {
   std::vector<std::vector<uint8_t> > seeds;
   seeds.push_back(std::vector<uint8_t>(kGoldenOptions, kGoldenOptions + sizeof(kGoldenOptions)));
@@ -792,6 +1212,8 @@ int WriteSeeds(const char* dir) {
   relu.inputs[5] = -1;
   relu.inputs[4] = 2;
   seeds.push_back(relu.Builder().Finish());
+  seeds.push_back(ConvMean(8, 8, 3, 4, 3, 2).Builder().Finish());
+  seeds.push_back(OneLayerMean(5, 7, 3, 0.2f, 0.01f, -5, 9, 2, 3).Builder().Finish());
   for (size_t i = 0; i < seeds.size(); ++i) {
     char path[512];
     snprintf(path, sizeof(path), "%s/seed_%d", dir, static_cast<int>(i));
@@ -823,6 +1245,14 @@ int main(int argc, char** argv) {
   Run("OneLayerInPlaceAliasedEqualsSeparateBuffers", TestOneLayerInPlaceAliasedEqualsSeparateBuffers);
   Run("OneLayerInPlaceRules", TestOneLayerInPlaceRules);
   Run("MultiLayerInPlaceLowersArenaSameBits", TestMultiLayerInPlaceLowersArenaSameBits);
+  Run("MeanOptionsNameTheKey", TestMeanOptionsNameTheKey);
+  Run("MeanShiftLimit", TestMeanShiftLimit);
+  Run("MeanHandChecked", TestMeanHandChecked);
+  Run("MeanLargestInput", TestMeanLargestInput);
+  Run("MeanGeometryAndArena", TestMeanGeometryAndArena);
+  Run("MeanMatchesFullTensor", TestMeanMatchesFullTensor);
+  Run("MeanInPlaceSameBits", TestMeanInPlaceSameBits);
+  Run("MeanCheckIo", TestMeanCheckIo);
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

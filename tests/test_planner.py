@@ -151,6 +151,10 @@ def exhaustive(data: bytes, max_mac_overhead: float, grids, kernel="portable"):
     budget = int(np.floor(max_mac_overhead * macs)) - macs
     options = []
     for run in rules.patchable_runs(model):
+        try:  # a run whose constants fail the kernel's Prepare is no plan (patchify_stages refuses it)
+            plan_stage(model, list(range(run[0], run[1] + 1)), run[2], run[3], (1, 1))
+        except KerasPatchError:
+            continue
         h, w = model.tensor(rules.tiled_tensor(model, run[3])).shape[1:3]
         for grid in grids:
             if grid[0] <= h and grid[1] <= w:

@@ -342,7 +342,9 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
                        in_place=arena.in_place, offline_plan=arena.offline_plan)
     macs = sum(op_macs(model, op) for op in range(model.num_ops))
     budget = math.floor(max_mac_overhead * macs) - macs
-    found = [r for r in rules.patchable_runs(model) if r[1] > r[0]]  # one op alone never lowers the head
+    # One op alone never lowers the head, except a MEAN: as a stage it needs its int32 sums only,
+    # not the builtin's index buffers.
+    found = [r for r in rules.patchable_runs(model) if r[1] > r[0] or model.op_type(r[0]) == "MEAN"]
     if not found:
         raise PlanError(
             "No run of two or more ops in this model can become a patch stage: a stage is a "

@@ -19,79 +19,57 @@ from tests.test_cpp_executor import stages  # noqa: E402
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
 
 
-def main(count: int = 40) -> None:
-    os.makedirs(OUT, exist_ok=True)
+def write_seeds(prefix: str, strategy, count: int, what: str) -> None:
+    """Draws `count` examples of `strategy` (derandomized: the same seeds every run), each an
+    options object or a `(options, ...)` tuple, and writes the distinct ones as OUT/<prefix>_NN."""
     written = []
 
     @settings(max_examples=count, derandomize=True, database=None, deadline=None,
               suppress_health_check=list(HealthCheck))
-    @given(stage=stages(max_layers=6, max_size=10, max_channels=4))
-    def collect(stage):
-        data = o.encode_options(stage[0]) + bytes(8)
+    @given(drawn=strategy)
+    def collect(drawn):
+        options = drawn[0] if isinstance(drawn, tuple) else drawn
+        data = o.encode_options(options) + bytes(8)
         if data not in written:
             written.append(data)
 
     collect()
     for i, data in enumerate(written):
-        with open(os.path.join(OUT, f"stage_{i:02d}"), "wb") as f:
+        with open(os.path.join(OUT, f"{prefix}_{i:02d}"), "wb") as f:
             f.write(data)
-    print(f"wrote {len(written)} seeds to {OUT}")
-    in_place_seeds(count // 4)
-    mean_seeds(count // 4)
+    print(f"wrote {len(written)} {what} to {OUT}")
 
 
-def in_place_seeds(count: int) -> None:
-    """Seeds with `in_place` set (options version 2): one-layer depthwise and MobileNetV2 blocks."""
+def main(count: int = 40) -> None:
     from hypothesis import strategies as st
 
     from tests.test_in_place import inverted_residual_stage, one_layer_depthwise
 
-    written = []
-
-    @settings(max_examples=count, derandomize=True, database=None, deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(stage=st.one_of(one_layer_depthwise(max_size=9, max_channels=4), inverted_residual_stage()))
-    def collect(stage):
-        data = o.encode_options(stage[0]) + bytes(8)
-        if data not in written:
-            written.append(data)
-
-    collect()
-    for i, data in enumerate(written):
-        with open(os.path.join(OUT, f"in_place_{i:02d}"), "wb") as f:
-            f.write(data)
-    print(f"wrote {len(written)} in-place seeds to {OUT}")
+    os.makedirs(OUT, exist_ok=True)
+    write_seeds("stage", stages(max_layers=6, max_size=10, max_channels=4), count, "seeds")
+    # `in_place` set (options version 2): one-layer depthwise and MobileNetV2 blocks.
+    write_seeds("in_place", st.one_of(one_layer_depthwise(max_size=9, max_channels=4), inverted_residual_stage()),
+                count // 4, "in-place seeds")
+    write_seeds("mean", mean_stages(), count // 4, "MEAN seeds")
 
 
-def mean_seeds(count: int) -> None:
-    """Seeds ending with a MEAN layer (options version 3): a random valid stage, then the
+def mean_stages():
+    """Stages ending with a MEAN layer (options version 3): a random valid stage, then the
     global average pool of its output (the grid then tiles the MEAN's input)."""
     import dataclasses
 
     from hypothesis import strategies as st
 
-    written = []
-
-    @settings(max_examples=count, derandomize=True, database=None, deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(stage=stages(max_layers=4, max_size=10, max_channels=4), scale=st.sampled_from([0.01, 0.3, 2.0]),
-           zp=st.integers(-128, 127))
-    def collect(stage, scale, zp):
+    def with_mean(stage, scale, zp):
         opts = stage[0]
         h, w, c = opts.output_shape
-        mean = o.LayerOptions(op=40, inputs=(opts.num_layers, -1), kernel=(h, w))
-        opts = dataclasses.replace(
+        mean = o.LayerOptions(op=o.OP_MEAN, inputs=(opts.num_layers, -1), kernel=(h, w))
+        return dataclasses.replace(
             opts, version=3, layers=list(opts.layers) + [mean], tensor_shapes=list(opts.tensor_shapes) + [(1, 1, c)],
             tensor_scales=list(opts.tensor_scales) + [scale], tensor_zero_points=list(opts.tensor_zero_points) + [zp])
-        data = o.encode_options(opts) + bytes(8)
-        if data not in written:
-            written.append(data)
 
-    collect()
-    for i, data in enumerate(written):
-        with open(os.path.join(OUT, f"mean_{i:02d}"), "wb") as f:
-            f.write(data)
-    print(f"wrote {len(written)} MEAN seeds to {OUT}")
+    return st.builds(with_mean, stages(max_layers=4, max_size=10, max_channels=4),
+                     st.sampled_from([0.01, 0.3, 2.0]), st.integers(-128, 127))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ except ImportError:  # tests/ itself on sys.path (pytest's rootdir-less "prepend
 from keras_patch.errors import UnsupportedModelError  # noqa: E402
 from keras_patch.stage.options import CUSTOM_CODE, LAYER_OP_NAMES  # noqa: E402
 from keras_patch.graph.patchify import find_stages, patchify, patchify_stages, stage_options  # noqa: E402
-from keras_patch.graph.rules import patchable_runs  # noqa: E402
+from keras_patch.graph.rules import op_relu6_keeps_quantization, patchable_runs  # noqa: E402
 from keras_patch.graph.unpatchify import unpatchify  # noqa: E402
 from keras_patch.runtime.host import check_reference_kernel_limits, run_tflite  # noqa: E402
 from keras_patch.graph.tflite_model import TFLiteModel  # noqa: E402
@@ -81,6 +81,13 @@ def convert(model) -> bytes:
         note(f"rejected: {e}")
         reject()
     return data
+
+
+def reject_requantizing_relu6(m: TFLiteModel) -> None:
+    """Drops the example when a RELU6 requantizes: TFLM and LiteRT disagree on it, and stages
+    refuse it (`rules.op_relu6_keeps_quantization`; tests/test_patchify.py checks the refusal)."""
+    if any(op_relu6_keeps_quantization(m, i) for i in range(m.num_ops)):
+        reject()
 
 
 def op_output_name(m: TFLiteModel, op: int) -> str:
@@ -196,6 +203,7 @@ def test_patched_stage_is_bit_exact(spec, data):
     original = convert(model)
     m = TFLiteModel.from_bytes(original)
     note(describe(m))
+    reject_requantizing_relu6(m)
     split = stage_exit_op(m)
     exit_shape = m.tensor(m.op_outputs(split)[0]).shape
     assert tuple(exit_shape[1:]) == kps.stage_output_shape(spec)
@@ -217,6 +225,7 @@ def test_patched_prefix_is_bit_exact(spec, data):
     original = convert(model)
     m = TFLiteModel.from_bytes(original)
     note(describe(m))
+    reject_requantizing_relu6(m)
     stage = sorted(ancestors(m, stage_exit_op(m)))
     single_exit = [i for i in stage if is_single_exit(m, i)]
     # Every split that is not single-exit must be refused with a clear error.
@@ -246,6 +255,7 @@ def test_stage_ending_in_global_average_pool_is_bit_exact(spec, data):
     original = convert(model)
     m = TFLiteModel.from_bytes(original)
     note(describe(m))
+    reject_requantizing_relu6(m)
     (mean,) = [i for i in range(m.num_ops) if m.op_type(i) == "MEAN"]
     runs = [run for run in patchable_runs(m) if run[1] == mean]
     assert runs, "no patch stage can end at the MEAN"
@@ -270,6 +280,30 @@ def test_stage_ending_in_global_average_pool_is_bit_exact(spec, data):
     got = run_tflite(with_outputs(patched, [mean_name]), x)[-1]
     np.testing.assert_array_equal(got, want_tflm.reshape(got.shape), err_msg="the stage's MEAN vs TFLM's")
     assert_bit_exact(original, patched, x, mean_name)  # both executors, vs LiteRT
+
+
+def test_relu6_that_requantizes_differs_in_tflm():
+    """A standalone RELU6 whose output quantization differs from its input's (here after a PAD):
+    TFLM clamps in the input's quantization, LiteRT requantizes, so the references disagree and
+    patchify refuses to put it in a stage (naming the op); the planner leaves it out."""
+    spec = kps.StageSpec(input_shape=(5, 5, 1), blocks=(
+        kps.InvertedResidual(expand_channels=None, dw_kernel=(3, 3), bn=False, post_act=None),
+        kps.Pad(pads=((0, 1), (0, 0))), kps.Relu(act="relu6", act_mode="relu_layer")), seed=0)
+    original = convert(kps.build_model(spec))
+    m = TFLiteModel.from_bytes(original)
+    (relu6,) = [i for i in range(m.num_ops) if m.op_type(i) == "RELU6"]
+    assert op_relu6_keeps_quantization(m, relu6)
+    x = np.random.default_rng(0).integers(-128, 128, (2, 5, 5, 1), dtype=np.int8)
+    single = single_op_model(original, relu6)
+    relu6_input = run_tflite(with_outputs(original, [m.tensor(m.op_inputs(relu6)[0]).name]), x)[-1]
+    tflm = tflm_outputs(single, relu6_input, 1)[0]
+    assert not np.array_equal(tflm, run_tflite(single, relu6_input)[0])
+    with pytest.raises(UnsupportedModelError, match=f"op {relu6} \\(RELU6 .*TFLM's int8 RELU6 ignores"):
+        patchify(original, relu6, (1, 1))
+    import keras_patch
+
+    plan = keras_patch.plan(original, max_mac_overhead=1.5)
+    assert all(not s.first_op <= relu6 <= s.last_op for s in plan.stages)
 
 
 def single_op_model(model_bytes: bytes, op: int) -> bytes:
@@ -306,12 +340,15 @@ def test_tflm_matches_litert_on_unpatched_model(spec, data):
 
     Every such op's output is compared, not only the model output: the head's
     FULLY_CONNECTED is not a stage op, and there LiteRT's reference kernel and
-    TFLM's do differ by one now and then (seen on a 1x5 conv + MEAN + FC model).
+    TFLM's do differ by one now and then (seen on a 1x5 conv + MEAN + FC model),
+    nor is a RELU6 that requantizes (TFLM's clamps in the input quantization and
+    ignores the output's: `test_relu6_that_requantizes_differs_in_tflm`).
     """
     model = kps.build_model(spec)
     original = convert(model)
     m = TFLiteModel.from_bytes(original)
     note(describe(m))
+    reject_requantizing_relu6(m)
     stage_ops = [i for i in range(m.num_ops) if m.op_type(i) in LAYER_OP_NAMES.values()]
     assert stage_exit_op(m) in stage_ops
     names = [op_output_name(m, i) for i in stage_ops]
@@ -341,10 +378,12 @@ def test_export_patch_stage_is_bit_exact(spec, data):
     model = kps.build_model(spec, patch_grid=grid)
     samples = np.concatenate(representative_samples(model), axis=0)  # to_int8_tflite's calibration data
 
-    exported = export_tflite(model, samples)
     original = convert(model)  # same model, same calibration data, no patching
-    m, p = TFLiteModel.from_bytes(original), TFLiteModel.from_bytes(exported)
+    m = TFLiteModel.from_bytes(original)
     note(describe(m))
+    reject_requantizing_relu6(m)
+    exported = export_tflite(model, samples)
+    p = TFLiteModel.from_bytes(exported)
     note(describe(p))
     split = stage_exit_op(m)
     check_structure(original, exported, split)

@@ -457,7 +457,8 @@ def candidate_stages(m: TFLiteModel) -> list:
                     frontier.extend(producers[t] for t in m.op_inputs(op) if t in producers)
             ops = sorted(downstream & upstream)
             inside = {m.op_outputs(op)[0] for op in ops} | {entry}
-            if (all(m.op_type(op) in SUPPORTED_STAGE_OPS for op in ops)
+            if (all(m.op_type(op) in SUPPORTED_STAGE_OPS and not rules.op_relu6_keeps_quantization(m, op)
+                    for op in ops)
                     and all(t < 0 or t in inside or m.is_constant(t) for op in ops for t in m.op_inputs(op))
                     and all(c in ops for op in ops if op != last for c in consumers.get(m.op_outputs(op)[0], []))):
                 found.append((entry, tuple(ops)))

@@ -308,6 +308,9 @@ def _layer_options(model: TFLiteModel, op: int, position: int, tensor_ids: dict,
         if failure:
             raise UnsupportedModelError(failure)
         return o.LayerOptions(code, (a, -1), kernel=(in_h, in_w))
+    failure = rules.op_relu6_keeps_quantization(model, op)
+    if failure:
+        raise UnsupportedModelError(failure)
     return o.LayerOptions(code, (a, -1))  # RELU, RELU6
 
 

@@ -170,10 +170,31 @@ def op_mean_global(model: TFLiteModel, op: int) -> Optional[str]:
     return None
 
 
+def op_relu6_keeps_quantization(model: TFLiteModel, op: int) -> Optional[str]:
+    """A RELU6 has the same scale and zero point on its input and output.
+
+    The two int8 references disagree otherwise: TFLM's RELU6 kernel clamps to
+    [0, 6] in the input's quantization and copies the bytes (it ignores the
+    output's), LiteRT's reference kernel requantizes. A stage would match one
+    of them only, so such a RELU6 stays a builtin op.
+    """
+    if model.op_type(op) != "RELU6":
+        return None
+    a, b = model.tensor(model.op_inputs(op)[0]), model.tensor(model.op_outputs(op)[0])
+    same = (np.array_equal(np.float32(a.scale), np.float32(b.scale))
+            and np.array_equal(a.zero_point, b.zero_point))
+    if same:
+        return None
+    return (f"{op_label(model, op)} requantizes (input scale {float(a.scale[0]):.6g}, zero point "
+            f"{int(a.zero_point[0])}; output {float(b.scale[0]):.6g}, {int(b.zero_point[0])}): TFLM's int8 RELU6 "
+            f"ignores the output quantization while LiteRT's reference kernel requantizes, so no stage can "
+            f"match both. End the stage before it, or start it after.")
+
+
 #: The rules every op of a stage must pass, in the order they are checked.
 OP_RULES: List[OpRule] = [
     op_type_supported, op_single_output, op_constant_weights, op_add_same_shapes, op_pad_spatial,
-    op_mean_global,
+    op_mean_global, op_relu6_keeps_quantization,
 ]
 
 

@@ -541,11 +541,12 @@ def test_tflm_m4_patched_mobilenet_v2_several_stages(tmp_path):
         assert planned_head is None or arena["arena_head_bytes"] == planned_head, (stages, kernel, arena, planned_head)
 
 
-def _float_pad_mobilenet(size: int = 48) -> bytes:
+def _float_pad_mobilenet(size: int = 48, head_channels: int = 64) -> bytes:
     """A small MobileNetV2-like int8 model with a float input and output (QUANTIZE / DEQUANTIZE),
     PyTorch-style explicit ZeroPadding2D((1, 1)) before the stride-2 stem conv and before a
     stride-2 depthwise conv (not TF's SAME split, so the converter keeps both as PAD ops),
-    inverted residual blocks with residual ADDs, random BatchNorm statistics (live activations)."""
+    inverted residual blocks with residual ADDs, random BatchNorm statistics (live activations),
+    a 1x1 head conv of `head_channels` channels before the global average pool (MEAN)."""
     import contextlib
     import io
 
@@ -577,7 +578,7 @@ def _float_pad_mobilenet(size: int = 48) -> bytes:
     x = bn_relu(layers.Conv2D(8, 1, use_bias=False)(x), act=False)
     for expand, out, stride in ((48, 12, 2), (72, 12, 1), (72, 16, 2), (96, 16, 1)):
         x = block(x, expand, out, stride)
-    x = layers.GlobalAveragePooling2D()(bn_relu(layers.Conv2D(64, 1, use_bias=False)(x)))
+    x = layers.GlobalAveragePooling2D()(bn_relu(layers.Conv2D(head_channels, 1, use_bias=False)(x)))
     model = keras.Model(inputs, layers.Dense(10)(x))
     rng = np.random.default_rng(1)
     for layer in model.layers:
@@ -590,13 +591,14 @@ def _float_pad_mobilenet(size: int = 48) -> bytes:
         return bytes(convert_int8(model, calibration, int8_io=False))
 
 
-def _arena_passes_check(unpatched: bytes, kernel: str, run) -> None:
+def _arena_passes_check(unpatched: bytes, kernel: str, run) -> list:
     """The arena passes for `kernel` on `unpatched` (a float-input model with non-SAME PADs), two ways:
     keras_patch.plan + apply (patch stages, one of them in place) and the layer-by-layer model
     (`optimize_arena` alone: each PAD folded into a one-layer KP_PATCH_STAGE with explicit pads).
     Both take int8 input, carry TFLM's offline plan and have no PAD left; `run` (model, input) ->
     (outputs, arena sizes) gives the unpatched model's outputs bit for bit on the same
-    (dequantized) inputs, and the arena head == profile(kernel=kernel)'s prediction."""
+    (dequantized) inputs, and the arena head == profile(kernel=kernel)'s prediction.
+    Returns the StageOptions of the planned model's KP_PATCH_STAGE ops."""
     import numpy as np
 
     import keras_patch
@@ -634,6 +636,9 @@ def _arena_passes_check(unpatched: bytes, kernel: str, run) -> None:
         np.testing.assert_array_equal(got, want, err_msg=f"{kernel} {name}: arena passes vs unpatched TFLM")
         predicted = profile(patched, kernel=kernel).patched_peak_bytes
         assert arena["arena_head_bytes"] == predicted, (kernel, name, arena, predicted)
+        if name == "plan":
+            planned_options = options
+    return planned_options
 
 
 def test_tflm_m4_stage_ending_with_mean(tmp_path):
@@ -665,6 +670,32 @@ def test_tflm_arena_passes_float_pad_mobilenet(tmp_path):
     elf = _tflm_m4_runner(tmp_path)
     (_, _, kernel, _) = _run_tflm_m4(elf, unpatched, _float_pad_probe(unpatched), tmp_path)
     _arena_passes_check(unpatched, kernel, lambda model, x: _run_tflm_m4(elf, model, x, tmp_path)[:2])
+
+
+def _ends_with_mean(opts) -> bool:
+    """A KP_PATCH_STAGE (options version 3) whose last layer is a MEAN (op code 40)."""
+    from keras_patch.stage.options import OP_MEAN
+
+    return opts.version == 3 and opts.layers[-1].op == OP_MEAN
+
+
+def test_tflm_arena_passes_plan_with_mean_stage(tmp_path):
+    """test_tflm_arena_passes_float_pad_mobilenet with a wide head conv (6x6x512, the largest
+    activation after the early stages are patched): the whole-network plan ends with a stage
+    Conv_1 + MEAN (options version 3, the global average pool computed patch by patch, [1, C]
+    output), next to in-place ops, folded PADs, int8 input and the offline memory plan. Bit-exact
+    against the unpatched model and arena head == profile()'s prediction, on the host runner and,
+    with KP_TFLM_M4_LIB, on the Cortex-M4F firmware under QEMU (CMSIS-NN when so built)."""
+    runner = _tflm_runner(tmp_path)
+    unpatched = _float_pad_mobilenet(head_channels=512)
+    options = _arena_passes_check(unpatched, "portable", lambda model, x: _run_tflm(runner, model, x, tmp_path))
+    assert any(_ends_with_mean(opts) and opts.num_layers >= 2 for opts in options), "no stage ends with a MEAN"
+    if not (os.environ.get("KP_TFLM_M4_RUNNER") or os.environ.get("KP_TFLM_M4_LIB")):
+        return
+    elf = _tflm_m4_runner(tmp_path)
+    (_, _, kernel, _) = _run_tflm_m4(elf, unpatched, _float_pad_probe(unpatched), tmp_path)
+    options = _arena_passes_check(unpatched, kernel, lambda model, x: _run_tflm_m4(elf, model, x, tmp_path)[:2])
+    assert any(_ends_with_mean(opts) and opts.num_layers >= 2 for opts in options), f"{kernel}: no stage ends with a MEAN"
 
 
 def _float_pad_probe(unpatched: bytes):

@@ -94,7 +94,7 @@ def compare(trials: int, seed: int, sram_bytes: int, caps: list) -> list:
               f"({row['schedule']}) {row['sampled'][0]:,} B x{row['sampled'][1]:.2f}, planner lowest "
               + ", ".join(f"{row[c][0]:,} B x{row[c][1]:.2f} ({row[c][3]} stages, {row[(c, 'seconds')]:.1f} s)"
                           for c in caps)
-              + f", under the budget " + ", ".join(f"{row[(c, 'budget')][0]:,} B x{row[(c, 'budget')][1]:.2f}"
+              + ", under the budget " + ", ".join(f"{row[(c, 'budget')][0]:,} B x{row[(c, 'budget')][1]:.2f}"
                                                    for c in caps)
               + f" ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
     return rows

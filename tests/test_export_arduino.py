@@ -69,7 +69,7 @@ def test_sketch_folder(capsys, models, tmp_path):
     calls = re.findall(r"resolver\.(Add\w+)\(\)", ino)
     assert sorted(calls) == sorted(BUILTIN_METHODS[op] for op in used)
     assert "keras_patch::AddKerasPatchOps(resolver)" in ino
-    assert f"MicroMutableOpResolver<kNumOps>" in ino and f"kNumOps = {len(used) + 1};" in ino
+    assert "MicroMutableOpResolver<kNumOps>" in ino and f"kNumOps = {len(used) + 1};" in ino
     assert "#include <KerasPatch.h>" in ino and "#include <Chirale_TensorFlowLite.h>" in ino
 
     # Arena: head from profile(), tail as given, stage persistent bytes, margin; printed and in the sketch.

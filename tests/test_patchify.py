@@ -634,3 +634,16 @@ def test_error_split_in_non_ascii_digits(mbv2):
     """`int()` reads '５' (fullwidth) as 5; an op index is ASCII digits, anything else a tensor name."""
     message = _error(keras_patch.patchify, mbv2["bytes"], "５", grid=(1, 1))
     assert "No op writes a tensor or Keras layer named '５'" in message
+
+
+def test_a_stage_of_a_mean_alone_is_kept_by_undo_arena_stages():
+    """The planner may make the MEAN alone a stage; the passes' undo (one-layer stages back to
+    builtins, before stages are placed again) leaves it, as it leaves multi-layer stages."""
+    from keras_patch.graph.passes.pipeline import undo_arena_stages
+
+    data = _mean_model(axis=(1, 2), keepdims=True, after=True)
+    m = TFLiteModel.from_bytes(data)
+    mean = first_op(m, "MEAN")
+    patched = keras_patch.patchify(data, mean, grid=(2, 2), start=m.op_inputs(mean)[0], arena=False)
+    assert op_types(TFLiteModel.from_bytes(patched)).count(o.CUSTOM_CODE) == 1
+    assert undo_arena_stages(patched) == patched

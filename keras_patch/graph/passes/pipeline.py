@@ -288,11 +288,15 @@ def undo_arena_stages(data: bytes) -> bytes:
     """The model without the one-layer KP_PATCH_STAGE ops the arena passes add (in-place depthwise
     ops, folded PADs): they become builtin ops again (`unpatchify`), and the offline plan goes with
     them, so stages can be placed on the network (e.g. in a `.tflite` from `export_tflite`, or a
-    model patched before) and the passes run again. Multi-layer stages stay.
+    model patched before) and the passes run again. Multi-layer stages stay, and so does a stage of
+    a MEAN alone (a planned global average pool, never a pass's).
     """
     from keras_patch.graph.patchify import find_stages, stage_options
     from keras_patch.graph.unpatchify import unpatchify
 
+    from keras_patch.stage.options import OP_MEAN
+
     model = TFLiteModel.from_bytes(data)
-    single = [op for op in find_stages(model) if stage_options(model, op).num_layers == 1]
+    single = [op for op in find_stages(model)
+              if stage_options(model, op).num_layers == 1 and stage_options(model, op).layers[0].op != OP_MEAN]
     return unpatchify(data, single) if single else data

@@ -100,7 +100,6 @@ def _seq(*block_layers):
         (layers.LeakyReLU(name="bad"), "LeakyReLU", "cannot run patch by patch"),
         (layers.SeparableConv2D(4, 3, name="bad"), "SeparableConv2D", "cannot run"),
         (layers.Conv2DTranspose(4, 3, name="bad"), "Conv2DTranspose", "cannot run"),
-        (layers.GlobalAveragePooling2D(name="bad"), "GlobalAveragePooling2D", "cannot"),
         (layers.Activation("sigmoid", name="bad"), "Activation", "activation 'sigmoid'"),
         (layers.Activation("swish", name="bad"), "Activation", "activation 'silu'"),
         (layers.Conv2D(4, 3, activation="tanh", name="bad"), "Conv2D", "activation 'tanh'"),
@@ -325,3 +324,44 @@ def test_tflite_int8_names_mark_exactly_the_stage_ops():
         "s_1": collections.Counter({"CONV_2D": 1, "ADD": 1, "AVERAGE_POOL_2D": 1}),
         None: collections.Counter({"CONV_2D": 1, "MEAN": 1, "FULLY_CONNECTED": 1}),
     }, dict(found)
+
+
+# ------------------------------------------------------------- a final global average pool
+
+
+def test_global_average_pool_only_ends_a_stage():
+    block = keras.Sequential([keras.Input((8, 8, 4)), layers.Conv2D(4, 1),
+                              layers.GlobalAveragePooling2D(keepdims=True, name="gap"), layers.Conv2D(4, 1)])
+    with pytest.raises(ValueError, match="'gap' \\(GlobalAveragePooling2D\\).*can only end a patch stage"):
+        PatchStage(block, name="stage1")
+
+
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_stage_ending_with_global_average_pool_exports_one_mean_stage(keepdims):
+    """The grid tiles the pool's input (8x8 here, so 3x3 fits though the output is 1x1); the
+    export is one KP_PATCH_STAGE (options version 3) and bit-exact with the unpatched export."""
+    from keras_patch.graph.patchify import find_stages, stage_options
+    from keras_patch.keras.export import export_tflite
+    from keras_patch.runtime.host import run_tflite
+
+    def model(stage: bool):
+        keras.utils.set_random_seed(3)
+        block = keras.Sequential([keras.Input((16, 16, 3)), layers.Conv2D(8, 3, strides=2, padding="same",
+                                                                          activation="relu"),
+                                  layers.Conv2D(32, 1, activation="relu6"),
+                                  layers.GlobalAveragePooling2D(keepdims=keepdims)], name="block")
+        inputs = keras.Input((16, 16, 3))
+        x = PatchStage(block, grid=(3, 3), name="stage1")(inputs) if stage else block(inputs)
+        return keras.Model(inputs, layers.Dense(3)(layers.Flatten()(x)))
+
+    with pytest.raises(ValueError, match="input of the final global average pool is only 8 pixels"):
+        keras.Model(keras.Input((16, 16, 3)), PatchStage(model(False).layers[1], grid=(9, 1))(keras.Input((16, 16, 3))))
+    patched = export_tflite(model(True), data(), arena=False)
+    plain = export_tflite(model(False), data(), arena=False)
+    p = TFLiteModel.from_bytes(patched)
+    (op,) = find_stages(p)
+    options = stage_options(p, op)
+    assert options.ends_with_mean and options.version == 3 and tuple(options.grid) == (3, 3)
+    x = np.random.default_rng(0).integers(-128, 128, (3, 16, 16, 3), dtype=np.int8)
+    for executor in ("reference", "cpp"):
+        np.testing.assert_array_equal(run_tflite(patched, x, executor=executor)[0], run_tflite(plain, x)[0])

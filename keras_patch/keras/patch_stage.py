@@ -43,6 +43,7 @@ SUPPORTED_LAYERS = (
     keras.layers.ZeroPadding2D,
     keras.layers.MaxPooling2D,
     keras.layers.AveragePooling2D,
+    keras.layers.GlobalAveragePooling2D,  # only as the stage's last layer (a MEAN layer, options v3)
 )
 
 
@@ -185,10 +186,16 @@ def validate_block(block, stage_name: str) -> None:
             f"PatchStage '{stage_name}': `block` must be a Sequential or "
             f"functional keras.Model, got {type(block).__name__}."
         )
-    for op in _block_operations(block):
+    operations = _block_operations(block)
+    for k, op in enumerate(operations):
         if isinstance(op, (keras.Sequential, Functional)):
             validate_block(op, stage_name)
             continue
+        if isinstance(op, keras.layers.GlobalAveragePooling2D) and k != len(operations) - 1:
+            raise ValueError(
+                f"PatchStage '{stage_name}': layer '{op.name}' (GlobalAveragePooling2D) is not the "
+                f"block's last layer: a global average pool can only end a patch stage."
+            )
         if not isinstance(op, keras.layers.Layer):
             raise ValueError(
                 f"PatchStage '{stage_name}': operation '{op.name}' "
@@ -259,9 +266,22 @@ class PatchStage(keras.layers.Layer):
         super().__init__(**kwargs)
         self._grid = _normalize_grid(grid)
         validate_block(block, self.name)
+        self._block = block
         if isinstance(block, Functional):
             self._check_io(block.inputs, block.outputs)
-        self._block = block
+
+    def _ends_with_global_pool(self) -> bool:
+        operations = _block_operations(self._block)
+        return bool(operations) and isinstance(operations[-1], keras.layers.GlobalAveragePooling2D)
+
+    def _tiled_shape(self, input_shape) -> tuple:
+        """The shape the grid tiles: the block's output, or the input of its final
+        GlobalAveragePooling2D (the patches are summed into the pool)."""
+        if not self._ends_with_global_pool():
+            return tuple(self._block.compute_output_shape(input_shape))
+        pool = _block_operations(self._block)[-1]
+        return tuple(pool.input.shape) if isinstance(self._block, Functional) else tuple(
+            keras.Sequential(self._block.layers[:-1]).compute_output_shape(input_shape))
 
     def _check_io(self, inputs, outputs) -> None:
         for kind, tensors in (("input", inputs), ("output", outputs)):
@@ -270,6 +290,8 @@ class PatchStage(keras.layers.Layer):
                     f"PatchStage '{self.name}': `block` must have exactly one "
                     f"{kind}, got {len(tensors)}."
                 )
+            if kind == "output" and self._ends_with_global_pool() and len(tensors[0].shape) in (2, 4):
+                continue  # GlobalAveragePooling2D: (batch, channels), or 4-D with keepdims
             if len(tensors[0].shape) != 4:
                 raise ValueError(
                     f"PatchStage '{self.name}': the {kind} of `block` must be "
@@ -297,13 +319,15 @@ class PatchStage(keras.layers.Layer):
             self._block.build(input_shape)
         output_shape = self._block.compute_output_shape(input_shape)
         self._check_io([keras.KerasTensor(input_shape)], [keras.KerasTensor(output_shape)])
-        for axis, size, n in zip(("height", "width"), output_shape[1:3], self._grid):
+        tiled_shape = self._tiled_shape(input_shape)
+        what = "the input of the final global average pool" if self._ends_with_global_pool() else "the stage output"
+        for axis, size, n in zip(("height", "width"), tiled_shape[1:3], self._grid):
             if size is not None and n > size:
                 raise ValueError(
                     f"PatchStage '{self.name}': grid={self._grid} asks for {n} "
-                    f"patches along {axis}, but the stage output is only "
+                    f"patches along {axis}, but {what} is only "
                     f"{size} pixels {'high' if axis == 'height' else 'wide'} "
-                    f"(output shape {tuple(output_shape)})."
+                    f"(shape {tiled_shape})."
                 )
 
     def call(self, inputs, training=None):

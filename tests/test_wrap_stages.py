@@ -293,12 +293,14 @@ def test_first_layer_reading_two_tensors(model):
         wrap_stages(model, [("b2_add", "b3_project", 2)])
 
 
-def test_unsupported_layer(model):
+def test_global_average_pool_ends_a_stage(model):
+    wrapped = wrap_stages(model, [("head", "pool", (2, 2), "late")])  # grid over the pool's input
+    assert type(wrapped.get_layer("late")).__name__ == "PatchStage"
     with pytest.raises(
         UnsupportedModelError,
-        match=r"PatchStage 'late': layer 'pool' \(GlobalAveragePooling2D\) cannot run patch by patch",
+        match=r"PatchStage 'late': layer 'pool' \(GlobalAveragePooling2D\) is not the block's last layer",
     ):
-        wrap_stages(model, [("head", "pool", 1, "late")])
+        wrap_stages(model, [("head", "logits", 1, "late")])
 
 
 def test_name_collision_and_bad_spec(model):

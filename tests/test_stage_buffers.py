@@ -43,7 +43,7 @@ except ImportError:  # tests/ itself on sys.path
 
 PROFILE = os.environ.get("KP_HYPOTHESIS_PROFILE", "ci")
 N_EXAMPLES = {"ci": 200, "dev": 50}.get(PROFILE, 200)
-N_FIRMWARE = int(os.environ.get("KP_STAGE_BUFFERS_FIRMWARE_EXAMPLES", "6"))
+N_FIRMWARE = int(os.environ.get("KP_STAGE_BUFFERS_FIRMWARE_EXAMPLES", "10"))
 _SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=PROFILE == "ci",
                  database=None)
 CMSIS_NN_DIR = os.environ.get("KP_CMSIS_NN_DIR", "")

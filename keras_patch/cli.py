@@ -532,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--plot: one pair of bars per op (default) or per Keras block (MCUNetV2 Fig. 1)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.add_argument("--kernel", choices=["portable", "cmsis_nn"], default="portable",
-                   help="KP_PATCH_STAGE build to predict scratch for (cmsis_nn: -DCMSIS_NN, adds buffer #1)")
+                   help="KP_PATCH_STAGE build to predict scratch for "
+                        "(cmsis_nn: -DCMSIS_NN, adds the CMSIS-NN context buffer)")
     p.add_argument("--custom-module", action="append", metavar="MODULE", help=_CUSTOM_MODULE_HELP)
     p.set_defaults(func=_cmd_profile)
 
@@ -586,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grids", type=_grids_arg, metavar="GRIDS",
                    help="grids to try, comma-separated (e.g. 2x2,3x3,4x4; default: the planner's)")
     p.add_argument("--kernel", choices=["portable", "cmsis_nn"], default="portable",
-                   help="KP_PATCH_STAGE build to predict scratch for (cmsis_nn: -DCMSIS_NN, adds buffer #1)")
+                   help="KP_PATCH_STAGE build to predict scratch for "
+                        "(cmsis_nn: -DCMSIS_NN, adds the CMSIS-NN context buffer)")
     p.add_argument("--out", metavar="PATCHED.tflite", help="write the model with the plan applied here")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (PatchPlan.to_json)")
     _add_arena_args(p)

@@ -13,9 +13,10 @@ qemu-system-arm).
   (MobileNetV2 0.35@144 to block_2_add, the residual model) run through the
   firmware built with `CMSIS_NN_DIR`; each output is compared byte for byte
   with the Python reference executor;
-* the CMSIS-NN context buffer the firmware's core requests (scratch buffer
-  #1) equals `geometry.kernel_context_bytes(opts, "cmsis_nn")` (what
-  `keras_patch.profile(..., kernel="cmsis_nn")` predicts);
+* the CMSIS-NN context buffer the firmware's core requests equals
+  `geometry.kernel_context_bytes(opts, "cmsis_nn")` (what
+  `keras_patch.profile(..., kernel="cmsis_nn")` predicts), and its list of
+  scratch buffers (`kp_stage_buffers`) `geometry.stage_buffers(opts, "cmsis_nn")`;
 * the CMSIS-NN build really takes the fast path (far fewer instructions than
   the portable build on the same stage).
 
@@ -88,6 +89,10 @@ def _check(result, opts):
     assert result.fields["cmsis_nn"] == "1"
     assert int(result.fields["arena"]) == geometry.plan_patch_arena(opts).total_bytes
     assert int(result.fields["context"]) == geometry.kernel_context_bytes(opts, "cmsis_nn")
+    # The scratch buffers the core lists for Prepare (kp_stage_buffers) are geometry.stage_buffers'.
+    assert result.fields["buffers"] == (",".join(
+        f"{geometry.STAGE_BUFFER_NAMES.index(b.name)}:{b.bytes}" for b in geometry.stage_buffers(opts, "cmsis_nn"))
+        or "-")
 
 
 def _is_valid(opts, op_inputs):
@@ -177,6 +182,8 @@ def test_mobilenet_v2_stage_bit_exact_and_fast(mbv2_144, build_dir, tmp_path):
     (portable_stage,) = keras_patch.profile(patched).stages
     assert portable_stage.context_bytes == 0
     # The fast path is really taken: the portable build of the same stage needs several times the instructions.
-    portable = run_stage_firmware(stage_vectors_header(patched, x), str(tmp_path / "portable"))
+    # (CMSIS_NN_DIR= explicitly: an exported CMSIS_NN_DIR, e.g. from /work/tflm/env.sh, would reach make.)
+    portable = run_stage_firmware(stage_vectors_header(patched, x), str(tmp_path / "portable"),
+                                  make_args=["CMSIS_NN_DIR="])
     assert portable.ok and portable.fields["context"] == "0" and portable.fields["cmsis_nn"] == "0"
     assert runs[(4, 4)].instructions * 2 < portable.instructions

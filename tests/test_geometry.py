@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from keras_patch.stage import geometry
 from keras_patch.stage import options as o
 from keras_patch.stage import quantization as q
-from keras_patch.stage.executor import ConstantTensor, prepare_stage, run_stage
+from keras_patch.stage.executor import ConstantTensor, ExecutionMode, prepare_stage, run_stage
 
 
 @given(size=st.integers(1, 300), parts=st.integers(1, 64))
@@ -147,7 +147,31 @@ def test_patch_by_patch_equals_layer_by_layer(opts, seed):
             constants.append(ConstantTensor(rng.integers(-5000, 5000, out_c).astype(np.int32)))
     stage = prepare_stage(opts, constants)
     x = rng.integers(-128, 128, (1, *opts.input_shape)).astype(np.int8)
-    np.testing.assert_array_equal(run_stage(stage, x), run_stage(stage, x, patch_by_patch=False))
+    layer_by_layer = run_stage(stage, x, ExecutionMode.LAYER_BY_LAYER)
+    np.testing.assert_array_equal(run_stage(stage, x), layer_by_layer)
+    np.testing.assert_array_equal(run_stage(stage, x, mode=ExecutionMode.RECOMPUTE), layer_by_layer)
+
+
+def test_execution_mode_and_deprecated_patch_by_patch():
+    """`run_stage(mode=...)`; the old boolean `patch_by_patch` still works, with a DeprecationWarning."""
+    opts = o.StageOptions(grid=(2, 2), tensor_shapes=[(6, 6, 1), (6, 6, 1)], tensor_scales=[0.1, 0.1],
+                          tensor_zero_points=[0, 0],
+                          layers=[o.LayerOptions(op=o.OP_MAX_POOL_2D, inputs=(0, -1), kernel=(3, 3), pad=(1, 1))])
+    stage = prepare_stage(opts, [None])
+    x = np.arange(36, dtype=np.int8).reshape(1, 6, 6, 1)
+    want = run_stage(stage, x, ExecutionMode.LAYER_BY_LAYER)
+    assert int(want[0, 0, 0, 0]) == 7 and int(want[0, 5, 5, 0]) == 35
+    np.testing.assert_array_equal(run_stage(stage, x, "recompute"), want)
+    np.testing.assert_array_equal(run_stage(stage, x, "layer_by_layer"), want)
+    for flag in (True, False):
+        with pytest.warns(DeprecationWarning, match="patch_by_patch"):
+            np.testing.assert_array_equal(run_stage(stage, x, patch_by_patch=flag), want)
+        with pytest.warns(DeprecationWarning, match="patch_by_patch"):
+            np.testing.assert_array_equal(run_stage(stage, x, flag), want)  # the old positional form
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="contradicts"):
+        run_stage(stage, x, ExecutionMode.RECOMPUTE, patch_by_patch=False)
+    with pytest.raises(ValueError):
+        run_stage(stage, x, "cache")  # not a mode (yet)
 
 
 def test_cmsis_nn_context_of_known_stages():

@@ -287,4 +287,19 @@ KpStatus PlanPatchArena(KpStage* stage, bool in_place, const KpReporter& reporte
   return kKpOk;
 }
 
+int32_t KpStageBuffers(const KpStage& stage, bool cmsis_nn, KpStageBuffer* buffers) {
+  int32_t n = 0;
+  if (stage.arena_bytes > 0) {
+    buffers[n].kind = kKpBufferPatchArena;
+    buffers[n].bytes = stage.arena_bytes;
+    ++n;
+  }
+  if (cmsis_nn && stage.context_bytes > 0) {
+    buffers[n].kind = kKpBufferCmsisContext;
+    buffers[n].bytes = stage.context_bytes;
+    ++n;
+  }
+  return n;
+}
+
 }  // namespace keras_patch

@@ -133,6 +133,23 @@ int kp_stage_eval(void* buffer, const int8_t* input, int8_t* output, const kp_co
                            0, err, err_size);
 }
 
+int kp_stage_buffers(const void* buffer, int cmsis_nn, int32_t* kinds, uint32_t* bytes,
+                     int32_t capacity, int32_t* count) {
+  if (buffer == NULL || kinds == NULL || bytes == NULL || count == NULL ||
+      capacity < keras_patch::kKpMaxStageBuffers) {
+    return 1;
+  }
+  keras_patch::KpStageBuffer buffers[keras_patch::kKpMaxStageBuffers];
+  const int32_t n =
+      keras_patch::KpStageBuffers(*static_cast<const KpStage*>(buffer), cmsis_nn != 0, buffers);
+  for (int32_t i = 0; i < n; ++i) {
+    kinds[i] = buffers[i].kind;
+    bytes[i] = buffers[i].bytes;
+  }
+  *count = n;
+  return 0;
+}
+
 int kp_stage_context_bytes(const void* buffer, uint32_t* context_bytes) {
   if (buffer == NULL || context_bytes == NULL) return 1;
   *context_bytes = static_cast<const KpStage*>(buffer)->context_bytes;

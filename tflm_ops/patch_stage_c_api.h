@@ -39,9 +39,18 @@ int kp_stage_prepare(const uint8_t* options, size_t options_size,
                      void* buffer, size_t buffer_size, uint32_t* arena_bytes,
                      char* err, size_t err_size);
 
-/* Bytes of the CMSIS-NN context buffer (scratch buffer #1) the prepared
+/* Bytes of the CMSIS-NN context buffer (kp_stage_buffers kind 1) the prepared
    stage needs: 0 unless the core was built with -DCMSIS_NN. */
 int kp_stage_context_bytes(const void* buffer, uint32_t* context_bytes);
+
+/* The scratch buffers the kernel requests in Prepare, in request order
+   (KpStageBuffers, docs/patch_stage_op.md "Scratch buffers"): kinds[i]
+   (0: patch arena, 1: CMSIS-NN context) and bytes[i] for i < *count, for the
+   prepared stage; cmsis_nn != 0: the list of a build with the CMSIS-NN fast
+   path (the context is 0 bytes, so not listed, unless kp_cmsis_nn_enabled()).
+   `capacity` >= 2. */
+int kp_stage_buffers(const void* buffer, int cmsis_nn, int32_t* kinds, uint32_t* bytes,
+                     int32_t capacity, int32_t* count);
 
 /* 1 when the core was built with -DCMSIS_NN (the CMSIS-NN fast path). */
 int kp_cmsis_nn_enabled(void);

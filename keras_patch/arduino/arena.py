@@ -10,7 +10,9 @@ multipliers...). `estimate_arena` adds:
   of TFLM's GreedyMemoryPlanner with KP_PATCH_STAGE's patch arena (equal to
   TFLM's own plan on every unpatched model tested, for the reference
   kernels). The CMSIS-NN build of the kernel is what an Arm board's TFLM
-  library gets by default; its context buffer (scratch #1) is in the head.
+  library gets by default; its "CMSIS-NN context" scratch buffer
+  (`keras_patch.stage.geometry.stage_buffers(options, "cmsis_nn")`) is in
+  the head.
 * **tail**: measured. The `tflite-micro` wheel cannot load KP_PATCH_STAGE, so
   the tail of the UNPATCHED model is measured (`measure_tflm_arena(...)
   .tail_bytes`, RecordingMicroAllocator). That is an upper bound for the

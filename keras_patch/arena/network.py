@@ -57,11 +57,9 @@ class StageSpan:
 
 
 def stage_scratch_sizes(options: StageOptions, kernel: str = "portable") -> Tuple[int, ...]:
-    """The scratch requests of a KP_PATCH_STAGE op (docs "Scratch buffers"): the patch arena
-    (#0), then for `kernel="cmsis_nn"` the CMSIS-NN context (#1), each only when non-zero."""
-    arena = geometry.plan_patch_arena(options).total_bytes
-    context = geometry.kernel_context_bytes(options, kernel)
-    return tuple(b for b in (arena, context) if b > 0)
+    """The sizes of the scratch buffers a KP_PATCH_STAGE op requests, in request order
+    (`geometry.stage_buffers`, docs "Scratch buffers")."""
+    return tuple(b.bytes for b in geometry.stage_buffers(options, kernel))
 
 
 class ArenaNetwork:

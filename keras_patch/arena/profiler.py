@@ -131,10 +131,10 @@ class StageProfile:
     output_shape: tuple
     receptive_field: tuple  # (h, w) input pixels behind one output pixel
     patch_input_shape: tuple  # largest input region of a patch (h, w, c)
-    patch_arena_bytes: int  # the kernel's scratch buffer #0
+    patch_arena_bytes: int  # the kernel's "patch arena" scratch buffer (geometry.stage_buffers)
     macs: int  # layer by layer
     patched_macs: int  # patch by patch, recomputation included
-    context_bytes: int = 0  # scratch buffer #1: CMSIS-NN context (kernel="cmsis_nn")
+    context_bytes: int = 0  # its "CMSIS-NN context" scratch buffer (kernel="cmsis_nn")
     start_layer: str = ""  # Keras layer of the stage's input ("" for the model input or an unnamed tensor)
     end_layer: str = ""  # Keras layer of the stage's output
 
@@ -599,8 +599,7 @@ def _offline_figures(data: bytes, kernel: str) -> tuple:
 def stage_scratch_bytes(model: TFLiteModel, kernel: str = "portable") -> dict:
     """op index -> scratch sizes each KP_PATCH_STAGE op requests (docs: "Scratch buffers").
 
-    In request order: the patch arena (#0) if non-zero, then, for
-    `kernel="cmsis_nn"`, the CMSIS-NN context (#1) if non-zero.
+    In request order, as `keras_patch.stage.geometry.stage_buffers` defines them.
     """
     return {op: list(stage_scratch_sizes(stage_options(model, op), kernel)) for op in find_stages(model)}
 
@@ -619,7 +618,7 @@ def profile(
             samples when omitted (memory does not depend on the values).
         kernel: how the KP_PATCH_STAGE kernel is built: "portable" (default)
             or "cmsis_nn" (-DCMSIS_NN, Cortex-M with DSP: adds each stage's
-            CMSIS-NN context buffer, docs "Scratch buffers" #1). Built-in
+            CMSIS-NN context buffer, `geometry.stage_buffers`). Built-in
             ops keep the reference kernels' scratch requests either way.
 
     Returns:
@@ -670,6 +669,7 @@ def profile(
             opts = stage_options(patched, p)
             full, patched_macs = geometry.stage_macs(opts)
             ph, pw = geometry.max_patch_input(opts)
+            buffers = geometry.stage_buffer_bytes(opts, kernel)
             stages.append(StageProfile(
                 op_index=p, grid=opts.grid, num_layers=opts.num_layers,
                 start_layer=layer_name(patched.tensor(patched.op_inputs(p)[0]).name),
@@ -677,9 +677,9 @@ def profile(
                 input_shape=opts.input_shape, output_shape=opts.output_shape,
                 receptive_field=geometry.receptive_field(opts),
                 patch_input_shape=(ph, pw, opts.input_shape[2]),
-                patch_arena_bytes=geometry.plan_patch_arena(opts).total_bytes,
+                patch_arena_bytes=buffers[geometry.PATCH_ARENA],
                 macs=full, patched_macs=patched_macs,
-                context_bytes=geometry.kernel_context_bytes(opts, kernel),
+                context_bytes=buffers[geometry.CMSIS_NN_CONTEXT],
             ))
             for l, count in enumerate(layer_op_counts(opts)):
                 plain_to_patched.extend([(p, opts, l)] * count)

@@ -375,9 +375,8 @@ def build_problem(model: TFLiteModel, max_mac_overhead: float, grids=None, kerne
         for grid, costs in costed.items():
             if costs is None:
                 continue
-            context = geometry.kernel_context_bytes(dataclasses.replace(options, grid=grid), kernel,
-                                                    costs.staging_bytes) if kernel != "portable" else 0
-            scratch = tuple(b for b in (costs.arena.total_bytes, context) if b > 0)
+            scratch = tuple(b.bytes for b in geometry.stage_buffers(
+                dataclasses.replace(options, grid=grid), kernel, arena=costs.arena, staging_bytes=costs.staging_bytes))
             scratch_bytes = sum(memory_planner.align_up(b) for b in scratch)
             front.append(_Candidate(run, first, last, grid, costs.macs, costs.patched_macs, scratch,
                                     costs.arena.total_bytes, tensors + scratch_bytes,

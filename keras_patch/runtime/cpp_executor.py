@@ -33,6 +33,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from keras_patch.errors import InvalidOptionsError
+from keras_patch.stage import geometry
 from keras_patch.stage.executor import ConstantTensor
 
 _ERR_SIZE = 1024
@@ -97,6 +98,9 @@ def load_library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_ConstTensor),
         ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t] + c_err
     lib.kp_stage_context_bytes.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    lib.kp_stage_buffers.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_uint32),
+        ctypes.c_int32, ctypes.POINTER(ctypes.c_int32)]
     lib.kp_cmsis_nn_enabled.argtypes = []
     lib.kp_stage_arena_plan.argtypes = [
         ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]
@@ -108,7 +112,8 @@ def load_library() -> ctypes.CDLL:
     lib.kp_multiply_by_quantized_multiplier.restype = ctypes.c_int32
     lib.kp_multiply_by_quantized_multiplier.argtypes = [ctypes.c_int32] * 3
     for name in ("kp_stage_persistent_bytes", "kp_stage_prepare", "kp_stage_check_io",
-                 "kp_stage_eval", "kp_stage_eval_ctx", "kp_stage_context_bytes", "kp_cmsis_nn_enabled",
+                 "kp_stage_eval", "kp_stage_eval_ctx", "kp_stage_context_bytes", "kp_stage_buffers",
+                 "kp_cmsis_nn_enabled",
                  "kp_stage_arena_plan", "kp_stage_save_plan", "kp_num_option_keys"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
@@ -209,17 +214,42 @@ class CppStage:
         self.num_op_inputs = n
         for is_output, tensor in enumerate(io or ()):
             self.check_io(bool(is_output), tensor.dtype, tensor.shape, tensor.scale, tensor.zero_point)
+        #: The scratch buffers the TFLM kernel's Prepare requests with this build of the core
+        #: (`stage_buffers()`); `run` allocates exactly these.
+        self.buffers = self.stage_buffers()
+        sizes = {b.name: b.bytes for b in self.buffers}
+        #: The patch arena P (`kp_stage_prepare`).
         self.arena_bytes = int(arena.value)
+        if sizes.get(geometry.PATCH_ARENA, 0) != self.arena_bytes:
+            raise AssertionError("kp_stage_buffers disagrees with kp_stage_prepare on the patch arena")
         self._arena = np.zeros(max(self.arena_bytes, 1), np.uint8)
-        context = ctypes.c_uint32()
-        if self._lib.kp_stage_context_bytes(self._persistent.ctypes.data, ctypes.byref(context)):
-            raise AssertionError("kp_stage_context_bytes failed")
-        #: Scratch buffer #1 (CMSIS-NN context): 0 unless the core was built with -DCMSIS_NN.
-        self.context_bytes = int(context.value)
+        #: The CMSIS-NN context Q: 0 unless the core was built with -DCMSIS_NN.
+        self.context_bytes = sizes.get(geometry.CMSIS_NN_CONTEXT, 0)
         self._context = np.zeros(max(self.context_bytes // 4 + 1, 1), np.int32)  # 4-byte aligned
         from keras_patch.stage.options import decode_options  # shapes for run()
 
         self.options = decode_options(self._options)
+
+    def stage_buffers(self, cmsis_nn: Optional[bool] = None) -> tuple:
+        """The scratch buffers of the prepared stage, in request order (C++ `KpStageBuffers`).
+
+        A tuple of `geometry.StageBuffer`, the C++ twin of
+        `geometry.stage_buffers(options, kernel)`.  `cmsis_nn`: the list of a
+        build with (True) or without (False) the CMSIS-NN fast path; default:
+        this build's (`cmsis_nn_enabled()`).  The context is computed only by
+        a core built with -DCMSIS_NN (0 bytes, so not listed, otherwise).
+        """
+        if cmsis_nn is None:
+            cmsis_nn = bool(self._lib.kp_cmsis_nn_enabled())
+        capacity = len(geometry.STAGE_BUFFER_NAMES)
+        kinds = (ctypes.c_int32 * capacity)()
+        sizes = (ctypes.c_uint32 * capacity)()
+        count = ctypes.c_int32()
+        if self._lib.kp_stage_buffers(self._persistent.ctypes.data, int(bool(cmsis_nn)), kinds, sizes,
+                                      capacity, ctypes.byref(count)):
+            raise AssertionError("kp_stage_buffers failed")
+        return tuple(geometry.StageBuffer(geometry.STAGE_BUFFER_NAMES[kinds[i]], int(sizes[i]))
+                     for i in range(count.value))
 
     def arena_plan(self) -> tuple:
         """(offsets, sizes) per stage tensor, as the core planned the patch arena."""

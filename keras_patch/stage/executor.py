@@ -23,8 +23,10 @@ Example:
 
 from __future__ import annotations
 
+import enum
+import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -181,11 +183,50 @@ def _run_layer(stage: PreparedStage, l: int, values: dict, regions: list) -> np.
     raise AssertionError(f"unhandled op {lo.op}")
 
 
-def run_stage(stage: PreparedStage, inputs: np.ndarray, patch_by_patch: bool = True) -> np.ndarray:
+class ExecutionMode(enum.Enum):
+    """How `run_stage` walks a stage's tiled tensor (the output, or a final MEAN's input).
+
+    Every mode gives the same bits; they differ in memory and MACs.
+    """
+
+    #: Patch by patch over `options.grid`, each patch computing its whole
+    #: receptive field (halos recomputed); what the KP_PATCH_STAGE kernel does.
+    RECOMPUTE = "recompute"
+    #: The whole tiled tensor as one tile: every layer on its full output, once.
+    LAYER_BY_LAYER = "layer_by_layer"
+
+
+def _execution_mode(mode, patch_by_patch: Optional[bool]) -> ExecutionMode:
+    if isinstance(mode, bool):  # run_stage(stage, x, False): the old positional patch_by_patch
+        if patch_by_patch is not None:
+            raise TypeError("run_stage() got patch_by_patch twice")
+        mode, patch_by_patch = None, mode
+    if patch_by_patch is not None:
+        warnings.warn("run_stage(patch_by_patch=...) is deprecated: pass mode=ExecutionMode.RECOMPUTE "
+                      "or ExecutionMode.LAYER_BY_LAYER", DeprecationWarning, stacklevel=3)
+        implied = ExecutionMode.RECOMPUTE if patch_by_patch else ExecutionMode.LAYER_BY_LAYER
+        if mode is not None and ExecutionMode(mode) != implied:
+            raise ValueError(f"run_stage(): mode={ExecutionMode(mode).value!r} contradicts "
+                             f"patch_by_patch={patch_by_patch!r}")
+        return implied
+    return ExecutionMode.RECOMPUTE if mode is None else ExecutionMode(mode)
+
+
+def run_stage(stage: PreparedStage, inputs: np.ndarray,
+              mode: Union[ExecutionMode, str, None] = None, *,
+              patch_by_patch: Optional[bool] = None) -> np.ndarray:
     """Runs the stage on int8 `inputs` of shape (N, H, W, C) -> (N, H', W', C').
 
-    With `patch_by_patch=False` the whole output is one tile (layer-by-layer).
+    Args:
+        stage: from `prepare_stage`.
+        inputs: int8, (N, H, W, C).
+        mode: an `ExecutionMode` (or its value): `RECOMPUTE` (the default,
+            also for None) tiles by `options.grid`, `LAYER_BY_LAYER` runs the
+            whole tiled tensor as one tile.
+        patch_by_patch: deprecated; `True` is `RECOMPUTE`, `False`
+            `LAYER_BY_LAYER`.
     """
+    mode = _execution_mode(mode, patch_by_patch)
     opts = stage.options
     inputs = np.asarray(inputs)
     expected = tuple(opts.input_shape)
@@ -198,7 +239,12 @@ def run_stage(stage: PreparedStage, inputs: np.ndarray, patch_by_patch: bool = T
     outputs = np.empty((inputs.shape[0], out_h, out_w, out_c), np.int8)
     tiled = opts.tiled_tensor
     tiled_h, tiled_w, tiled_c = opts.tiled_shape
-    tile_list = geometry.tiles(opts) if patch_by_patch else [(0, tiled_h, 0, tiled_w)]
+    if mode == ExecutionMode.RECOMPUTE:
+        tile_list = geometry.tiles(opts)
+    elif mode == ExecutionMode.LAYER_BY_LAYER:
+        tile_list = [(0, tiled_h, 0, tiled_w)]
+    else:  # pragma: no cover - every mode is handled above
+        raise AssertionError(f"unhandled execution mode {mode}")
     in_h, in_w, _ = expected
     for n in range(inputs.shape[0]):
         sums = np.zeros(tiled_c, np.int64)  # a final MEAN's accumulators

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from keras_patch.stage.options import (
     OP_CONV_2D,
@@ -406,6 +406,55 @@ def kernel_context_bytes(options: StageOptions, kernel: str = "portable", stagin
                 default=0)
     staging = cmsis_nn_staging_bytes(options) if staging_bytes is None else staging_bytes
     return _align(cmsis) + _align(staging)
+
+
+#: Names of the KP_PATCH_STAGE scratch buffers (docs: "Scratch buffers"), in request order.
+PATCH_ARENA = "patch arena"
+CMSIS_NN_CONTEXT = "CMSIS-NN context"
+STAGE_BUFFER_NAMES = (PATCH_ARENA, CMSIS_NN_CONTEXT)
+
+
+@dataclass(frozen=True)
+class StageBuffer:
+    """One scratch buffer a KP_PATCH_STAGE op requests with `RequestScratchBufferInArena`.
+
+    Attributes:
+        name: one of `STAGE_BUFFER_NAMES` ("patch arena", "CMSIS-NN context").
+        bytes: its size (> 0: buffers of 0 bytes are not requested).
+    """
+
+    name: str
+    bytes: int
+
+
+def stage_buffers(options: StageOptions, kernel: str = "portable", *, arena: Optional[PatchArenaPlan] = None,
+                  staging_bytes: Optional[int] = None) -> Tuple[StageBuffer, ...]:
+    """The scratch buffers the kernel requests in Prepare, in request order (docs: "Scratch buffers").
+
+    The one definition of that list (its C++ twin is `KpStageBuffers` in
+    tflm_ops/patch_geometry.h): the patch arena `P` (`plan_patch_arena`) when
+    `P > 0`, then, for `kernel="cmsis_nn"` (the core built with -DCMSIS_NN),
+    the CMSIS-NN context `Q` (`kernel_context_bytes`) when `Q > 0`.
+
+    `arena` (`plan_patch_arena(options)`) and `staging_bytes`
+    (`cmsis_nn_staging_bytes(options)`) may be given when already known
+    (e.g. from `stage_costs_by_grid`).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+    if arena is None:
+        arena = plan_patch_arena(options)
+    buffers = [StageBuffer(PATCH_ARENA, arena.total_bytes)]
+    if kernel == "cmsis_nn":
+        buffers.append(StageBuffer(CMSIS_NN_CONTEXT, kernel_context_bytes(options, kernel, staging_bytes)))
+    return tuple(b for b in buffers if b.bytes > 0)
+
+
+def stage_buffer_bytes(options: StageOptions, kernel: str = "portable") -> dict:
+    """`stage_buffers` as name -> bytes, with 0 for a buffer the kernel does not request."""
+    sizes = dict.fromkeys(STAGE_BUFFER_NAMES, 0)
+    sizes.update((b.name, b.bytes) for b in stage_buffers(options, kernel))
+    return sizes
 
 
 def layer_macs_per_pixel(options: StageOptions, layer_index: int) -> int:

@@ -8,9 +8,12 @@ runs Eval once (timed with the CMSDK APB timer 0, 25 MHz), compares the
 output byte for byte and prints one result line:
 
   KP_RESULT status=ok mismatches=0 ticks=... persistent=... arena=... context=... cmsis_nn=0|1 output=...
+            aliased=0|1 buffers=...
 
-(context: the CMSIS-NN context buffer, scratch buffer #1; 0 in the portable
-build.)
+(context: the CMSIS-NN context buffer; 0 in the portable build. buffers: the
+scratch buffers kp_stage_buffers lists, as the TFLM kernel's Prepare requests
+them, "kind:bytes" in request order, comma-separated, "-" for none; kind 0 is
+the patch arena, 1 the CMSIS-NN context. They are allocated from that list.)
 
 It returns 0 when the output matches, 1 on a mismatch, 2 on an error.
 ==============================================================================*/
@@ -80,20 +83,43 @@ int main() {
     printf("KP_RESULT status=error where=prepare message=%s\n", err);
     return 2;
   }
-  uint8_t* arena = Allocate(arena_bytes);
-  if (arena_bytes > 0 && arena == nullptr) {
-    printf("KP_RESULT status=error where=pool message=arena of %lu bytes does not fit\n",
-           static_cast<unsigned long>(arena_bytes));
+  // The scratch buffers, as the TFLM kernel's Prepare requests them (kp_stage_buffers).
+  int32_t kinds[2] = {0, 0};
+  uint32_t sizes[2] = {0, 0};
+  int32_t num_buffers = 0;
+  if (kp_stage_buffers(persistent, kp_cmsis_nn_enabled(), kinds, sizes, 2, &num_buffers) != 0) {
+    printf("KP_RESULT status=error where=buffers message=kp_stage_buffers failed\n");
     return 2;
   }
-  uint32_t context_bytes = 0;
-  kp_stage_context_bytes(persistent, &context_bytes);
-  uint8_t* context = Allocate(context_bytes);
-  if (context_bytes > 0 && context == nullptr) {
-    printf("KP_RESULT status=error where=pool message=context of %lu bytes does not fit\n",
-           static_cast<unsigned long>(context_bytes));
+  uint8_t* scratch[2] = {nullptr, nullptr};  // by kind: 0 patch arena, 1 CMSIS-NN context
+  uint32_t scratch_bytes[2] = {0, 0};
+  char buffers[64] = "-";  // "kind:bytes,kind:bytes" in request order, "-" for none
+  size_t pos = 0;
+  for (int32_t i = 0; i < num_buffers; ++i) {
+    if (kinds[i] < 0 || kinds[i] > 1 || scratch[kinds[i]] != nullptr) {
+      printf("KP_RESULT status=error where=buffers message=bad buffer kind %ld\n",
+             static_cast<long>(kinds[i]));
+      return 2;
+    }
+    scratch[kinds[i]] = Allocate(sizes[i]);
+    scratch_bytes[kinds[i]] = sizes[i];
+    if (scratch[kinds[i]] == nullptr) {
+      printf("KP_RESULT status=error where=pool message=scratch buffer %ld of %lu bytes does not fit\n",
+             static_cast<long>(i), static_cast<unsigned long>(sizes[i]));
+      return 2;
+    }
+    pos += static_cast<size_t>(snprintf(buffers + pos, sizeof(buffers) - pos, "%s%ld:%lu",
+                                        i > 0 ? "," : "", static_cast<long>(kinds[i]),
+                                        static_cast<unsigned long>(sizes[i])));
+  }
+  if (scratch_bytes[0] != arena_bytes) {
+    printf("KP_RESULT status=error where=buffers message=patch arena %lu != %lu\n",
+           static_cast<unsigned long>(scratch_bytes[0]), static_cast<unsigned long>(arena_bytes));
     return 2;
   }
+  uint8_t* arena = scratch[0];
+  uint8_t* context = scratch[1];
+  const uint32_t context_bytes = scratch_bytes[1];
   if (!aliased) memset(output, 0, sizeof(kExpected));
   memcpy(input, kInput, sizeof(kInput));
 
@@ -115,10 +141,10 @@ int main() {
     }
   }
   printf("KP_RESULT status=%s mismatches=%lu first=%ld ticks=%lu persistent=%lu arena=%lu "
-         "context=%lu cmsis_nn=%d output=%lu aliased=%d\n",
+         "context=%lu cmsis_nn=%d output=%lu aliased=%d buffers=%s\n",
          mismatches == 0 ? "ok" : "mismatch", mismatches, first, static_cast<unsigned long>(ticks),
          static_cast<unsigned long>(persistent_bytes), static_cast<unsigned long>(arena_bytes),
          static_cast<unsigned long>(context_bytes), kp_cmsis_nn_enabled(),
-         static_cast<unsigned long>(sizeof(kExpected)), aliased);
+         static_cast<unsigned long>(sizeof(kExpected)), aliased, buffers);
   return mismatches == 0 ? 0 : 1;
 }

@@ -1228,6 +1228,49 @@ int WriteSeeds(const char* dir) {
   return 0;
 }
 
+// KpStageBuffers: the scratch buffers Prepare requests, in request order
+// (docs "Scratch buffers"): the patch arena if P > 0, then the CMSIS-NN
+// context if the build has the fast path and Q > 0.
+void TestStageBuffers() {
+  KpStage stage;
+  memset(&stage, 0, sizeof(stage));
+  KpStageBuffer buffers[kKpMaxStageBuffers];
+  const uint32_t sizes[3] = {0, 4, 1536};
+  for (int p = 0; p < 3; ++p) {
+    for (int q = 0; q < 3; ++q) {
+      for (int cmsis = 0; cmsis < 2; ++cmsis) {
+        stage.arena_bytes = sizes[p];
+        stage.context_bytes = sizes[q] + 8u * static_cast<uint32_t>(q > 0);
+        memset(buffers, 0xAB, sizeof(buffers));
+        const int32_t n = KpStageBuffers(stage, cmsis != 0, buffers);
+        int32_t want = 0;
+        if (stage.arena_bytes > 0) {
+          CHECK_EQ(buffers[want].kind, kKpBufferPatchArena);
+          CHECK_EQ(buffers[want].bytes, stage.arena_bytes);
+          ++want;
+        }
+        if (cmsis && stage.context_bytes > 0) {
+          CHECK_EQ(buffers[want].kind, kKpBufferCmsisContext);
+          CHECK_EQ(buffers[want].bytes, stage.context_bytes);
+          ++want;
+        }
+        CHECK_EQ(n, want);
+        CHECK(n <= kKpMaxStageBuffers);
+      }
+    }
+  }
+  // The golden stage: its patch arena, and nothing else in the portable build.
+  Consts consts = GoldenConsts();
+  std::vector<uint64_t> buffer;
+  KpStage* golden = NULL;
+  CHECK(PrepareGolden(&consts, &buffer, &golden).empty());
+  if (golden == NULL) return;
+  const int32_t n = KpStageBuffers(*golden, false, buffers);
+  CHECK_EQ(n, 1);
+  CHECK_EQ(buffers[0].kind, kKpBufferPatchArena);
+  CHECK_EQ(buffers[0].bytes, kGoldenArenaBytes);
+}
+
 int main(int argc, char** argv) {
   if (argc == 3 && strcmp(argv[1], "--write-seeds") == 0) return WriteSeeds(argv[2]);
   Run("FlexbufferReadsBuilderOutput", TestFlexbufferReadsBuilderOutput);
@@ -1253,6 +1296,7 @@ int main(int argc, char** argv) {
   Run("MeanMatchesFullTensor", TestMeanMatchesFullTensor);
   Run("MeanInPlaceSameBits", TestMeanInPlaceSameBits);
   Run("MeanCheckIo", TestMeanCheckIo);
+  Run("StageBuffers", TestStageBuffers);
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

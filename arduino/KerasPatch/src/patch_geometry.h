@@ -56,6 +56,27 @@ void PatchRegions(const KpStage& stage, const KpRegion& tile, KpRegion* regions)
 // Fails (naming 'tensor_shape') if the arena does not fit in 2^31 - 1 bytes.
 KpStatus PlanPatchArena(KpStage* stage, bool in_place, const KpReporter& reporter);
 
+// The scratch buffers the kernel requests in Prepare with
+// RequestScratchBufferInArena (docs "Scratch buffers"), by name.
+enum KpStageBufferKind {
+  kKpBufferPatchArena = 0,    // "patch arena": stage->arena_bytes (P)
+  kKpBufferCmsisContext = 1,  // "CMSIS-NN context": stage->context_bytes (Q)
+};
+static const int32_t kKpMaxStageBuffers = 2;
+
+struct KpStageBuffer {
+  int32_t kind;    // KpStageBufferKind
+  uint32_t bytes;  // > 0
+};
+
+// The one definition of that list (the Python twin is
+// keras_patch.stage.geometry.stage_buffers): fills buffers[0 .. n-1] in
+// request order and returns n (<= kKpMaxStageBuffers): the patch arena when
+// P > 0, then, when `cmsis_nn` (the core built with the CMSIS-NN fast path,
+// KpCmsisEnabled()), the CMSIS-NN context when Q > 0.  `stage` is prepared
+// (KpPrepareStage).
+int32_t KpStageBuffers(const KpStage& stage, bool cmsis_nn, KpStageBuffer* buffers);
+
 }  // namespace keras_patch
 
 #endif  // KERAS_PATCH_TFLM_OPS_PATCH_GEOMETRY_H_

@@ -9,14 +9,17 @@ planning and arithmetic.
   Init     keeps a pointer to the custom options (they live in the model).
   Prepare  parses and validates them (options versions 1..3; version 3 adds
            the MEAN layer), checks the op's tensors, builds the
-           stage in persistent memory, requests the patch arena (scratch
-           buffer #0 of docs/patch_stage_op.md) and, when the core is built
-           with -DCMSIS_NN, the CMSIS-NN context (scratch buffer #1).
+           stage in persistent memory and requests the scratch buffers
+           KpStageBuffers lists (patch_geometry.h, docs/patch_stage_op.md
+           "Scratch buffers": the patch arena and, when the core is built
+           with -DCMSIS_NN, the CMSIS-NN context).
   Eval     fetches the tensor pointers and runs the core; allocates nothing.
 ==============================================================================*/
 #include <stdarg.h>
 
 #include "keras_patch_ops.h"
+#include "patch_geometry.h"
+#include "patch_stage_cmsis.h"
 #include "patch_stage_core.h"
 #include "tensorflow/lite/c/common.h"
 #include "tensorflow/lite/kernels/kernel_util.h"
@@ -190,15 +193,14 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   data->input_data = static_cast<const void**>(
       context->AllocatePersistentBuffer(context, sizeof(const void*) * num_inputs));
   TF_LITE_ENSURE(context, data->input_data != nullptr);
+  // The scratch buffers, in the order KpStageBuffers defines (docs "Scratch buffers").
   data->arena_index = -1;
-  if (data->stage->arena_bytes > 0) {
-    TF_LITE_ENSURE_STATUS(context->RequestScratchBufferInArena(
-        context, data->stage->arena_bytes, &data->arena_index));
-  }
   data->context_index = -1;
-  if (data->stage->context_bytes > 0) {
-    TF_LITE_ENSURE_STATUS(context->RequestScratchBufferInArena(
-        context, data->stage->context_bytes, &data->context_index));
+  KpStageBuffer buffers[kKpMaxStageBuffers];
+  const int32_t num_buffers = KpStageBuffers(*data->stage, KpCmsisEnabled(), buffers);
+  for (int32_t i = 0; i < num_buffers; ++i) {
+    int* index = buffers[i].kind == kKpBufferPatchArena ? &data->arena_index : &data->context_index;
+    TF_LITE_ENSURE_STATUS(context->RequestScratchBufferInArena(context, buffers[i].bytes, index));
   }
   return kTfLiteOk;
 }

@@ -225,7 +225,7 @@ def fold_pad(model: TFLiteModel, fallback: bool = True) -> List[FoldedPad]:
                 operator.builtinOptions.padding = schema.Padding.SAME
         plans.extend(new_plans)
         removed.append(model.operator(pad_op))
-        scratch = sum(geometry.plan_patch_arena(p.options).total_bytes for p in new_plans)
+        scratch = sum(b.bytes for p in new_plans for b in geometry.stage_buffers(p.options))
         folded.append(FoldedPad(
             pad_op=model.op_label(pad_op),
             paddings=((int(paddings[1, 0]), int(paddings[1, 1])), (int(paddings[2, 0]), int(paddings[2, 1]))),

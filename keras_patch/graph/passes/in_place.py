@@ -84,7 +84,7 @@ def make_depthwise_in_place(model: TFLiteModel, ops: Optional[Iterable[int]] = N
 
 
 def _scratch_bytes(options: o.StageOptions, kernel: str) -> int:
-    return geometry.plan_patch_arena(options).total_bytes + geometry.kernel_context_bytes(options, kernel)
+    return sum(b.bytes for b in geometry.stage_buffers(options, kernel))
 
 
 def set_stages_in_place(model: TFLiteModel, kernel: str = "portable") -> List[int]:

@@ -97,7 +97,6 @@ def load_library() -> ctypes.CDLL:
     lib.kp_stage_eval_ctx.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_ConstTensor),
         ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t] + c_err
-    lib.kp_stage_context_bytes.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
     lib.kp_stage_buffers.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_uint32),
         ctypes.c_int32, ctypes.POINTER(ctypes.c_int32)]
@@ -112,7 +111,7 @@ def load_library() -> ctypes.CDLL:
     lib.kp_multiply_by_quantized_multiplier.restype = ctypes.c_int32
     lib.kp_multiply_by_quantized_multiplier.argtypes = [ctypes.c_int32] * 3
     for name in ("kp_stage_persistent_bytes", "kp_stage_prepare", "kp_stage_check_io",
-                 "kp_stage_eval", "kp_stage_eval_ctx", "kp_stage_context_bytes", "kp_stage_buffers",
+                 "kp_stage_eval", "kp_stage_eval_ctx", "kp_stage_buffers",
                  "kp_cmsis_nn_enabled",
                  "kp_stage_arena_plan", "kp_stage_save_plan", "kp_num_option_keys"):
         getattr(lib, name).restype = ctypes.c_int

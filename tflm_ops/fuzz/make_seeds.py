@@ -56,19 +56,12 @@ def main(count: int = 40) -> None:
 def mean_stages():
     """Stages ending with a MEAN layer (options version 3): a random valid stage, then the
     global average pool of its output (the grid then tiles the MEAN's input)."""
-    import dataclasses
-
     from hypothesis import strategies as st
 
-    def with_mean(stage, scale, zp):
-        opts = stage[0]
-        h, w, c = opts.output_shape
-        mean = o.LayerOptions(op=o.OP_MEAN, inputs=(opts.num_layers, -1), kernel=(h, w))
-        return dataclasses.replace(
-            opts, version=3, layers=list(opts.layers) + [mean], tensor_shapes=list(opts.tensor_shapes) + [(1, 1, c)],
-            tensor_scales=list(opts.tensor_scales) + [scale], tensor_zero_points=list(opts.tensor_zero_points) + [zp])
+    from tests.test_cpp_mean import with_mean
 
-    return st.builds(with_mean, stages(max_layers=4, max_size=10, max_channels=4),
+    return st.builds(lambda stage, scale, zp: with_mean(stage[0], scale, zp),
+                     stages(max_layers=4, max_size=10, max_channels=4),
                      st.sampled_from([0.01, 0.3, 2.0]), st.integers(-128, 127))
 
 

@@ -297,6 +297,6 @@ def undo_arena_stages(data: bytes) -> bytes:
     from keras_patch.stage.options import OP_MEAN
 
     model = TFLiteModel.from_bytes(data)
-    single = [op for op in find_stages(model)
-              if stage_options(model, op).num_layers == 1 and stage_options(model, op).layers[0].op != OP_MEAN]
+    layers = {op: stage_options(model, op).layers for op in find_stages(model)}
+    single = [op for op, ops in layers.items() if len(ops) == 1 and ops[0].op != OP_MEAN]
     return unpatchify(data, single) if single else data
